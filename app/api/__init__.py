@@ -1,0 +1,24 @@
+"""HTTP layer: parse, authenticate, call a service, render. No business rules here."""
+
+from __future__ import annotations
+
+from flask import Flask
+from flask_smorest import Api
+
+from app.api import errors
+from app.api.health import blp as health_blp
+from app.api.inference import blp as inference_blp
+from app.api.session import init_session
+
+
+def register_api(app: Flask) -> Api:
+    api = Api(app, spec_kwargs={"components": {"securitySchemes": {}}})
+    api.spec.components.security_scheme(
+        "bearerAuth", {"type": "http", "scheme": "bearer", "description": "Flopex API key"}
+    )
+    api.register_blueprint(health_blp)
+    api.register_blueprint(inference_blp)
+    init_session(app)
+    errors.register(app)
+    app.extensions["flopex_api"] = api
+    return api

@@ -1,0 +1,78 @@
+"""Every failure, ours or Werkzeug's or the validator's, leaves as
+``{"error": {"type", "code", "message", "param"}}`` with a fitting status."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+from app.exceptions import FlopexError, error_body
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    400: "invalid_request",
+    401: "invalid_api_key",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def error_response(code: str, message: str, param: str | None, status: int) -> Any:
+    resp = jsonify({"error": error_body(code, message, param)})
+    resp.status_code = status
+    return resp
+
+
+def _first_problem(messages: Any, prefix: str = "") -> tuple[str | None, str]:
+    """webargs reports {"json": {"field": ["msg"]}}; name the first field and its message."""
+    if isinstance(messages, dict):
+        for key, value in messages.items():
+            if key in ("json", "_schema", "query", "headers", "form"):
+                return _first_problem(value, prefix)
+            param = f"{prefix}{key}"
+            _, msg = _first_problem(value, f"{param}.")
+            return param, msg
+    if isinstance(messages, list) and messages:
+        return None, str(messages[0])
+    return None, str(messages)
+
+
+def register(app: Flask) -> None:
+    @app.errorhandler(FlopexError)
+    def _domain(err: FlopexError) -> Any:
+        return error_response(err.code, err.message, err.param, err.http_status)
+
+    @app.errorhandler(HTTPException)
+    def _http(err: HTTPException) -> Any:
+        status = err.code or 500
+        if status == 422:
+            # The request validator (webargs/marshmallow): a 400 invalid_request naming the param.
+            messages = (getattr(err, "data", None) or {}).get("messages", {})
+            param, message = _first_problem(messages)
+            if param is None and message == "Invalid input type.":
+                message = "The request body must be a JSON object."
+            if param and message == "Unknown field.":
+                message = f"Unrecognized request parameter: {param}."
+            elif param:
+                message = f"{param}: {message}"
+            return error_response("invalid_request", message, param, 400)
+        if status == 413:
+            return error_response(
+                "request_too_large",
+                f"The request body exceeds {app.config['MAX_CONTENT_LENGTH']} bytes.",
+                None,
+                413,
+            )
+        code = _HTTP_CODES.get(status, "internal_error" if status >= 500 else "invalid_request")
+        return error_response(code, err.description or err.name, None, status)
+
+    @app.errorhandler(Exception)
+    def _unexpected(err: Exception) -> Any:
+        log.exception("unhandled error")
+        return error_response("internal_error", "An internal error occurred.", None, 500)

@@ -1,0 +1,40 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask.views import MethodView
+from flask_smorest import Blueprint
+from sqlalchemy import text
+
+from app.api.session import db
+from app.redis_client import get_redis
+
+blp = Blueprint("health", __name__, description="Process health")
+
+
+@blp.route("/healthz")
+class Healthz(MethodView):
+    def get(self) -> Any:
+        """The process is up."""
+        return {"status": "ok"}
+
+
+@blp.route("/readyz")
+class Readyz(MethodView):
+    def get(self) -> Any:
+        """The database and the broker are reachable."""
+        checks: dict[str, str] = {}
+        try:
+            db().execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:  # any failure means not ready
+            checks["database"] = f"error: {type(exc).__name__}"
+        try:
+            get_redis().ping()
+            checks["redis"] = "ok"
+        except Exception as exc:
+            checks["redis"] = f"error: {type(exc).__name__}"
+        ready = all(v == "ok" for v in checks.values())
+        return {"status": "ok" if ready else "unavailable", "checks": checks}, 200 if ready else 503

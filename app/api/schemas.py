@@ -1,0 +1,140 @@
+"""Marshmallow schemas: they validate requests and generate the OpenAPI spec."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+
+from app.routing import PROFILES, STRATEGIES
+from config.settings import get_settings
+
+MAX_OUTPUT_TOKENS_LIMIT = 128_000
+
+
+class StrictInteger(fields.Integer):
+    """A JSON integer and nothing else: no 1.0, no "1", no true."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValidationError("Must be an integer.")
+        return value
+
+
+class InferenceRequestSchema(Schema):
+    class Meta:
+        unknown = RAISE
+        ordered = True
+
+    model = fields.String(
+        required=True,
+        validate=validate.Length(min=1, max=128),
+        metadata={"description": "Model alias, e.g. llama-3.1-8b.", "example": "llama-3.1-8b"},
+    )
+    input = fields.String(
+        load_default=None,
+        allow_none=True,
+        metadata={"description": "Primary prompt text. Required unless legacy `prompt` is set."},
+    )
+    prompt = fields.String(
+        load_default=None,
+        allow_none=True,
+        metadata={"description": "Legacy prompt, used when `input` is empty.", "deprecated": True},
+    )
+    max_output_tokens = StrictInteger(
+        required=True,
+        validate=validate.Range(min=1, max=MAX_OUTPUT_TOKENS_LIMIT),
+        metadata={"description": "Tokens to generate at most; also capped by the model."},
+    )
+    performance_profile = fields.String(load_default="balanced", validate=validate.OneOf(PROFILES))
+    routing_strategy = fields.String(
+        load_default="lowest_cost", validate=validate.OneOf(STRATEGIES)
+    )
+    customer_ref = fields.String(load_default=None, allow_none=True)
+    max_price_usd = fields.Decimal(
+        load_default=None,
+        allow_none=True,
+        validate=validate.Range(min=0),
+        as_string=False,
+        metadata={"description": "Reject if the estimated charge (markup included) exceeds this."},
+    )
+    max_latency_ms = StrictInteger(
+        load_default=None, allow_none=True, validate=validate.Range(min=1, max=600_000)
+    )
+    metadata = fields.Dict(load_default=None, allow_none=True)
+
+    @validates_schema
+    def _bounds(self, data: dict[str, Any], **_: Any) -> None:
+        settings = get_settings()
+        text_input, prompt = data.get("input") or "", data.get("prompt") or ""
+        if not text_input and not prompt:
+            raise ValidationError("Provide input (or the legacy prompt).", "input")
+        if text_input and prompt and text_input != prompt:
+            raise ValidationError("Send either input or the legacy prompt, not both.", "prompt")
+        if len(text_input or prompt) > settings.max_input_chars:
+            raise ValidationError(
+                f"Longer than {settings.max_input_chars} characters.",
+                "input" if text_input else "prompt",
+            )
+        ref = data.get("customer_ref")
+        if ref is not None and not 1 <= len(ref) <= settings.max_customer_ref_len:
+            raise ValidationError(
+                f"Must be 1 to {settings.max_customer_ref_len} characters.", "customer_ref"
+            )
+        metadata = data.get("metadata")
+        if metadata is not None:
+            size = len(json.dumps(metadata, default=str).encode())
+            if size > settings.max_metadata_bytes:
+                raise ValidationError(
+                    f"Serialized size {size} bytes exceeds {settings.max_metadata_bytes}.",
+                    "metadata",
+                )
+
+
+class UsageSchema(Schema):
+    input_tokens = fields.Integer()
+    output_tokens = fields.Integer()
+    total_tokens = fields.Integer()
+
+
+class PerformanceSchema(Schema):
+    latency_ms = fields.Integer()
+
+
+class BillingSchema(Schema):
+    cost_usd = fields.Decimal(as_string=False)
+    cost_display = fields.String()
+    input_tokens = fields.Integer()
+    output_tokens = fields.Integer()
+    total_tokens = fields.Integer()
+    cost_per_million_tokens_usd = fields.Decimal(as_string=False, allow_none=True)
+    balance_remaining_usd = fields.Decimal(as_string=False)
+
+
+class InferenceResponseSchema(Schema):
+    id = fields.UUID()
+    object = fields.String(metadata={"example": "inference"})
+    model = fields.String()
+    output_text = fields.String()
+    status = fields.String(metadata={"example": "success"})
+    usage = fields.Nested(UsageSchema)
+    performance = fields.Nested(PerformanceSchema)
+    billing = fields.Nested(BillingSchema)
+    customer_ref = fields.String(allow_none=True)
+    metadata = fields.Dict(allow_none=True)
+    created_at = fields.String()
+    provider = fields.String(metadata={"description": "The provider that served the job."})
+    routing = fields.Dict(metadata={"description": "Quotes considered and why the winner won."})
+
+
+class ApiErrorDetailSchema(Schema):
+    type = fields.String()
+    code = fields.String()
+    message = fields.String()
+    param = fields.String(allow_none=True)
+    job_id = fields.UUID(metadata={"description": "Present once a job was created."})
+
+
+class ApiErrorSchema(Schema):
+    error = fields.Nested(ApiErrorDetailSchema)

@@ -1,0 +1,177 @@
+"""The provider/model catalog: loaded from a TOML file in ``config/`` into the database, and read
+back for routing.
+
+The file is the whole truth: providers and offerings missing from it are disabled, never deleted,
+so old jobs keep their references. ``${VAR}`` and ``${VAR:-default}`` in strings are expanded from
+the environment, so one file serves every deployment (base URLs, credential variable names).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.models import ModelAlias, Offering, Provider
+from app.money import usd_to_micros
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any) -> Any:
+    if isinstance(value, str):
+
+        def repl(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            found = os.environ.get(name)
+            if found:
+                return found
+            if default is None:
+                raise ValueError(f"catalog needs environment variable {name}")
+            return default
+
+        return _VAR.sub(repl, value)
+    if isinstance(value, dict):
+        return {k: _expand(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v) for v in value]
+    return value
+
+
+def _price(value: Any, where: str) -> int:
+    if isinstance(value, float):
+        value = repr(value)  # shortest round-trip text: 0.05 stays "0.05"
+    try:
+        micros = usd_to_micros(value)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from exc
+    if micros < 0:
+        raise ValueError(f"{where}: price cannot be negative")
+    return micros
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    providers: int
+    models: int
+    offerings: int
+
+
+def load_catalog(session: Session, path: Path) -> LoadReport:
+    data = _expand(tomllib.loads(Path(path).read_text()))
+    providers = {p["name"]: p for p in data.get("providers", [])}
+    models = {m["alias"]: m for m in data.get("models", [])}
+    offerings = data.get("offerings", [])
+
+    provider_rows: dict[str, Provider] = {}
+    for name, spec in providers.items():
+        row = session.scalar(select(Provider).where(Provider.name == name)) or Provider(name=name)
+        row.base_url = spec["base_url"].rstrip("/")
+        row.api_key_env = spec.get("api_key_env")
+        row.enabled = bool(spec.get("enabled", True))
+        session.add(row)
+        provider_rows[name] = row
+    session.execute(
+        update(Provider).where(Provider.name.not_in(list(providers) or [""])).values(enabled=False)
+    )
+
+    alias_rows: dict[str, ModelAlias] = {}
+    for alias, spec in models.items():
+        row = session.scalar(select(ModelAlias).where(ModelAlias.alias == alias)) or ModelAlias(
+            alias=alias
+        )
+        row.max_output_tokens = int(spec["max_output_tokens"])
+        row.context_length = int(spec["context_length"])
+        row.enabled = bool(spec.get("enabled", True))
+        if row.max_output_tokens < 1 or row.context_length < 1:
+            raise ValueError(f"model {alias}: caps must be positive")
+        session.add(row)
+        alias_rows[alias] = row
+    session.execute(
+        update(ModelAlias)
+        .where(ModelAlias.alias.not_in(list(models) or [""]))
+        .values(enabled=False)
+    )
+    session.flush()
+
+    seen: set[int] = set()
+    for i, spec in enumerate(offerings):
+        where = f"offerings[{i}]"
+        if spec["model"] not in alias_rows or spec["provider"] not in provider_rows:
+            raise ValueError(f"{where}: unknown model or provider")
+        alias_id = alias_rows[spec["model"]].id
+        provider_id = provider_rows[spec["provider"]].id
+        row = session.scalar(
+            select(Offering).where(
+                Offering.alias_id == alias_id, Offering.provider_id == provider_id
+            )
+        ) or Offering(alias_id=alias_id, provider_id=provider_id)
+        row.provider_model_id = spec["provider_model_id"]
+        row.input_price_micros_per_m = _price(spec["input_price_usd_per_million"], where)
+        row.output_price_micros_per_m = _price(spec["output_price_usd_per_million"], where)
+        row.enabled = bool(spec.get("enabled", True))
+        session.add(row)
+        session.flush()
+        seen.add(row.id)
+    session.execute(update(Offering).where(Offering.id.not_in(seen or {0})).values(enabled=False))
+    session.flush()
+    return LoadReport(len(providers), len(models), len(offerings))
+
+
+@dataclass(frozen=True)
+class RouteOption:
+    """One provider able to serve an alias, with everything a quote task needs (primitives only,
+    so it travels in a Celery message)."""
+
+    offering_id: int
+    provider: str
+    base_url: str
+    api_key_env: str | None
+    provider_model_id: str
+    input_price_micros_per_m: int
+    output_price_micros_per_m: int
+
+    def as_message(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    alias: str
+    max_output_tokens: int
+    context_length: int
+    options: tuple[RouteOption, ...]
+
+
+def find_model(session: Session, alias: str) -> ModelEntry | None:
+    """The alias with its enabled offerings on enabled providers, in one query."""
+    rows = session.execute(
+        select(ModelAlias, Offering, Provider)
+        .outerjoin(Offering, (Offering.alias_id == ModelAlias.id) & Offering.enabled)
+        .outerjoin(Provider, (Provider.id == Offering.provider_id) & Provider.enabled)
+        .where(ModelAlias.alias == alias, ModelAlias.enabled)
+        .order_by(Provider.name)
+    ).all()
+    if not rows:
+        return None
+    model = rows[0][0]
+    options = tuple(
+        RouteOption(
+            offering_id=off.id,
+            provider=prov.name,
+            base_url=prov.base_url,
+            api_key_env=prov.api_key_env,
+            provider_model_id=off.provider_model_id,
+            input_price_micros_per_m=off.input_price_micros_per_m,
+            output_price_micros_per_m=off.output_price_micros_per_m,
+        )
+        for _, off, prov in rows
+        if off is not None and prov is not None
+    )
+    return ModelEntry(model.alias, model.max_output_tokens, model.context_length, options)

@@ -1,0 +1,79 @@
+"""Engine and session factory, independent of Flask so that Celery tasks and the CLI share it.
+
+One engine per process, created lazily; ``dispose_engine()`` is called after a fork so that
+children never share the parent's sockets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.settings import get_settings
+
+_engine: Engine | None = None
+_factory: sessionmaker[Session] | None = None
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    cur = dbapi_conn.cursor()
+    # WAL lets the web and worker processes read while one writes; busy_timeout makes writers
+    # queue instead of failing with "database is locked".
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def build_engine(url: str, pool_size: int = 10) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+    )
+
+
+def get_engine() -> Engine:
+    global _engine, _factory
+    if _engine is None:
+        settings = get_settings()
+        _engine = build_engine(settings.database_url, settings.db_pool_size)
+        _factory = sessionmaker(_engine, expire_on_commit=False)
+    return _engine
+
+
+def session_factory() -> sessionmaker[Session]:
+    get_engine()
+    assert _factory is not None
+    return _factory
+
+
+@contextmanager
+def session_scope() -> Iterator[Session]:
+    """One unit of work: commit on success, roll back on any exception."""
+    session = session_factory()()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def dispose_engine() -> None:
+    global _engine, _factory
+    if _engine is not None:
+        _engine.dispose()
+    _engine = None
+    _factory = None

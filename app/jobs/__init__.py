@@ -1,0 +1,1 @@
+"""The inference job: submission, quoting, routing, execution and settlement."""

@@ -1,0 +1,30 @@
+"""Completion signal from the worker to a waiting web request.
+
+A Redis list per job rather than pub/sub: the worker may finish before the web process starts
+waiting, and a list keeps the signal until it is read (or expires). The signal carries nothing
+but "look again": the job row in PostgreSQL is the answer.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import redis
+
+_TTL_S = 300
+
+
+def _key(job_id: uuid.UUID | str) -> str:
+    return f"flopex:done:{job_id}"
+
+
+def signal_done(client: redis.Redis, job_id: uuid.UUID | str) -> None:
+    pipe = client.pipeline(transaction=False)
+    pipe.lpush(_key(job_id), "1")
+    pipe.expire(_key(job_id), _TTL_S)
+    pipe.execute()
+
+
+def wait_done(client: redis.Redis, job_id: uuid.UUID | str, timeout_s: float) -> bool:
+    """Blocks up to ``timeout_s``; True when the job signalled completion."""
+    return client.blpop([_key(job_id)], timeout=max(timeout_s, 0.01)) is not None

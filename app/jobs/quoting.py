@@ -1,0 +1,88 @@
+"""One quote: ping the provider live, attach its price and recent reliability, and hand it to the
+join. Quotes travel through a Redis hash per job; the last quote to arrive triggers routing, and a
+backstop task scheduled at submission routes with whatever arrived by the deadline."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from app.providers import health
+from app.providers.openai_compat import ProviderFailure, ping, resolve_api_key
+from app.routing import Quote
+
+_TTL_S = 900
+
+
+def _key(job_id: str) -> str:
+    return f"flopex:quotes:{job_id}"
+
+
+def make_quote(
+    client: redis.Redis, option: dict[str, Any], deadline_at: float, health_window_s: int
+) -> Quote:
+    remaining = deadline_at - time.time()
+    live, latency, error = False, None, None
+    if remaining <= 0.005:
+        error = "deadline_passed"
+    else:
+        try:
+            latency = ping(option["base_url"], resolve_api_key(option["api_key_env"]), remaining)
+            live = True
+        except ProviderFailure as exc:
+            error = exc.kind
+    rate = health.success_rate(client, option["provider"], health_window_s)
+    return Quote(
+        provider=option["provider"],
+        offering_id=option["offering_id"],
+        provider_model_id=option["provider_model_id"],
+        input_price_micros_per_m=option["input_price_micros_per_m"],
+        output_price_micros_per_m=option["output_price_micros_per_m"],
+        estimated_charge_micros=option["estimated_charge_micros"],
+        live=live,
+        estimated_latency_ms=latency,
+        success_rate=None if rate is None else str(rate),
+        error=error,
+    )
+
+
+def store_quote(client: redis.Redis, job_id: str, quote: Quote) -> int:
+    """Adds the quote to the job's set and returns how many quotes the job has now."""
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(_key(job_id), quote.provider, json.dumps(quote.to_dict()))
+    pipe.hlen(_key(job_id))
+    pipe.expire(_key(job_id), _TTL_S)
+    return int(pipe.execute()[1])
+
+
+def collect_quotes(client: redis.Redis, job_id: str, options: list[dict[str, Any]]) -> list[Quote]:
+    """Every option gets a quote: the one its task stored, or a not-live one when its task did
+    not report by the deadline (it stays rankable by price, as `lowest_cost` promises)."""
+    stored = client.hgetall(_key(job_id))
+    quotes = []
+    for option in options:
+        raw = stored.get(option["provider"])
+        if raw is not None:
+            quotes.append(Quote.from_dict(json.loads(raw)))
+        else:
+            quotes.append(
+                Quote(
+                    provider=option["provider"],
+                    offering_id=option["offering_id"],
+                    provider_model_id=option["provider_model_id"],
+                    input_price_micros_per_m=option["input_price_micros_per_m"],
+                    output_price_micros_per_m=option["output_price_micros_per_m"],
+                    estimated_charge_micros=option["estimated_charge_micros"],
+                    live=False,
+                    estimated_latency_ms=None,
+                    error="no_quote_by_deadline",
+                )
+            )
+    return quotes
+
+
+def discard_quotes(client: redis.Redis, job_id: str) -> None:
+    client.delete(_key(job_id))

@@ -1,0 +1,173 @@
+"""Accepting an inference request: every check that can reject it without a provider runs here,
+before anything is written, so a rejected request changes nothing."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app import wallet
+from app.accounts import Principal
+from app.catalog import RouteOption, find_model
+from app.exceptions import FlopexError
+from app.jobs import states
+from app.models import Job
+from app.money import display_usd, usd_to_micros_floor
+from app.pricing import estimate_input_tokens, estimated_charge
+from config.settings import Settings
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    """The canonical request: ``input`` and legacy ``prompt`` already merged into ``prompt``."""
+
+    model: str
+    prompt: str
+    max_output_tokens: int
+    performance_profile: str = "balanced"
+    routing_strategy: str = "lowest_cost"
+    customer_ref: str | None = None
+    max_price_usd: Decimal | None = None
+    max_latency_ms: int | None = None
+    metadata: dict[str, Any] | None = None
+
+    def canonical(self) -> dict[str, Any]:
+        """JSON-safe form stored on the job (and, later, fingerprinted for idempotency)."""
+        return {
+            "model": self.model,
+            "input": self.prompt,
+            "max_output_tokens": self.max_output_tokens,
+            "performance_profile": self.performance_profile,
+            "routing_strategy": self.routing_strategy,
+            "customer_ref": self.customer_ref,
+            "max_price_usd": None if self.max_price_usd is None else str(self.max_price_usd),
+            "max_latency_ms": self.max_latency_ms,
+            "metadata": self.metadata,
+        }
+
+
+@dataclass(frozen=True)
+class Accepted:
+    job: Job
+    options: list[RouteOption]
+    quote_deadline_at: float
+
+
+class SubmitInference:
+    """validate() raises a FlopexError for anything a provider is not needed to decide;
+    run() writes the job row (the caller commits, then dispatches)."""
+
+    def __init__(
+        self,
+        session: Session,
+        principal: Principal,
+        request: InferenceRequest,
+        settings: Settings,
+        request_id: str | None = None,
+    ) -> None:
+        self.session = session
+        self.principal = principal
+        self.request = request
+        self.settings = settings
+        self.request_id = request_id
+        self._options: list[RouteOption] = []
+        self._estimates: dict[int, int] = {}
+        self._estimated_input = 0
+        self._max_price_micros: int | None = None
+
+    def validate(self) -> None:
+        req = self.request
+        model = find_model(self.session, req.model)
+        if model is None:
+            raise FlopexError(
+                "model_not_found", f"The model '{req.model}' does not exist.", "model"
+            )
+        if req.max_output_tokens > model.max_output_tokens:
+            raise FlopexError(
+                "max_output_tokens_exceeds_model_cap",
+                f"max_output_tokens is {req.max_output_tokens}; {model.alias} allows at most "
+                f"{model.max_output_tokens}.",
+                "max_output_tokens",
+            )
+        self._estimated_input = estimate_input_tokens(req.prompt)
+        if self._estimated_input + req.max_output_tokens > model.context_length:
+            raise FlopexError(
+                "context_length_exceeded",
+                f"The input (about {self._estimated_input} tokens) plus max_output_tokens "
+                f"({req.max_output_tokens}) exceeds {model.alias}'s context of "
+                f"{model.context_length} tokens.",
+                "input",
+            )
+        if not model.options:
+            raise FlopexError(
+                "no_provider_available", f"No provider currently serves {model.alias}.", "model"
+            )
+        self._options = list(model.options)
+        self._estimates = {
+            o.offering_id: estimated_charge(
+                self._estimated_input,
+                req.max_output_tokens,
+                o.input_price_micros_per_m,
+                o.output_price_micros_per_m,
+                self.settings.markup,
+            )
+            for o in self._options
+        }
+        cheapest = min(self._estimates.values())
+        if req.max_price_usd is not None:
+            self._max_price_micros = usd_to_micros_floor(req.max_price_usd)
+            if cheapest > self._max_price_micros:
+                raise FlopexError(
+                    "max_price_exceeded",
+                    f"The cheapest quote's estimated charge ({display_usd(cheapest)}) "
+                    f"exceeds max_price_usd (${req.max_price_usd}).",
+                    "max_price_usd",
+                )
+        available = wallet.get_state(self.session, self.principal.wallet_id).available_micros
+        if available < cheapest:
+            raise FlopexError(
+                "insufficient_balance",
+                f"The wallet's available balance ({display_usd(available)}) does not cover "
+                f"the estimated charge ({display_usd(cheapest)}).",
+            )
+
+    def run(self) -> Accepted:
+        self.validate()
+        req = self.request
+        policy = self.settings.profiles[req.performance_profile]
+        job = Job(
+            account_id=self.principal.account_id,
+            api_key_id=self.principal.api_key_id,
+            wallet_id=self.principal.wallet_id,
+            status=states.QUOTING,
+            model=req.model,
+            request=req.canonical(),
+            performance_profile=req.performance_profile,
+            routing_strategy=req.routing_strategy,
+            max_output_tokens=req.max_output_tokens,
+            max_price_micros=self._max_price_micros,
+            max_latency_ms=req.max_latency_ms,
+            customer_ref=req.customer_ref,
+            metadata_=req.metadata,
+            request_id=self.request_id,
+            markup=str(self.settings.markup),
+            estimated_input_tokens=self._estimated_input,
+            expected_quotes=len(self._options),
+            # Until the route step replaces them with quotes, these are the options asked.
+            quotes=[
+                {**o.as_message(), "estimated_charge_micros": self._estimates[o.offering_id]}
+                for o in self._options
+            ],
+            hold_micros=0,
+        )
+        self.session.add(job)
+        self.session.flush()
+        return Accepted(
+            job=job,
+            options=self._options,
+            quote_deadline_at=time.time() + policy.quote_deadline_ms / 1000,
+        )

@@ -1,0 +1,1 @@
+"""Provider adapters and provider health."""

@@ -1,0 +1,184 @@
+"""Adapter for any OpenAI-compatible chat-completions endpoint.
+
+One pooled ``requests.Session`` per process keeps connections to providers warm. Retries (tenacity,
+jittered exponential backoff) cover only failures where the provider did not do the work: a
+refused connection, 429 and 5xx answers. A read timeout is not retried, since the provider may
+still be generating (and billing) that request; the caller falls back to the next quote instead.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from tenacity import (
+    retry,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+from urllib3.exceptions import NewConnectionError
+
+_session: requests.Session | None = None
+_session_pid: int | None = None
+_lock = threading.Lock()
+
+
+def http_session() -> requests.Session:
+    global _session, _session_pid
+    if _session is None or _session_pid != os.getpid():
+        with _lock:
+            if _session is None or _session_pid != os.getpid():
+                session = requests.Session()
+                adapter = HTTPAdapter(pool_connections=64, pool_maxsize=128, max_retries=0)
+                session.mount("http://", adapter)
+                session.mount("https://", adapter)
+                _session, _session_pid = session, os.getpid()
+    return _session
+
+
+class ProviderFailure(Exception):
+    """An execution that produced no billable result. ``kind`` is one of: connect (never
+    reached the provider), disconnect (lost before an answer), timeout, http, malformed."""
+
+    def __init__(self, kind: str, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+
+
+class _Retryable(ProviderFailure):
+    pass
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    input_tokens: int
+    output_tokens: int
+    finish_reason: str | None
+    provider_response_id: str | None
+
+
+def _never_sent(exc: requests.ConnectionError) -> bool:
+    """True when the connection was never established, so the provider cannot have run it."""
+    reason = exc.args[0] if exc.args else None
+    reason = getattr(reason, "reason", reason)
+    return isinstance(reason, NewConnectionError)
+
+
+def _auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def resolve_api_key(api_key_env: str | None) -> str | None:
+    return os.environ.get(api_key_env) if api_key_env else None
+
+
+def ping(base_url: str, api_key: str | None, timeout_s: float) -> int:
+    """Measured round trip of ``GET /models`` in ms; raises ProviderFailure when not live."""
+    start = time.perf_counter()
+    try:
+        resp = http_session().get(
+            f"{base_url}/models", headers=_auth_headers(api_key), timeout=(timeout_s, timeout_s)
+        )
+    except requests.Timeout as exc:
+        raise ProviderFailure("timeout", "ping timed out") from exc
+    except requests.RequestException as exc:
+        raise ProviderFailure("connect", f"ping failed: {type(exc).__name__}") from exc
+    elapsed = int((time.perf_counter() - start) * 1000)
+    if resp.status_code != 200:
+        raise ProviderFailure("http", f"ping answered {resp.status_code}", resp.status_code)
+    return elapsed
+
+
+def _parse(body: Any) -> Completion:
+    """Validates the parts we bill on: a provider that reports nonsense usage is a failed
+    provider, never a free or negative charge."""
+    if not isinstance(body, dict):
+        raise ProviderFailure("malformed", "response is not a JSON object")
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise ProviderFailure("malformed", "response has no choices")
+    message = choices[0].get("message")
+    text = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(text, str):
+        raise ProviderFailure("malformed", "response has no message content")
+    usage = body.get("usage")
+    if not isinstance(usage, dict):
+        raise ProviderFailure("malformed", "response has no usage")
+    counts = []
+    for field in ("prompt_tokens", "completion_tokens"):
+        value = usage.get(field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ProviderFailure("malformed", f"usage.{field} is not a non-negative integer")
+        counts.append(value)
+    finish = choices[0].get("finish_reason")
+    response_id = body.get("id")
+    return Completion(
+        text=text,
+        input_tokens=counts[0],
+        output_tokens=counts[1],
+        finish_reason=finish if isinstance(finish, str) else None,
+        provider_response_id=response_id if isinstance(response_id, str) else None,
+    )
+
+
+def complete(
+    base_url: str,
+    api_key: str | None,
+    model: str,
+    prompt: str,
+    max_tokens: int,
+    *,
+    connect_timeout_s: float,
+    read_timeout_s: float,
+    retries: int,
+) -> Completion:
+    payload = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+    }
+
+    @retry(
+        retry=retry_if_exception(lambda e: isinstance(e, _Retryable)),
+        stop=stop_after_attempt(retries + 1),
+        wait=wait_random_exponential(multiplier=0.05, max=1.0),
+        reraise=True,
+    )
+    def call() -> Completion:
+        try:
+            resp = http_session().post(
+                f"{base_url}/chat/completions",
+                json=payload,
+                headers=_auth_headers(api_key),
+                timeout=(connect_timeout_s, read_timeout_s),
+            )
+        except requests.ConnectTimeout as exc:
+            raise _Retryable("connect", "connect timed out") from exc
+        except requests.Timeout as exc:
+            raise ProviderFailure("timeout", "provider did not answer in time") from exc
+        except requests.ConnectionError as exc:
+            if _never_sent(exc):
+                raise _Retryable("connect", "connection refused") from exc
+            # The request may have reached the provider: do not send it again.
+            raise ProviderFailure("disconnect", "connection lost before an answer") from exc
+        except requests.RequestException as exc:
+            raise ProviderFailure("connect", f"request failed: {type(exc).__name__}") from exc
+        if resp.status_code == 429 or resp.status_code >= 500:
+            raise _Retryable("http", f"provider answered {resp.status_code}", resp.status_code)
+        if resp.status_code != 200:
+            raise ProviderFailure("http", f"provider answered {resp.status_code}", resp.status_code)
+        try:
+            body = resp.json()
+        except ValueError as exc:
+            raise ProviderFailure("malformed", "response is not JSON") from exc
+        return _parse(body)
+
+    return call()

@@ -1,0 +1,30 @@
+"""One Redis connection pool per process (re-created after a fork)."""
+
+from __future__ import annotations
+
+import os
+
+import redis
+
+from config.settings import get_settings
+
+_client: redis.Redis | None = None
+_pid: int | None = None
+
+
+def get_redis() -> redis.Redis:
+    global _client, _pid
+    if _client is None or _pid != os.getpid():
+        _client = redis.Redis.from_url(
+            get_settings().redis_url,
+            decode_responses=True,
+            health_check_interval=30,
+            max_connections=256,
+        )
+        _pid = os.getpid()
+    return _client
+
+
+def reset_redis() -> None:
+    global _client
+    _client = None

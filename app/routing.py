@@ -1,0 +1,172 @@
+"""Selection rules: which quote wins for a profile and a strategy. Pure functions over the stored
+quotes, so any job's decision can be replayed from ``jobs.quotes`` (docs/routing.md states the
+same rules in prose; keep the two in step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
+from typing import Any
+
+PROFILES = ("economy", "balanced", "fast")
+STRATEGIES = ("lowest_cost", "prefer_live")
+_INF = 10**12
+
+
+@dataclass(frozen=True)
+class Quote:
+    provider: str
+    offering_id: int
+    provider_model_id: str
+    input_price_micros_per_m: int
+    output_price_micros_per_m: int
+    estimated_charge_micros: int
+    live: bool
+    # Measured by the live ping; None when the provider did not answer in time.
+    estimated_latency_ms: int | None
+    # Share of recent executions that succeeded, as a decimal string; None without history.
+    success_rate: str | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Quote:
+        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Ranked:
+    quote: Quote
+    score: str | None = None  # balanced only, as a decimal string
+
+
+@dataclass
+class Decision:
+    ranked: list[Ranked] = field(default_factory=list)
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    reason: str = ""
+    # Set when nothing is eligible: the public error code.
+    error_code: str | None = None
+
+    @property
+    def winner(self) -> Quote | None:
+        return self.ranked[0].quote if self.ranked else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "order": [
+                {"provider": r.quote.provider, **({"score": r.score} if r.score else {})}
+                for r in self.ranked
+            ],
+            "dropped": self.dropped,
+            "winner": self.winner.provider if self.winner else None,
+            "reason": self.reason,
+        }
+
+
+def _latency(q: Quote) -> int:
+    return _INF if q.estimated_latency_ms is None else q.estimated_latency_ms
+
+
+def _balanced_scores(quotes: list[Quote], weights: tuple[Decimal, ...]) -> dict[str, Decimal]:
+    w_cost, w_latency, w_reliability = weights
+    max_charge = max(q.estimated_charge_micros for q in quotes) or 1
+    known = [q.estimated_latency_ms for q in quotes if q.estimated_latency_ms is not None]
+    max_latency = max(known) if known else 0
+    scores = {}
+    for q in quotes:
+        cost = Decimal(q.estimated_charge_micros) / Decimal(max_charge)
+        if q.estimated_latency_ms is None:
+            latency = Decimal(1)
+        else:
+            latency = (
+                Decimal(q.estimated_latency_ms) / Decimal(max_latency)
+                if max_latency
+                else Decimal(0)
+            )
+        success = Decimal(q.success_rate) if q.success_rate is not None else Decimal(1)
+        score = w_cost * cost + w_latency * latency + w_reliability * (1 - success)
+        scores[q.provider] = score.quantize(Decimal("0.000001"))
+    return scores
+
+
+def select(
+    quotes: list[Quote],
+    *,
+    profile: str,
+    strategy: str,
+    max_price_micros: int | None,
+    max_latency_ms: int | None,
+    weights: tuple[Decimal, Decimal, Decimal],
+) -> Decision:
+    decision = Decision()
+    if not quotes:
+        decision.error_code = "no_provider_available"
+        decision.reason = "no enabled provider offers this model"
+        return decision
+
+    priced = []
+    for q in quotes:
+        if max_price_micros is not None and q.estimated_charge_micros > max_price_micros:
+            decision.dropped.append({"provider": q.provider, "reason": "over_max_price"})
+        else:
+            priced.append(q)
+    eligible = []
+    for q in priced:
+        if max_latency_ms is not None and (
+            q.estimated_latency_ms is None or q.estimated_latency_ms > max_latency_ms
+        ):
+            reason = "latency_unknown" if q.estimated_latency_ms is None else "over_max_latency"
+            decision.dropped.append({"provider": q.provider, "reason": reason})
+        else:
+            eligible.append(q)
+    if not eligible:
+        decision.error_code = "max_price_exceeded" if not priced else "max_latency_exceeded"
+        decision.reason = f"all {len(quotes)} quotes dropped"
+        return decision
+
+    scores: dict[str, Decimal] = {}
+    if profile == "economy":
+
+        def key(q: Quote) -> tuple[Any, ...]:
+            return (q.estimated_charge_micros, _latency(q), q.provider)
+
+        rule = "lowest estimated charge"
+    elif profile == "fast":
+
+        def key(q: Quote) -> tuple[Any, ...]:
+            return (_latency(q), q.estimated_charge_micros, q.provider)
+
+        rule = "lowest estimated latency"
+    elif profile == "balanced":
+        scores = _balanced_scores(eligible, weights)
+
+        def key(q: Quote) -> tuple[Any, ...]:
+            return (scores[q.provider], q.estimated_charge_micros, _latency(q), q.provider)
+
+        rule = "lowest balanced score"
+    else:
+        raise ValueError(f"unknown profile {profile!r}")
+
+    if strategy == "prefer_live":
+        base_key = key
+
+        def key(q: Quote) -> tuple[Any, ...]:
+            return (0 if q.live else 1, *base_key(q))
+
+        rule = f"live providers first, then {rule}"
+    elif strategy != "lowest_cost":
+        raise ValueError(f"unknown strategy {strategy!r}")
+
+    ordered = sorted(eligible, key=key)
+    decision.ranked = [Ranked(q, str(scores[q.provider]) if scores else None) for q in ordered]
+    winner = ordered[0]
+    decision.reason = (
+        f"{profile}/{strategy}: {rule}; {winner.provider} won among {len(eligible)} eligible "
+        f"of {len(quotes)} quotes (estimated charge {winner.estimated_charge_micros} micro-USD, "
+        f"estimated latency {winner.estimated_latency_ms} ms, live={winner.live})"
+    )
+    return decision

@@ -1,0 +1,1 @@
+"""Deployment configuration: settings from the environment, catalog files, gunicorn config."""

@@ -1,0 +1,32 @@
+"""gunicorn settings for the web process (``gunicorn -c config/gunicorn.conf.py 'app:create_app()'``).
+
+Synchronous requests block while their job runs, so each process serves many threads: a thread
+waiting on a job costs a little memory and one Redis connection, never a CPU.
+"""
+
+import os
+
+bind = f"{os.environ.get('BIND_HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
+worker_class = "gthread"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+threads = int(os.environ.get("WEB_THREADS", "32"))
+# A sync request may legitimately wait up to FLOPEX_SYNC_TIMEOUT_S for its provider.
+timeout = int(float(os.environ.get("FLOPEX_SYNC_TIMEOUT_S", "60"))) + 30
+graceful_timeout = 30
+keepalive = 5
+max_requests = int(os.environ.get("WEB_MAX_REQUESTS", "0"))
+max_requests_jitter = 100
+accesslog = os.environ.get("WEB_ACCESS_LOG") or None
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info")
+# Import the app once in the master; workers fork with it loaded.
+preload_app = True
+
+
+def post_fork(server, worker):  # type: ignore[no-untyped-def]
+    # Sockets opened in the master (database pool, Redis pool) must not be shared by children.
+    from app.db import dispose_engine
+    from app.redis_client import reset_redis
+
+    dispose_engine()
+    reset_redis()

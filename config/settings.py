@@ -1,0 +1,104 @@
+"""Settings read from the environment, each with a documented default.
+
+Every knob lives here so that no module reads ``os.environ`` on the request path. ``get_settings()``
+is cached per process; tests that change the environment call ``get_settings.cache_clear()``.
+The table in README.md mirrors this file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILES = ("economy", "balanced", "fast")
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name)
+    return default if value is None or value == "" else value
+
+
+def _int(name: str, default: int) -> int:
+    return int(_env(name, str(default)))
+
+
+def _float(name: str, default: float) -> float:
+    return float(_env(name, str(default)))
+
+
+@dataclass(frozen=True)
+class ProfilePolicy:
+    """What a performance profile sets besides the ranking rule."""
+
+    quote_deadline_ms: int
+    queue: str
+    # Celery message priority inside the Redis transport: lower runs first.
+    priority: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    redis_url: str
+    broker_url: str
+    catalog_path: Path
+    markup: Decimal
+    sync_timeout_s: float
+    provider_connect_timeout_s: float
+    provider_read_timeout_s: float
+    provider_retries: int
+    max_body_bytes: int
+    max_input_chars: int
+    max_metadata_bytes: int
+    max_customer_ref_len: int
+    balanced_weights: tuple[Decimal, Decimal, Decimal]
+    health_window_s: int
+    db_pool_size: int
+    profiles: dict[str, ProfilePolicy] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        redis_url = _env("REDIS_URL", "redis://127.0.0.1:6379/0")
+        weights = tuple(
+            Decimal(w.strip()) for w in _env("FLOPEX_BALANCED_WEIGHTS", "0.4,0.4,0.2").split(",")
+        )
+        if len(weights) != 3:
+            raise ValueError(
+                "FLOPEX_BALANCED_WEIGHTS needs three numbers: cost,latency,reliability"
+            )
+        return cls(
+            database_url=_env("DATABASE_URL", f"sqlite:///{ROOT / 'var' / 'flopex.sqlite3'}"),
+            redis_url=redis_url,
+            broker_url=_env("CELERY_BROKER_URL", redis_url),
+            catalog_path=Path(_env("FLOPEX_CATALOG", str(ROOT / "config" / "catalog.dev.toml"))),
+            markup=Decimal(_env("FLOPEX_MARKUP", "0.15")),
+            sync_timeout_s=_float("FLOPEX_SYNC_TIMEOUT_S", 60.0),
+            provider_connect_timeout_s=_float("FLOPEX_PROVIDER_CONNECT_TIMEOUT_S", 2.0),
+            provider_read_timeout_s=_float("FLOPEX_PROVIDER_READ_TIMEOUT_S", 30.0),
+            provider_retries=_int("FLOPEX_PROVIDER_RETRIES", 2),
+            max_body_bytes=_int("FLOPEX_MAX_BODY_BYTES", 1_048_576),
+            max_input_chars=_int("FLOPEX_MAX_INPUT_CHARS", 400_000),
+            max_metadata_bytes=_int("FLOPEX_MAX_METADATA_BYTES", 16_384),
+            max_customer_ref_len=_int("FLOPEX_MAX_CUSTOMER_REF_LEN", 255),
+            balanced_weights=weights,  # type: ignore[arg-type]
+            health_window_s=_int("FLOPEX_HEALTH_WINDOW_S", 300),
+            db_pool_size=_int("FLOPEX_DB_POOL_SIZE", 10),
+            profiles={
+                "fast": ProfilePolicy(_int("FLOPEX_QUOTE_DEADLINE_MS_FAST", 300), "fast", 0),
+                "balanced": ProfilePolicy(
+                    _int("FLOPEX_QUOTE_DEADLINE_MS_BALANCED", 800), "balanced", 3
+                ),
+                "economy": ProfilePolicy(
+                    _int("FLOPEX_QUOTE_DEADLINE_MS_ECONOMY", 2000), "economy", 6
+                ),
+            },
+        )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings.from_env()

@@ -1,0 +1,860 @@
+"""A stdlib-only fake LLM provider speaking the OpenAI-compatible HTTP API.
+
+The exchange needs something that behaves like a real GPU provider on the wire
+(keep-alive, status codes, headers, honest token usage) but whose latency,
+price and failure modes are under the caller's control. Everything here is
+deterministic so tests can assert exact outputs and usage numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import hmac
+import json
+import re
+import selectors
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from socketserver import TCPServer
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = [
+    "FAULTS",
+    "FAULT_SCOPES",
+    "VOCABULARY",
+    "SandboxConfig",
+    "SandboxProvider",
+    "count_tokens",
+]
+
+FAULTS: frozenset[str] = frozenset(
+    {"error", "rate_limit", "hang", "malformed", "bad_usage", "missing_usage", "disconnect"}
+)
+FAULT_SCOPES: frozenset[str] = frozenset({"chat", "models", "all"})
+# These faults corrupt a successful completion, so they only make sense on chat
+# requests that would otherwise have succeeded.
+_USAGE_FAULTS: frozenset[str] = frozenset({"bad_usage", "missing_usage"})
+
+HANG_SECONDS = 30.0
+# A fixed timestamp keeps /v1/models byte-for-byte stable across runs.
+MODELS_CREATED = 1_700_000_000
+# Per message and per conversation overhead, mimicking chat-template tokens.
+MESSAGE_OVERHEAD_TOKENS = 4
+CONVERSATION_OVERHEAD_TOKENS = 2
+_MAX_BODY_BYTES = 8 * 1024 * 1024
+
+_TOKEN_RE = re.compile(r"\w+|[^\w\s]")
+
+# Exactly 64 words so a hash byte maps uniformly onto the vocabulary. Every
+# word is a single \w+ token, which is what keeps completion_tokens == n exact.
+VOCABULARY: tuple[str, ...] = (
+    "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel",
+    "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa",
+    "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey", "xray",
+    "yankee", "zulu", "amber", "basil", "cedar", "dune", "ember", "fjord",
+    "garnet", "harbor", "iris", "jasper", "kernel", "lumen", "meadow", "nectar",
+    "onyx", "prism", "quartz", "raven", "saffron", "tundra", "umber", "velvet",
+    "willow", "zephyr", "atlas", "beacon", "comet", "drift", "ether", "flint",
+    "glacier", "horizon", "island", "jungle", "kestrel", "lagoon", "mosaic", "nimbus",
+)  # fmt: skip
+
+
+def count_tokens(text: str) -> int:
+    """Count tokens the way the sandbox bills them: words and single punctuation marks."""
+    return len(_TOKEN_RE.findall(text))
+
+
+@dataclass
+class SandboxConfig:
+    name: str
+    models: dict[str, str]
+    latency_ms: int = 0
+    output_tokens: int = 24
+    api_key: str | None = None
+    price_input_per_million_usd: str = "0.10"
+    price_output_per_million_usd: str = "0.20"
+    fault: str | None = None
+    fault_scope: str = "chat"
+    fault_count: int | None = None
+
+
+_CONFIG_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(SandboxConfig))
+
+
+def _non_negative_int(field: str, value: Any) -> int:
+    # bool is an int subclass; True as a latency is almost certainly a bug.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{field} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _price(field: str, value: Any) -> str:
+    # Prices stay strings end to end so no float rounding leaks into billing
+    # code that compares them, but numbers from JSON are accepted for convenience.
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f"{field} must be a decimal string, got {value!r}")
+    text = value.strip() if isinstance(value, str) else str(value)
+    try:
+        parsed = Decimal(text)
+    except InvalidOperation:
+        raise ValueError(f"{field} must be a decimal string, got {value!r}") from None
+    if not parsed.is_finite() or parsed < 0:
+        raise ValueError(f"{field} must be a finite, non-negative decimal, got {value!r}")
+    return text
+
+
+def _coerce_field(field: str, value: Any) -> Any:
+    if field == "name":
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"name must be a non-empty string, got {value!r}")
+        return value
+    if field == "models":
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, str) for k, v in value.items()
+        ):
+            raise ValueError("models must be a mapping of model id -> owned_by string")
+        return dict(value)
+    if field in ("latency_ms", "output_tokens"):
+        return _non_negative_int(field, value)
+    if field == "api_key":
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ValueError("api_key must be a non-empty string or null")
+        return value
+    if field in ("price_input_per_million_usd", "price_output_per_million_usd"):
+        return _price(field, value)
+    if field == "fault":
+        if value is not None and value not in FAULTS:
+            raise ValueError(f"fault must be null or one of {sorted(FAULTS)}, got {value!r}")
+        return value
+    if field == "fault_scope":
+        if value not in FAULT_SCOPES:
+            raise ValueError(f"fault_scope must be one of {sorted(FAULT_SCOPES)}, got {value!r}")
+        return value
+    if field == "fault_count":
+        return None if value is None else _non_negative_int(field, value)
+    raise TypeError(f"unknown SandboxConfig field {field!r}")
+
+
+def _normalise_fault(config: SandboxConfig) -> None:
+    # A spent countdown means "no fault"; collapsing it here means the rest of
+    # the code never has to treat fault_count == 0 as a special case.
+    if config.fault_count == 0 or config.fault is None:
+        config.fault = None
+        config.fault_count = None
+
+
+def _validated_copy(config: SandboxConfig) -> SandboxConfig:
+    values = {f: _coerce_field(f, getattr(config, f)) for f in _CONFIG_FIELDS}
+    result = SandboxConfig(**values)
+    _normalise_fault(result)
+    return result
+
+
+def _snapshot(config: SandboxConfig) -> SandboxConfig:
+    # Handlers work from a private copy so a concurrent configure() cannot
+    # change the model table halfway through building a response.
+    return dataclasses.replace(config, models=dict(config.models))
+
+
+@dataclass(frozen=True)
+class _ApiError:
+    status: int
+    message: str
+    type: str
+    code: str | None
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {"message": self.message, "type": self.type, "param": None, "code": self.code}
+        }
+
+
+@dataclass(frozen=True)
+class _ChatRequest:
+    model: str
+    messages: list[dict[str, Any]]
+    texts: list[str]
+    max_tokens: int | None
+    raw: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Admission:
+    """Everything decided atomically when a request arrives.
+
+    Deciding the fault and capturing the release event at arrival (under the
+    provider lock) means reset()/stop() always observe a consistent picture:
+    a request counted as received is guaranteed to see the release signal.
+    """
+
+    config: SandboxConfig
+    release: threading.Event
+    error: _ApiError | None = None
+    fault: str | None = None
+    chat: _ChatRequest | None = None
+
+
+def _bad_request(message: str, code: str) -> _ApiError:
+    return _ApiError(400, message, "invalid_request_error", code)
+
+
+def _message_text(content: Any) -> str | None:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        # Multimodal-style content parts: only text parts carry tokens here.
+        parts: list[str] = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif not isinstance(part, dict):
+                return None
+        return "\n".join(parts)
+    return None
+
+
+def _parse_chat(body: bytes) -> _ChatRequest | _ApiError:
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return _bad_request("Request body is not valid JSON.", "invalid_json")
+    if not isinstance(payload, dict):
+        return _bad_request("Request body must be a JSON object.", "invalid_json")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        return _bad_request("'model' is required and must be a string.", "missing_model")
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return _bad_request("'messages' must be a non-empty list.", "invalid_messages")
+    texts: list[str] = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            return _bad_request(
+                f"messages[{index}] must be an object with a string 'role'.", "invalid_messages"
+            )
+        text = _message_text(message.get("content"))
+        if text is None:
+            return _bad_request(
+                f"messages[{index}].content must be a string or a list of parts.",
+                "invalid_messages",
+            )
+        texts.append(text)
+    # max_completion_tokens is the newer OpenAI name and wins when both are sent.
+    limit = payload.get("max_completion_tokens")
+    if limit is None:
+        limit = payload.get("max_tokens")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        return _bad_request("max_tokens must be a positive integer.", "invalid_max_tokens")
+    return _ChatRequest(model, messages, texts, limit, payload)
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _generate_text(seed: bytes, n: int) -> str:
+    words: list[str] = []
+    block = 0
+    while len(words) < n:
+        digest = hashlib.sha256(seed + block.to_bytes(8, "big")).digest()
+        words.extend(VOCABULARY[byte % len(VOCABULARY)] for byte in digest)
+        block += 1
+    return " ".join(words[:n])
+
+
+def _build_completion(config: SandboxConfig, chat: _ChatRequest) -> dict[str, Any]:
+    limit = config.output_tokens if chat.max_tokens is None else chat.max_tokens
+    n = min(limit, config.output_tokens)
+    # Seeding on prompt + provider name (not max_tokens) makes a truncated
+    # answer a prefix of the full one, like a real model stopped early.
+    seed = hashlib.sha256(_canonical({"provider": config.name, "messages": chat.messages})).digest()
+    text = _generate_text(seed, n)
+    prompt_tokens = (
+        sum(count_tokens(t) + MESSAGE_OVERHEAD_TOKENS for t in chat.texts)
+        + CONVERSATION_OVERHEAD_TOKENS
+    )
+    completion_tokens = count_tokens(text)
+    finish_reason = "length" if n == limit and limit < config.output_tokens else "stop"
+    request_hash = hashlib.sha256(config.name.encode() + b"\0" + _canonical(chat.raw)).hexdigest()
+    return {
+        "id": f"chatcmpl-{request_hash[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": chat.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # ThreadingMixIn.server_close() would otherwise join every handler thread,
+    # including ones parked on idle keep-alive connections or in a "hang".
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], provider: SandboxProvider) -> None:
+        self.provider = provider
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self._stop_requested = False
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        try:
+            super().__init__(address, _Handler)
+        except BaseException:
+            self._wake_reader.close()
+            self._wake_writer.close()
+            raise
+
+    def serve(self) -> None:
+        """Accept loop that stop_serving() can wake instantly.
+
+        serve_forever() only notices shutdown() on its next poll tick, which
+        made every stop() cost tens of milliseconds; a wake-up socket avoids
+        both that delay and idle polling.
+        """
+        with selectors.DefaultSelector() as selector:
+            selector.register(self, selectors.EVENT_READ)
+            selector.register(self._wake_reader, selectors.EVENT_READ)
+            while not self._stop_requested:
+                for key, _ in selector.select():
+                    if key.fileobj is self and not self._stop_requested:
+                        self._handle_request_noblock()
+
+    def stop_serving(self) -> None:
+        self._stop_requested = True
+        with contextlib.suppress(OSError):
+            self._wake_writer.send(b"\0")
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind calls socket.getfqdn(), a reverse DNS lookup
+        # that can stall for seconds in sandboxed CI; the name is never used.
+        TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.provider._track_connection(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        self.provider._untrack_connection(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients going away mid-response (timeouts, stop()) are routine here.
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "FlopexSandbox/1.0"
+    # Headers and body go out in separate writes; with Nagle on, the body waits
+    # for the client's delayed ACK (~40 ms), which would swamp latency benchmarks.
+    disable_nagle_algorithm = True
+    server: _Server
+
+    def version_string(self) -> str:
+        # The default appends the Python version, which is irrelevant to clients.
+        return self.server_version
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # Tests and the dev launcher run many requests; access logs are noise.
+        return
+
+    # -- dispatch ---------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        self._started = time.perf_counter()
+        body = self._read_body()
+        if body is None:
+            return
+        path = urlsplit(self.path).path.rstrip("/") or "/"
+        routes = {
+            "/v1/models": ("GET", self._models),
+            "/v1/chat/completions": ("POST", self._chat),
+            "/_sandbox/state": ("GET", self._state),
+            "/_sandbox/config": ("POST", self._configure),
+            "/_sandbox/reset": ("POST", self._reset),
+        }
+        route = routes.get(path)
+        if route is None:
+            self._send_error(
+                _ApiError(404, f"Unknown path {path!r}.", "invalid_request_error", "unknown_url")
+            )
+        elif route[0] != method:
+            self._send_error(
+                _ApiError(
+                    405,
+                    f"{method} is not allowed on {path}.",
+                    "invalid_request_error",
+                    "method_not_allowed",
+                ),
+                {"Allow": route[0]},
+            )
+        else:
+            route[1](body)
+
+    # -- OpenAI endpoints -------------------------------------------------
+
+    def _models(self, body: bytes) -> None:
+        admission = self.server.provider._admit_models(self.headers.get("Authorization"))
+        if not self._wait_latency(admission):
+            return
+        if admission.error is not None:
+            self._send_error(admission.error)
+        elif admission.fault is not None:
+            self._perform_fault(admission.fault, admission)
+        else:
+            config = admission.config
+            pricing = {
+                "input_per_million_usd": config.price_input_per_million_usd,
+                "output_per_million_usd": config.price_output_per_million_usd,
+            }
+            data = [
+                {
+                    "id": model_id,
+                    "object": "model",
+                    "created": MODELS_CREATED,
+                    "owned_by": owner or config.name,
+                    "pricing": dict(pricing),
+                }
+                for model_id, owner in config.models.items()
+            ]
+            self._send_json(200, {"object": "list", "data": data})
+
+    def _chat(self, body: bytes) -> None:
+        parsed = _parse_chat(body)
+        admission = self.server.provider._admit_chat(self.headers.get("Authorization"), parsed)
+        if not self._wait_latency(admission):
+            return
+        if admission.error is not None:
+            self._send_error(admission.error)
+            return
+        if admission.fault is not None and admission.fault not in _USAGE_FAULTS:
+            self._perform_fault(admission.fault, admission)
+            return
+        assert admission.chat is not None
+        completion = _build_completion(admission.config, admission.chat)
+        if admission.fault == "bad_usage":
+            usage = completion["usage"]
+            usage["completion_tokens"] = -5
+            usage["total_tokens"] = usage["prompt_tokens"] - 5
+        elif admission.fault == "missing_usage":
+            del completion["usage"]
+        self._send_json(200, completion)
+
+    # -- control API ------------------------------------------------------
+
+    def _state(self, body: bytes) -> None:
+        self._send_json(200, self.server.provider.state(), sandbox_headers=False)
+
+    def _configure(self, body: bytes) -> None:
+        try:
+            changes = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            changes = None
+        if not isinstance(changes, dict):
+            self._send_error(_bad_request("Body must be a JSON object.", "invalid_json"))
+            return
+        try:
+            self.server.provider.configure(**changes)
+        except (TypeError, ValueError) as exc:
+            self._send_error(_bad_request(str(exc), "invalid_config"))
+            return
+        self._send_json(200, self.server.provider.state(), sandbox_headers=False)
+
+    def _reset(self, body: bytes) -> None:
+        self.server.provider.reset()
+        self._send_json(200, self.server.provider.state(), sandbox_headers=False)
+
+    # -- helpers ----------------------------------------------------------
+
+    def _wait_latency(self, admission: _Admission) -> bool:
+        """Apply configured latency; False means the server is stopping, so drop the request."""
+        if admission.config.latency_ms:
+            # Waiting on the release event (not time.sleep) lets stop() cut it short.
+            admission.release.wait(admission.config.latency_ms / 1000)
+        if self.server.provider._stopping:
+            self.close_connection = True
+            return False
+        return True
+
+    def _perform_fault(self, fault: str, admission: _Admission) -> None:
+        if fault == "error":
+            self._send_error(
+                _ApiError(
+                    500,
+                    "The sandbox provider hit an injected internal error.",
+                    "server_error",
+                    "internal_error",
+                )
+            )
+        elif fault == "rate_limit":
+            self._send_error(
+                _ApiError(
+                    429,
+                    "Rate limit reached for sandbox provider; retry after 1s.",
+                    "rate_limit_error",
+                    "rate_limit_exceeded",
+                ),
+                {"Retry-After": "1"},
+            )
+        elif fault == "malformed":
+            # Truncated JSON with a JSON content type: the nastiest realistic case.
+            self._send_bytes(200, b'{"id": "chatcmpl-broken", "choices": [{"index": 0, "mess')
+        elif fault == "hang":
+            admission.release.wait(HANG_SECONDS)
+            self.close_connection = True
+        elif fault == "disconnect":
+            self.close_connection = True
+        else:  # pragma: no cover - FAULTS and this dispatch are kept in sync by tests
+            raise AssertionError(f"unhandled fault {fault!r}")
+
+    def _read_body(self) -> bytes | None:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self._read_chunked()
+        raw_length = self.headers.get("Content-Length")
+        if raw_length is None:
+            return b""
+        try:
+            length = int(raw_length)
+        except ValueError:
+            length = -1
+        if length < 0 or length > _MAX_BODY_BYTES:
+            # The stream position is unknown now, so the connection cannot be reused.
+            self.close_connection = True
+            self._send_error(_bad_request("Invalid Content-Length.", "invalid_content_length"))
+            return None
+        return self.rfile.read(length)
+
+    def _read_chunked(self) -> bytes | None:
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                size = -1
+            total += max(size, 0)
+            if size < 0 or total > _MAX_BODY_BYTES:
+                self.close_connection = True
+                self._send_error(_bad_request("Invalid chunked body.", "invalid_body"))
+                return None
+            if size == 0:
+                # Drain optional trailers up to the terminating blank line.
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass
+                return b"".join(chunks)
+            chunks.append(self.rfile.read(size))
+            self.rfile.readline(1024)
+
+    def _send_error(self, error: _ApiError, headers: dict[str, str] | None = None) -> None:
+        self._send_json(error.status, error.body(), headers)
+
+    def _send_json(
+        self,
+        status: int,
+        payload: Any,
+        headers: dict[str, str] | None = None,
+        *,
+        sandbox_headers: bool = True,
+    ) -> None:
+        self._send_bytes(status, json.dumps(payload).encode(), headers, sandbox_headers)
+
+    def _send_bytes(
+        self,
+        status: int,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+        sandbox_headers: bool = True,
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if sandbox_headers:
+            self.send_header("X-Sandbox-Provider", self.server.provider.name)
+            # Measured just before the headers go out so benchmarks can subtract
+            # everything the provider itself spent, injected latency included.
+            service_ms = (time.perf_counter() - self._started) * 1000
+            self.send_header("X-Sandbox-Service-Ms", f"{service_ms:.3f}")
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class SandboxProvider:
+    """A controllable OpenAI-compatible provider served from a background thread."""
+
+    def __init__(self, config: SandboxConfig, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._lock = threading.Lock()
+        self._config = _validated_copy(config)
+        self._host = host
+        self._requested_port = port
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._release = threading.Event()
+        self._stopping = False
+        self._chat_calls = 0
+        self._models_calls = 0
+        self._connections = 0
+        self._requests: list[dict[str, Any]] = []
+        self._sockets: set[socket.socket] = set()
+
+    # -- lifecycle --------------------------------------------------------
+
+    def start(self) -> SandboxProvider:
+        if self._server is not None:
+            raise RuntimeError("sandbox provider already started")
+        with self._lock:
+            self._stopping = False
+            self._release = threading.Event()
+        server = _Server((self._host, self._requested_port), self)
+        thread = threading.Thread(
+            target=server.serve,
+            name=f"sandbox-{self._config.name}",
+            daemon=True,
+        )
+        self._server, self._thread = server, thread
+        thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        with self._lock:
+            self._stopping = True
+            self._release.set()
+        server.stop_serving()
+        if thread is not None:
+            thread.join(timeout=5)
+        with self._lock:
+            sockets = list(self._sockets)
+        # Handler threads parked on idle keep-alive connections would otherwise
+        # keep serving pooled clients after stop(); shutting the sockets down
+        # wakes them. Closing is left to the owning thread to avoid fd reuse races.
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        server.server_close()
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> SandboxProvider:
+        return self.start() if self._server is None else self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        where = self.base_url if self._server is not None else "stopped"
+        return f"<SandboxProvider {self.name!r} {where}>"
+
+    # -- addressing -------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("sandbox provider is not running")
+        return int(self._server.server_address[1])
+
+    @property
+    def base_url(self) -> str:
+        host = self._host
+        # A wildcard bind is not a connectable address; advertise loopback instead.
+        if host in ("", "0.0.0.0"):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}/v1"
+
+    @property
+    def name(self) -> str:
+        with self._lock:
+            return self._config.name
+
+    # -- control ----------------------------------------------------------
+
+    def configure(self, **changes: Any) -> None:
+        """Atomically update SandboxConfig fields; all changes are validated first."""
+        coerced = {field: _coerce_field(field, value) for field, value in changes.items()}
+        with self._lock:
+            for field, value in coerced.items():
+                setattr(self._config, field, value)
+            _normalise_fault(self._config)
+
+    def reset(self) -> None:
+        """Clear faults, counters and the request log; release anything hanging."""
+        with self._lock:
+            self._config.fault = None
+            self._config.fault_count = None
+            self._config.fault_scope = "chat"
+            self._chat_calls = 0
+            self._models_calls = 0
+            self._connections = 0
+            self._requests.clear()
+            self._release.set()
+            # Fresh event for future requests; in-flight ones captured the old one.
+            if not self._stopping:
+                self._release = threading.Event()
+
+    @property
+    def config(self) -> SandboxConfig:
+        with self._lock:
+            return _snapshot(self._config)
+
+    @property
+    def chat_calls(self) -> int:
+        with self._lock:
+            return self._chat_calls
+
+    @property
+    def models_calls(self) -> int:
+        with self._lock:
+            return self._models_calls
+
+    @property
+    def connections(self) -> int:
+        """TCP connections accepted since start/reset (lets tests observe keep-alive)."""
+        with self._lock:
+            return self._connections
+
+    def requests_log(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return copy.deepcopy(self._requests)
+
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            config = dataclasses.asdict(self._config)
+            counters = {
+                "chat_calls": self._chat_calls,
+                "models_calls": self._models_calls,
+                "connections": self._connections,
+                "requests_logged": len(self._requests),
+            }
+        # The control API is unauthenticated, so never echo the key itself.
+        config["api_key_set"] = config.pop("api_key") is not None
+        base_url = self.base_url if self._server is not None else None
+        return {"base_url": base_url, "config": config, "counters": counters}
+
+    # -- internals used by the handler -----------------------------------
+
+    def _track_connection(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.add(sock)
+            self._connections += 1
+
+    def _untrack_connection(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.discard(sock)
+
+    def _authorized(self, header: str | None) -> bool:
+        key = self._config.api_key
+        if key is None:
+            return True
+        expected = f"Bearer {key}".encode()
+        return hmac.compare_digest((header or "").strip().encode(), expected)
+
+    def _take_fault(self, endpoint: str, completion_ok: bool) -> str | None:
+        config = self._config
+        fault = config.fault
+        if fault is None or config.fault_scope not in (endpoint, "all"):
+            return None
+        if fault in _USAGE_FAULTS and (endpoint != "chat" or not completion_ok):
+            return None
+        if config.fault_count is not None:
+            config.fault_count -= 1
+            _normalise_fault(config)
+        return fault
+
+    def _admit_models(self, authorization: str | None) -> _Admission:
+        with self._lock:
+            self._models_calls += 1
+            config, release = _snapshot(self._config), self._release
+            if not self._authorized(authorization):
+                return _Admission(config, release, error=_unauthorized())
+            return _Admission(config, release, fault=self._take_fault("models", False))
+
+    def _admit_chat(
+        self, authorization: str | None, parsed: _ChatRequest | _ApiError
+    ) -> _Admission:
+        with self._lock:
+            self._chat_calls += 1
+            if isinstance(parsed, _ChatRequest):
+                self._requests.append(copy.deepcopy(parsed.raw))
+            config, release = _snapshot(self._config), self._release
+            if not self._authorized(authorization):
+                return _Admission(config, release, error=_unauthorized())
+            chat: _ChatRequest | None = None
+            error: _ApiError | None = None
+            if isinstance(parsed, _ApiError):
+                error = parsed
+            elif parsed.model not in config.models:
+                error = _ApiError(
+                    404,
+                    f"The model {parsed.model!r} does not exist on provider {config.name!r}.",
+                    "invalid_request_error",
+                    "model_not_found",
+                )
+            else:
+                chat = parsed
+            fault = self._take_fault("chat", chat is not None)
+            if fault is not None and fault not in _USAGE_FAULTS:
+                # Transport-level faults pre-empt validation, like an outage would.
+                return _Admission(config, release, fault=fault)
+            if error is not None:
+                return _Admission(config, release, error=error)
+            return _Admission(config, release, fault=fault, chat=chat)
+
+
+def _unauthorized() -> _ApiError:
+    return _ApiError(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")

@@ -1,0 +1,320 @@
+"""Test infrastructure on real services: a fresh PostgreSQL database per run (migrated with
+Alembic), a dedicated Redis database, sandbox providers over loopback HTTP and a real Celery
+worker process.
+
+The environment is set here, before any application module reads its settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = os.environ.get(
+    "FLOPEX_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+)
+TEST_REDIS_URL = os.environ.get("FLOPEX_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+_DB_NAME = f"flopex_test_{uuid.uuid4().hex[:10]}"
+_TMP = Path(tempfile.mkdtemp(prefix="flopex-tests-"))
+CATALOG_PATH = _TMP / "catalog.toml"
+
+os.environ.update(
+    DATABASE_URL=PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + _DB_NAME,
+    REDIS_URL=TEST_REDIS_URL,
+    FLOPEX_CATALOG=str(CATALOG_PATH),
+    FLOPEX_MARKUP="0.15",
+    FLOPEX_SYNC_TIMEOUT_S="30",
+    FLOPEX_PROVIDER_READ_TIMEOUT_S="2",
+    FLOPEX_PROVIDER_CONNECT_TIMEOUT_S="1",
+    FLOPEX_PROVIDER_RETRIES="1",
+)
+
+from sqlalchemy import create_engine, text  # noqa: E402
+from sqlalchemy.orm import Session  # noqa: E402
+
+from config.settings import get_settings  # noqa: E402
+
+get_settings.cache_clear()
+
+# Prices (USD per million, input/output) and latencies chosen so that every profile picks a
+# different provider: alpha is cheapest and slowest, bravo dearest and fastest, charlie between.
+PROVIDERS: dict[str, dict[str, Any]] = {
+    "alpha": {"latency_ms": 80, "price": ("0.05", "0.08")},
+    "bravo": {"latency_ms": 0, "price": ("0.18", "0.20")},
+    "charlie": {"latency_ms": 10, "price": ("0.10", "0.12")},
+}
+MODEL_IDS = {
+    "alpha": {"llama-3.1-8b": "alpha/llama-3.1-8b", "qwen-7b": "alpha/qwen-7b"},
+    "bravo": {"llama-3.1-8b": "bravo/llama-3.1-8b"},
+    "charlie": {"llama-3.1-8b": "charlie/llama-3.1-8b", "qwen-7b": "charlie/qwen-7b"},
+}
+
+
+def _catalog_toml(urls: dict[str, str]) -> str:
+    lines = []
+    for name in PROVIDERS:
+        lines += ["[[providers]]", f'name = "{name}"', f'base_url = "{urls[name]}"', ""]
+    lines += [
+        "[[models]]",
+        'alias = "llama-3.1-8b"',
+        "max_output_tokens = 4096",
+        "context_length = 16384",
+        "",
+        "[[models]]",
+        'alias = "qwen-7b"',
+        "max_output_tokens = 2048",
+        "context_length = 8192",
+        "",
+        "[[models]]",
+        'alias = "orphan-1b"',
+        "max_output_tokens = 512",
+        "context_length = 2048",
+        "",
+    ]
+    for provider, models in MODEL_IDS.items():
+        price_in, price_out = PROVIDERS[provider]["price"]
+        for alias, model_id in models.items():
+            lines += [
+                "[[offerings]]",
+                f'model = "{alias}"',
+                f'provider = "{provider}"',
+                f'provider_model_id = "{model_id}"',
+                f'input_price_usd_per_million = "{price_in}"',
+                f'output_price_usd_per_million = "{price_out}"',
+                "",
+            ]
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="session")
+def database() -> Iterator[str]:
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{_DB_NAME}"'))
+    from app.migrate import upgrade
+
+    upgrade()
+    yield os.environ["DATABASE_URL"]
+    from app.db import dispose_engine
+
+    dispose_engine()
+    with admin.connect() as conn:
+        conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = :name AND pid <> pg_backend_pid()"
+            ),
+            {"name": _DB_NAME},
+        )
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{_DB_NAME}"'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_client() -> Iterator[Any]:
+    from app.redis_client import get_redis
+
+    client = get_redis()
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def sandboxes() -> Iterator[dict[str, Any]]:
+    from sandbox import SandboxConfig, SandboxProvider
+
+    started = {}
+    for name, spec in PROVIDERS.items():
+        config = SandboxConfig(
+            name=name,
+            models={model_id: name for model_id in MODEL_IDS[name].values()},
+            latency_ms=spec["latency_ms"],
+            price_input_per_million_usd=spec["price"][0],
+            price_output_per_million_usd=spec["price"][1],
+        )
+        started[name] = SandboxProvider(config).start()
+    yield started
+    for provider in started.values():
+        provider.stop()
+
+
+@pytest.fixture(scope="session")
+def catalog(database: str, sandboxes: dict[str, Any]) -> Path:
+    from app.catalog import load_catalog
+    from app.db import session_scope
+
+    CATALOG_PATH.write_text(_catalog_toml({n: p.base_url for n, p in sandboxes.items()}))
+    with session_scope() as session:
+        load_catalog(session, CATALOG_PATH)
+    return CATALOG_PATH
+
+
+def _wait_for_worker(celery_app: Any, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited early:\n{log.read_text()}")
+        if celery_app.control.ping(timeout=0.5):
+            return
+    raise RuntimeError(f"worker did not answer ping:\n{log.read_text()}")
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+def start_worker(log: Path, concurrency: int = 8) -> Worker:
+    out = log.open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.main",
+            "worker",
+            "--pool",
+            "threads",
+            "--concurrency",
+            str(concurrency),
+            "-Q",
+            "fast,balanced,economy",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-l",
+            "info",
+        ],
+        cwd=ROOT,
+        env=os.environ.copy(),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    return Worker(proc, log)
+
+
+@pytest.fixture(scope="session")
+def celery_app() -> Any:
+    from app.celery_app import make_celery
+
+    return make_celery()
+
+
+@pytest.fixture(scope="session")
+def worker(catalog: Path, redis_client: Any, celery_app: Any) -> Iterator[Worker]:
+    w = start_worker(_TMP / "worker.log")
+    try:
+        _wait_for_worker(celery_app, w.proc, w.log)
+        yield w
+    finally:
+        w.proc.terminate()
+        try:
+            w.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            w.proc.kill()
+            w.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def flask_app(database: str, redis_client: Any) -> Any:
+    from app import create_app
+
+    return create_app({"TESTING": True})
+
+
+@pytest.fixture
+def client(flask_app: Any) -> Any:
+    return flask_app.test_client()
+
+
+@pytest.fixture
+def pipeline(
+    worker: Worker, sandboxes: dict[str, Any], redis_client: Any
+) -> Iterator[dict[str, Any]]:
+    """The whole stack; providers are back to their defaults and health history is cleared
+    around every test so that routing decisions do not leak between tests."""
+
+    def reset() -> None:
+        for name, provider in sandboxes.items():
+            provider.reset()
+            provider.configure(latency_ms=PROVIDERS[name]["latency_ms"])
+        for key in redis_client.scan_iter("flopex:health:*"):
+            redis_client.delete(key)
+
+    reset()
+    yield sandboxes
+    reset()
+
+
+@dataclass
+class TestAccount:
+    account_id: uuid.UUID
+    wallet_id: uuid.UUID
+    api_key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+@pytest.fixture
+def make_account(database: str) -> Any:
+    from app import accounts, wallet
+    from app.db import session_scope
+    from app.money import usd_to_micros
+
+    def make(balance_usd: str = "10.00", name: str = "test") -> TestAccount:
+        with session_scope() as session:
+            account = accounts.create_account(session, name)
+            _, raw = accounts.issue_key(session, account.id)
+            principal = accounts.authenticate(session, raw)
+            assert principal is not None
+            if Decimal(balance_usd) > 0:
+                wallet.top_up(session, principal.wallet_id, usd_to_micros(balance_usd), "test")
+        return TestAccount(account.id, principal.wallet_id, raw)
+
+    return make
+
+
+@pytest.fixture
+def db_session(database: str) -> Iterator[Session]:
+    """A session inside a transaction that is rolled back after the test."""
+    from app.db import get_engine
+
+    connection = get_engine().connect()
+    outer = connection.begin()
+    session = Session(bind=connection, join_transaction_mode="create_savepoint")
+    try:
+        yield session
+    finally:
+        session.close()
+        outer.rollback()
+        connection.close()
+
+
+def decimal_json(text_body: str | bytes) -> Any:
+    """Parse a response keeping every number exact."""
+    return json.loads(text_body, parse_float=Decimal)
+
+
+def chat_calls(sandboxes: dict[str, Any]) -> dict[str, int]:
+    return {name: p.chat_calls for name, p in sandboxes.items()}
