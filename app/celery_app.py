@@ -36,6 +36,18 @@ def make_celery(settings: Settings | None = None) -> Celery:
             "visibility_timeout": 3600,
         },
         worker_hijack_root_logger=False,
-        include=["tasks.inference"],
+        include=["tasks.inference", "tasks.maintenance"],
+        beat_schedule={
+            "sweep-stuck-jobs": {
+                "task": "flopex.sweep",
+                "schedule": settings.sweep_interval_s,
+                "options": {"queue": "fast", "expires": settings.sweep_interval_s},
+            },
+            "purge-idempotency-keys": {
+                "task": "flopex.purge_idempotency",
+                "schedule": 600.0,
+                "options": {"queue": "economy", "expires": 600},
+            },
+        },
     )
     return celery

@@ -163,8 +163,11 @@ class Job(Base):
     account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id"))
     api_key_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.id"))
     wallet_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("wallets.id"))
-    # quoting -> routing -> executing -> success | failed (see app/jobs/states.py)
+    # quoting -> routing -> executing -> settling -> success | failed (app/jobs/states.py)
     status: Mapped[str] = mapped_column(String(16))
+    # Fencing token: every UPDATE of a job checks and bumps it (SQLAlchemy version_id_col), so a
+    # worker that lost its claim (recovered by the sweeper, cancelled) can no longer write.
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     model: Mapped[str] = mapped_column(String(128))
     request: Mapped[dict[str, Any]] = mapped_column(Json)
     performance_profile: Mapped[str] = mapped_column(String(16))
@@ -202,3 +205,27 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     settled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __mapper_args__ = {"version_id_col": version}
+
+
+class IdempotencyKey(Base):
+    """A client's Idempotency-Key, scoped to its account, with the fingerprint of the request it
+    first came with and, once the outcome is final, the exact response to replay."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (
+        UniqueConstraint("account_id", "key", name="uq_idempotency_account_key"),
+        Index("ix_idempotency_expires_at", "expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id"))
+    key: Mapped[str] = mapped_column(String(255))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id"))
+    response_status: Mapped[int | None] = mapped_column(Integer)
+    response_body: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

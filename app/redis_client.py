@@ -19,6 +19,9 @@ def get_redis() -> redis.Redis:
             get_settings().redis_url,
             decode_responses=True,
             health_check_interval=30,
+            socket_connect_timeout=5,
+            # Blocking reads (BLPOP for sync waits and long polls) must outlive their own timeout.
+            socket_timeout=get_settings().sync_timeout_s + 30,
             max_connections=256,
         )
         _pid = os.getpid()

@@ -58,6 +58,9 @@ class Settings:
     balanced_weights: tuple[Decimal, Decimal, Decimal]
     health_window_s: int
     db_pool_size: int
+    sweep_grace_s: float
+    sweep_interval_s: float
+    idempotency_ttl_s: int
     profiles: dict[str, ProfilePolicy] = field(default_factory=dict)
 
     @classmethod
@@ -87,6 +90,9 @@ class Settings:
             balanced_weights=weights,  # type: ignore[arg-type]
             health_window_s=_int("FLOPEX_HEALTH_WINDOW_S", 300),
             db_pool_size=_int("FLOPEX_DB_POOL_SIZE", 10),
+            sweep_grace_s=_float("FLOPEX_SWEEP_GRACE_S", 15.0),
+            sweep_interval_s=_float("FLOPEX_SWEEP_INTERVAL_S", 5.0),
+            idempotency_ttl_s=_int("FLOPEX_IDEMPOTENCY_TTL_S", 86_400),
             profiles={
                 "fast": ProfilePolicy(_int("FLOPEX_QUOTE_DEADLINE_MS_FAST", 300), "fast", 0),
                 "balanced": ProfilePolicy(

@@ -3,16 +3,20 @@ all logic in app.jobs."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 
 from celery import current_app, shared_task
+from sqlalchemy.orm.exc import StaleDataError
 
 from app.db import session_factory
-from app.jobs.execution import RouteAndExecute
+from app.jobs.execution import Outcome, RouteAndExecute
 from app.jobs.quoting import make_quote, store_quote
 from app.redis_client import get_redis
 from config.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 
 @shared_task(name="flopex.quote")
@@ -24,18 +28,29 @@ def quote(
     q = make_quote(client, option, deadline_at, settings.health_window_s)
     if store_quote(client, job_id, q) >= expected:
         # The last quote in closes the join; a late duplicate finds the job already routed.
-        current_app.send_task(
-            "flopex.route",
-            args=[job_id],
-            queue=queue,
-        )
+        current_app.send_task("flopex.route", args=[job_id], queue=queue)
+
+
+def _run(job_id: str, resume: bool) -> str | None:
+    session = session_factory()()
+    try:
+        service = RouteAndExecute(session, get_redis(), get_settings())
+        outcome: Outcome | None = (service.resume if resume else service.run)(uuid.UUID(job_id))
+        return None if outcome is None else outcome.status
+    except StaleDataError:
+        # The sweeper or a cancellation took the job from us: stop without writing.
+        session.rollback()
+        log.warning("job %s: claim lost, stopping", job_id)
+        return None
+    finally:
+        session.close()
 
 
 @shared_task(name="flopex.route")
 def route(job_id: str) -> str | None:
-    session = session_factory()()
-    try:
-        outcome = RouteAndExecute(session, get_redis(), get_settings()).run(uuid.UUID(job_id))
-        return None if outcome is None else outcome.status
-    finally:
-        session.close()
+    return _run(job_id, resume=False)
+
+
+@shared_task(name="flopex.resume")
+def resume(job_id: str) -> str | None:
+    return _run(job_id, resume=True)

@@ -9,6 +9,7 @@ from app.api import errors
 from app.api.health import blp as health_blp
 from app.api.inference import blp as inference_blp
 from app.api.session import init_session
+from app.api.wallet import blp as wallet_blp
 
 
 def register_api(app: Flask) -> Api:
@@ -18,6 +19,7 @@ def register_api(app: Flask) -> Api:
     )
     api.register_blueprint(health_blp)
     api.register_blueprint(inference_blp)
+    api.register_blueprint(wallet_blp)
     init_session(app)
     errors.register(app)
     app.extensions["flopex_api"] = api

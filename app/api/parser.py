@@ -13,6 +13,9 @@ from app.exceptions import InvalidRequest
 
 
 class FlopexParser(FlaskParser):
+    # Unknown query parameters are an error too (the schema's Meta.unknown decides).
+    DEFAULT_UNKNOWN_BY_LOCATION = {**FlaskParser.DEFAULT_UNKNOWN_BY_LOCATION, "query": None}
+
     def _raw_load_json(self, req: flask.Request) -> typing.Any:
         data = req.get_data(cache=True)
         if not data:

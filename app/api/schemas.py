@@ -138,3 +138,45 @@ class ApiErrorDetailSchema(Schema):
 
 class ApiErrorSchema(Schema):
     error = fields.Nested(ApiErrorDetailSchema)
+
+
+class WalletSchema(Schema):
+    object = fields.String(metadata={"example": "wallet"})
+    currency = fields.String(metadata={"example": "USD"})
+    balance_usd = fields.Decimal(as_string=False)
+    held_usd = fields.Decimal(as_string=False)
+    available_usd = fields.Decimal(as_string=False)
+
+
+class LedgerQuerySchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
+    starting_after = fields.Integer(
+        load_default=None, allow_none=True, validate=validate.Range(min=1)
+    )
+
+
+class LedgerEntrySchema(Schema):
+    id = fields.String()
+    object = fields.String()
+    kind = fields.String(
+        metadata={"description": "topup, hold, capture, release, refund, adjustment"}
+    )
+    amount_usd = fields.Decimal(as_string=False, metadata={"description": "change of the balance"})
+    held_delta_usd = fields.Decimal(
+        as_string=False, metadata={"description": "change of the amount on hold"}
+    )
+    balance_after_usd = fields.Decimal(as_string=False)
+    held_after_usd = fields.Decimal(as_string=False)
+    job_id = fields.String(allow_none=True)
+    memo = fields.String()
+    created_at = fields.String()
+
+
+class LedgerPageSchema(Schema):
+    object = fields.String(metadata={"example": "list"})
+    data = fields.List(fields.Nested(LedgerEntrySchema))
+    has_more = fields.Boolean()
+    next_cursor = fields.String(allow_none=True)

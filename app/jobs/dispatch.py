@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from celery import Celery
 
@@ -13,29 +14,43 @@ from config.settings import Settings
 _BACKSTOP_GRACE_S = 0.25
 
 
-def dispatch_quotes(celery: Celery, accepted: Accepted, settings: Settings) -> None:
-    job = accepted.job
-    policy = settings.profiles[job.performance_profile]
+def send_quotes(celery: Celery, job: Any, deadline_at: float, queue: str) -> None:
+    """One quote task per option on the job, plus the backstop route at the deadline."""
     job_id = str(job.id)
-    options = {o["provider"]: o for o in job.quotes or []}
+    options = [o for o in job.quotes or [] if "base_url" in o]
     with celery.producer_or_acquire() as producer:
-        for option in options.values():
+        for option in options:
             celery.send_task(
                 "flopex.quote",
-                args=[
-                    job_id,
-                    option,
-                    accepted.quote_deadline_at,
-                    job.expected_quotes,
-                    policy.queue,
-                ],
-                queue=policy.queue,
+                args=[job_id, _option_message(option), deadline_at, len(options), queue],
+                queue=queue,
                 producer=producer,
             )
         celery.send_task(
             "flopex.route",
             args=[job_id],
-            queue=policy.queue,
-            countdown=max(0.0, accepted.quote_deadline_at - time.time()) + _BACKSTOP_GRACE_S,
+            queue=queue,
+            countdown=max(0.0, deadline_at - time.time()) + _BACKSTOP_GRACE_S,
             producer=producer,
         )
+
+
+_OPTION_FIELDS = (
+    "offering_id",
+    "provider",
+    "base_url",
+    "api_key_env",
+    "provider_model_id",
+    "input_price_micros_per_m",
+    "output_price_micros_per_m",
+    "estimated_charge_micros",
+)
+
+
+def _option_message(option: dict[str, Any]) -> dict[str, Any]:
+    return {k: option[k] for k in _OPTION_FIELDS}
+
+
+def dispatch_quotes(celery: Celery, accepted: Accepted, settings: Settings) -> None:
+    policy = settings.profiles[accepted.job.performance_profile]
+    send_quotes(celery, accepted.job, accepted.quote_deadline_at, policy.queue)

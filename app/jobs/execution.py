@@ -1,9 +1,12 @@
-"""Routing and execution of one job: pick the winner from the quotes, hold the worst case, call
-the provider (falling back down the ranking), then settle the wallet and complete the job in one
-transaction.
+"""Routing, execution and settlement of one job.
 
-Every step that must not happen twice is a conditional UPDATE on the job's status, so a duplicated
-or redelivered task finds the work claimed and does nothing.
+The route task claims the job, ranks the quotes (app/routing.py), then tries candidates in order:
+each attempt is committed before the provider is called; a provider's answer is committed
+(``settling``) before the wallet is settled; settlement captures the charge and releases the
+rest of the hold in the transaction that marks the job ``success``. Every write checks the job's
+version, so a worker that lost its claim stops at its next write, and a job is never settled
+twice. ``resume()`` continues a job whose worker died, from the last committed step, and never
+calls a provider a second time for the same job.
 """
 
 from __future__ import annotations
@@ -21,17 +24,26 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from app import wallet
+from app.failpoints import failpoint
 from app.jobs import states
 from app.jobs.notify import signal_done
 from app.jobs.quoting import collect_quotes, discard_quotes
 from app.models import Job, utcnow
 from app.money import ceil_micros, customer_charge, provider_cost
 from app.providers import health
-from app.providers.openai_compat import ProviderFailure, complete, resolve_api_key
-from app.routing import Decision, select
+from app.providers.openai_compat import Completion, ProviderFailure, complete, resolve_api_key
+from app.routing import Decision, Quote, select
 from config.settings import Settings
 
 log = logging.getLogger(__name__)
+
+_NO_ROUTE_PARAM = {"max_price_exceeded": "max_price_usd", "max_latency_exceeded": "max_latency_ms"}
+_FAILURE_MESSAGES = {
+    "insufficient_balance": "The wallet's available balance does not cover any eligible quote.",
+    "no_provider_available": "No provider could be reached for this model.",
+    "timeout": "No provider answered in time.",
+    "provider_error": "Every eligible provider failed to serve the request.",
+}
 
 
 @dataclass(frozen=True)
@@ -41,53 +53,21 @@ class Outcome:
     error_code: str | None = None
 
 
-def _claim(session: Session, job_id: uuid.UUID) -> Job | None:
-    return session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == states.QUOTING)
-        .values(status=states.ROUTING, updated_at=utcnow(), started_at=utcnow())
-        .returning(Job)
-    ).scalar_one_or_none()
-
-
-def _failure_code(attempts: list[dict[str, Any]]) -> str:
+def failure_code(attempts: list[dict[str, Any]]) -> str:
     """The public code for a job whose every candidate failed (docs/routing.md)."""
     kinds = [a.get("failure") for a in attempts]
-    if kinds and all(k == "insufficient_balance" for k in kinds):
-        return "insufficient_balance"
+    if not kinds or all(k == "insufficient_balance" for k in kinds):
+        return "insufficient_balance" if kinds else "no_provider_available"
     tried = [k for k in kinds if k != "insufficient_balance"]
-    if tried and all(k == "connect" for k in tried):
+    if all(k == "connect" for k in tried):
         return "no_provider_available"
-    if tried and all(k in ("connect", "timeout") for k in tried):
+    if all(k in ("connect", "timeout") for k in tried):
         return "timeout"
     return "provider_error"
 
 
-_FAILURE_MESSAGES = {
-    "insufficient_balance": "The wallet's available balance does not cover any eligible quote.",
-    "no_provider_available": "No provider could be reached for this model.",
-    "timeout": "No provider answered in time.",
-    "provider_error": "Every eligible provider failed to serve the request.",
-}
-
-
-def _finish(
-    session: Session,
-    job: Job,
-    *,
-    status: str,
-    error_code: str | None = None,
-    message: str | None = None,
-    param: str | None = None,
-) -> None:
-    now = datetime.now(UTC)
-    job.status = status
-    job.error_code = error_code
-    job.error_message = message
-    job.error_param = param
-    job.finished_at = now
-    job.updated_at = now
-    job.latency_ms = int((now - job.created_at).total_seconds() * 1000)
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 class RouteAndExecute:
@@ -96,15 +76,69 @@ class RouteAndExecute:
         self.redis = client
         self.settings = settings
 
+    # -- entry points ---------------------------------------------------------------------
+
     def run(self, job_id: uuid.UUID) -> Outcome | None:
-        """None when another task already claimed this job."""
-        job = _claim(self.session, job_id)
+        """Route a quoted job. None when another task already claimed it."""
+        job = self.session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == states.QUOTING)
+            .values(
+                status=states.ROUTING,
+                version=Job.version + 1,
+                updated_at=utcnow(),
+                started_at=utcnow(),
+            )
+            .returning(Job)
+        ).scalar_one_or_none()
         if job is None:
             self.session.rollback()
             return None
         options = {o["provider"]: o for o in job.quotes or []}
         quotes = collect_quotes(self.redis, str(job.id), list(options.values()))
-        decision = select(
+        decision = self._decide(job, quotes)
+        # Keep each option's endpoint with its quote: resume() needs it after a crash.
+        job.quotes = [
+            {
+                **q.to_dict(),
+                "base_url": options[q.provider]["base_url"],
+                "api_key_env": options[q.provider]["api_key_env"],
+            }
+            for q in quotes
+        ]
+        job.routing = decision.to_dict()
+        job.attempts = []
+        if decision.error_code:
+            return self._fail(
+                job,
+                decision.error_code,
+                _no_route_message(decision, job),
+                _NO_ROUTE_PARAM.get(decision.error_code),
+            )
+        return self._execute(job, decision)
+
+    def resume(self, job_id: uuid.UUID) -> Outcome | None:
+        """Continue a job whose worker died (called by the sweeper's recovery task)."""
+        job = self.session.get(Job, job_id)
+        if job is None or job.status not in (states.EXECUTING, states.SETTLING):
+            self.session.rollback()
+            return None
+        if job.status == states.SETTLING:
+            return self._settle(job)
+        # The in-flight attempt's outcome is unknown: the provider may have run it, so it is
+        # never sent again; the job continues with the providers it has not tried.
+        attempts = [dict(a) for a in job.attempts or []]
+        for attempt in attempts:
+            if "outcome" not in attempt and "failure" not in attempt:
+                attempt["failure"] = "interrupted"
+        job.attempts = attempts
+        decision = self._decide(job, [Quote.from_dict(q) for q in job.quotes or []])
+        return self._execute(job, decision)
+
+    # -- steps ----------------------------------------------------------------------------
+
+    def _decide(self, job: Job, quotes: list[Quote]) -> Decision:
+        return select(
             quotes,
             profile=job.performance_profile,
             strategy=job.routing_strategy,
@@ -112,50 +146,36 @@ class RouteAndExecute:
             max_latency_ms=job.max_latency_ms,
             weights=self.settings.balanced_weights,
         )
-        job.quotes = [q.to_dict() for q in quotes]
-        job.routing = decision.to_dict()
-        job.attempts = []
-        if decision.error_code:
-            param = {
-                "max_price_exceeded": "max_price_usd",
-                "max_latency_exceeded": "max_latency_ms",
-            }
-            _finish(
-                self.session,
-                job,
-                status=states.FAILED,
-                error_code=decision.error_code,
-                message=_no_route_message(decision, job),
-                param=param.get(decision.error_code),
-            )
-            return self._commit_and_signal(job)
-        return self._execute(job, decision, options)
 
-    def _execute(self, job: Job, decision: Decision, options: dict[str, dict[str, Any]]) -> Outcome:
-        attempts: list[dict[str, Any]] = []
-        markup = Decimal(job.markup)
+    def _execute(self, job: Job, decision: Decision) -> Outcome:
+        attempts = [dict(a) for a in job.attempts or []]
+        tried = {a["provider"] for a in attempts}
+        endpoints = {q["provider"]: q for q in job.quotes or []}
         for ranked in decision.ranked:
             quote = ranked.quote
-            needed = quote.estimated_charge_micros - job.hold_micros
-            if needed > 0:
-                if wallet.hold(self.session, job.wallet_id, job.id, needed) is None:
-                    attempts.append({"provider": quote.provider, "failure": "insufficient_balance"})
-                    continue
-                job.hold_micros += needed
-            attempt = {"provider": quote.provider, "started_at": utcnow().isoformat()}
+            if quote.provider in tried:
+                continue
+            if quote.estimated_charge_micros > job.hold_micros:
+                attempts.append({"provider": quote.provider, "failure": "insufficient_balance"})
+                continue
+            attempt: dict[str, Any] = {
+                "provider": quote.provider,
+                "started_at": utcnow().isoformat(),
+            }
             attempts.append(attempt)
             job.status = states.EXECUTING
             job.attempts = [dict(a) for a in attempts]
             job.updated_at = utcnow()
-            # Recovery point: the hold and the attempt are durable before the provider is called.
+            # Recovery point: the attempt is durable before the provider is called.
             self.session.commit()
+            failpoint("before_provider_call")
 
-            option = options[quote.provider]
+            endpoint = endpoints[quote.provider]
             started = time.perf_counter()
             try:
                 result = complete(
-                    option["base_url"],
-                    resolve_api_key(option["api_key_env"]),
+                    endpoint["base_url"],
+                    resolve_api_key(endpoint["api_key_env"]),
                     quote.provider_model_id,
                     job.request["input"],
                     job.max_output_tokens,
@@ -175,64 +195,95 @@ class RouteAndExecute:
                 )
                 log.warning("provider %s failed for job %s: %s", quote.provider, job.id, exc)
                 continue
+            failpoint("after_provider_answer")
             attempt.update(
                 outcome="success", latency_ms=int((time.perf_counter() - started) * 1000)
             )
             health.record_outcome(self.redis, quote.provider, True, self.settings.health_window_s)
+            self._record_result(job, quote, result, attempts)
+            failpoint("after_result_recorded")
+            return self._settle(job)
 
-            exact_charge = customer_charge(
+        job.attempts = attempts
+        code = failure_code(attempts)
+        return self._fail(job, code, _FAILURE_MESSAGES[code])
+
+    def _record_result(
+        self, job: Job, quote: Quote, result: Completion, attempts: list[dict[str, Any]]
+    ) -> None:
+        """Recovery point: the provider's answer is durable before any money moves, so a crash
+        here is settled from the row and the provider is never asked again."""
+        exact_charge = customer_charge(
+            result.input_tokens,
+            result.output_tokens,
+            quote.input_price_micros_per_m,
+            quote.output_price_micros_per_m,
+            Decimal(job.markup),
+        )
+        job.status = states.SETTLING
+        job.attempts = attempts
+        job.provider_name = quote.provider
+        job.provider_model_id = quote.provider_model_id
+        job.output_text = result.text
+        job.finish_reason = result.finish_reason
+        job.input_tokens = result.input_tokens
+        job.output_tokens = result.output_tokens
+        # The hold is the binding ceiling (max_price_usd and the wallet): a provider that
+        # counts more input tokens than estimated is absorbed by us, not the customer.
+        job.charge_micros = min(exact_charge, job.hold_micros)
+        job.provider_cost_micros = ceil_micros(
+            provider_cost(
                 result.input_tokens,
                 result.output_tokens,
                 quote.input_price_micros_per_m,
                 quote.output_price_micros_per_m,
-                markup,
             )
-            # The hold is the binding ceiling (max_price_usd and the wallet): a provider that
-            # counts more input tokens than estimated is absorbed by us, not the customer.
-            charge = min(exact_charge, job.hold_micros)
-            state = wallet.settle(self.session, job.wallet_id, job.id, job.hold_micros, charge)
-            job.attempts = attempts
-            job.provider_name = quote.provider
-            job.provider_model_id = quote.provider_model_id
-            job.output_text = result.text
-            job.finish_reason = result.finish_reason
-            job.input_tokens = result.input_tokens
-            job.output_tokens = result.output_tokens
-            job.charge_micros = charge
-            job.provider_cost_micros = ceil_micros(
-                provider_cost(
-                    result.input_tokens,
-                    result.output_tokens,
-                    quote.input_price_micros_per_m,
-                    quote.output_price_micros_per_m,
-                )
-            )
-            job.balance_after_micros = state.balance_micros
-            job.settled_at = utcnow()
-            _finish(self.session, job, status=states.SUCCESS)
-            return self._commit_and_signal(job)
-
-        # Nothing served the request: release the whole hold, charge nothing.
-        if job.hold_micros:
-            state = wallet.settle(self.session, job.wallet_id, job.id, job.hold_micros, 0)
-            job.balance_after_micros = state.balance_micros
-        job.settled_at = utcnow()
-        job.attempts = attempts
-        code = _failure_code(attempts)
-        _finish(
-            self.session,
-            job,
-            status=states.FAILED,
-            error_code=code,
-            message=_FAILURE_MESSAGES[code],
         )
+        job.updated_at = utcnow()
+        self.session.commit()
+
+    def _settle(self, job: Job) -> Outcome:
+        charge = job.charge_micros or 0
+        state = wallet.settle(self.session, job.wallet_id, job.id, job.hold_micros, charge)
+        job.balance_after_micros = state.balance_micros
+        job.settled_at = utcnow()
+        self._finish(job, states.SUCCESS)
         return self._commit_and_signal(job)
+
+    def _fail(self, job: Job, code: str, message: str, param: str | None = None) -> Outcome:
+        close_failed(self.session, job, code, message, param)
+        return self._commit_and_signal(job)
+
+    @staticmethod
+    def _finish(job: Job, status: str) -> None:
+        finish(job, status)
 
     def _commit_and_signal(self, job: Job) -> Outcome:
         self.session.commit()
         discard_quotes(self.redis, str(job.id))
         signal_done(self.redis, job.id)
         return Outcome(job.id, job.status, job.error_code)
+
+
+def finish(job: Job, status: str) -> None:
+    now = _now()
+    job.status = status
+    job.finished_at = now
+    job.updated_at = now
+    created = job.created_at if job.created_at.tzinfo else job.created_at.replace(tzinfo=UTC)
+    job.latency_ms = int((now - created).total_seconds() * 1000)
+
+
+def close_failed(
+    session: Session, job: Job, code: str, message: str, param: str | None = None
+) -> None:
+    """No provider served the job: release the whole hold, charge nothing (caller commits)."""
+    if job.hold_micros:
+        state = wallet.settle(session, job.wallet_id, job.id, job.hold_micros, 0)
+        job.balance_after_micros = state.balance_micros
+    job.settled_at = utcnow()
+    job.error_code, job.error_message, job.error_param = code, message, param
+    finish(job, states.FAILED)
 
 
 def _no_route_message(decision: Decision, job: Job) -> str:

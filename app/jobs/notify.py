@@ -26,5 +26,12 @@ def signal_done(client: redis.Redis, job_id: uuid.UUID | str) -> None:
 
 
 def wait_done(client: redis.Redis, job_id: uuid.UUID | str, timeout_s: float) -> bool:
-    """Blocks up to ``timeout_s``; True when the job signalled completion."""
-    return client.blpop([_key(job_id)], timeout=max(timeout_s, 0.01)) is not None
+    """Blocks up to ``timeout_s``; True when the job signalled completion.
+
+    Several requests may wait on one job (idempotent duplicates, long polls): each one that
+    takes the token puts it back, so the next waiter wakes too.
+    """
+    if client.blpop([_key(job_id)], timeout=max(timeout_s, 0.01)) is None:
+        return False
+    signal_done(client, job_id)
+    return True

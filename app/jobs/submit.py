@@ -4,6 +4,7 @@ before anything is written, so a rejected request changes nothing."""
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -59,7 +60,8 @@ class Accepted:
 
 class SubmitInference:
     """validate() raises a FlopexError for anything a provider is not needed to decide;
-    run() writes the job row (the caller commits, then dispatches)."""
+    run() writes the job row and places the hold (the caller commits, then dispatches). A
+    FlopexError from run() means the caller must roll back: nothing is kept."""
 
     def __init__(
         self,
@@ -78,6 +80,7 @@ class SubmitInference:
         self._estimates: dict[int, int] = {}
         self._estimated_input = 0
         self._max_price_micros: int | None = None
+        self._hold_choices: list[int] = []
 
     def validate(self) -> None:
         req = self.request
@@ -117,29 +120,43 @@ class SubmitInference:
             )
             for o in self._options
         }
-        cheapest = min(self._estimates.values())
         if req.max_price_usd is not None:
             self._max_price_micros = usd_to_micros_floor(req.max_price_usd)
-            if cheapest > self._max_price_micros:
+            affordable = [e for e in self._estimates.values() if e <= self._max_price_micros]
+            if not affordable:
+                cheapest = min(self._estimates.values())
                 raise FlopexError(
                     "max_price_exceeded",
                     f"The cheapest quote's estimated charge ({display_usd(cheapest)}) "
                     f"exceeds max_price_usd (${req.max_price_usd}).",
                     "max_price_usd",
                 )
+        else:
+            affordable = list(self._estimates.values())
+        # Hold the worst case of every provider the job may fall back to; a wallet that cannot
+        # cover that but can cover the cheapest gets the cheapest, and routing then only uses
+        # providers within the hold.
+        self._hold_choices = sorted({max(affordable), min(affordable)}, reverse=True)
+
+    def _place_hold(self, job_id: uuid.UUID) -> int:
+        for amount in self._hold_choices:
+            if wallet.hold(self.session, self.principal.wallet_id, job_id, amount) is not None:
+                return amount
         available = wallet.get_state(self.session, self.principal.wallet_id).available_micros
-        if available < cheapest:
-            raise FlopexError(
-                "insufficient_balance",
-                f"The wallet's available balance ({display_usd(available)}) does not cover "
-                f"the estimated charge ({display_usd(cheapest)}).",
-            )
+        raise FlopexError(
+            "insufficient_balance",
+            f"The wallet's available balance ({display_usd(available)}) does not cover the "
+            f"estimated charge ({display_usd(self._hold_choices[-1])}).",
+        )
 
     def run(self) -> Accepted:
         self.validate()
         req = self.request
         policy = self.settings.profiles[req.performance_profile]
+        job_id = uuid.uuid4()
+        hold_micros = self._place_hold(job_id)
         job = Job(
+            id=job_id,
             account_id=self.principal.account_id,
             api_key_id=self.principal.api_key_id,
             wallet_id=self.principal.wallet_id,
@@ -162,7 +179,7 @@ class SubmitInference:
                 {**o.as_message(), "estimated_charge_micros": self._estimates[o.offering_id]}
                 for o in self._options
             ],
-            hold_micros=0,
+            hold_micros=hold_micros,
         )
         self.session.add(job)
         self.session.flush()

@@ -209,7 +209,8 @@ def test_max_latency_rejects_with_no_provider_call_and_no_charge(client, pipelin
     assert err["code"] == "max_latency_exceeded" and err["param"] == "max_latency_ms"
     assert chat_calls(pipeline) == calls
     assert balance(account) == before_balance
-    assert [e.kind for e in ledger(account)] == ["topup"]
+    # The admission hold is released in full: no money moved.
+    assert [e.kind for e in ledger(account)] == ["topup", "hold", "release"]
 
 
 def test_failing_provider_falls_over_and_only_the_server_is_billed(client, pipeline, make_account):

@@ -1,0 +1,81 @@
+"""GET /v1/wallet and GET /v1/wallet/ledger, for the key's own account only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask.views import MethodView
+from flask_smorest import Blueprint
+from sqlalchemy import select
+
+from app import wallet
+from app.api.auth import require_principal
+from app.api.parser import FlopexParser
+from app.api.schemas import LedgerPageSchema, LedgerQuerySchema, WalletSchema
+from app.api.session import db
+from app.models import LedgerEntry
+from app.money import micros_to_usd
+
+blp = Blueprint("wallet", __name__, url_prefix="/v1", description="Your prepaid wallet")
+blp.ARGUMENTS_PARSER = FlopexParser()
+
+
+@blp.before_request
+def _authenticate() -> None:
+    require_principal()
+
+
+@blp.route("/wallet")
+class WalletView(MethodView):
+    @blp.response(200, WalletSchema)
+    @blp.doc(security=[{"bearerAuth": []}])
+    def get(self) -> Any:
+        """Balance, the amount on hold for running jobs, and what is available."""
+        principal = require_principal()
+        state = wallet.get_state(db(), principal.wallet_id)
+        return {
+            "object": "wallet",
+            "currency": "USD",
+            "balance_usd": micros_to_usd(state.balance_micros),
+            "held_usd": micros_to_usd(state.held_micros),
+            "available_usd": micros_to_usd(state.available_micros),
+        }
+
+
+def _entry(e: LedgerEntry) -> dict[str, Any]:
+    return {
+        "id": str(e.id),
+        "object": "ledger_entry",
+        "kind": e.kind,
+        "amount_usd": micros_to_usd(e.amount_micros),
+        "held_delta_usd": micros_to_usd(e.held_delta_micros),
+        "balance_after_usd": micros_to_usd(e.balance_after_micros),
+        "held_after_usd": micros_to_usd(e.held_after_micros),
+        "job_id": str(e.job_id) if e.job_id else None,
+        "memo": e.memo,
+        "created_at": e.created_at.isoformat(),
+    }
+
+
+@blp.route("/wallet/ledger")
+class LedgerView(MethodView):
+    @blp.arguments(LedgerQuerySchema, location="query")
+    @blp.response(200, LedgerPageSchema)
+    @blp.doc(security=[{"bearerAuth": []}])
+    def get(self, query: dict[str, Any]) -> Any:
+        """Ledger entries, newest first. Pass `starting_after` (an entry id, usually the previous
+        page's `next_cursor`) for the next page."""
+        principal = require_principal()
+        limit = query["limit"]
+        stmt = select(LedgerEntry).where(LedgerEntry.wallet_id == principal.wallet_id)
+        if query.get("starting_after") is not None:
+            stmt = stmt.where(LedgerEntry.id < query["starting_after"])
+        rows = list(db().scalars(stmt.order_by(LedgerEntry.id.desc()).limit(limit + 1)))
+        has_more = len(rows) > limit
+        rows = rows[:limit]
+        return {
+            "object": "list",
+            "data": [_entry(e) for e in rows],
+            "has_more": has_more,
+            "next_cursor": str(rows[-1].id) if has_more and rows else None,
+        }

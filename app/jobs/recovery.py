@@ -1,0 +1,110 @@
+"""The sweeper: finds jobs whose worker or message was lost and moves them on.
+
+Run by celery beat (``flopex.sweep``). A job is stuck when it has not changed for longer than
+its current step can take:
+
+| status | stuck after | action |
+|---|---|---|
+| quoting | quote deadline + grace | quote again (the messages were lost: broker flush, crash) |
+| routing | grace | back to quoting, quote again (no provider was called yet) |
+| executing | (connect + read timeout) * (retries + 1) + grace | resume: see below |
+| settling | grace | resume: settle from the recorded answer |
+
+Resuming an executing job abandons its in-flight attempt (the provider may have run it, so it is
+never re-sent) and goes on with the candidates not yet tried.
+
+Each action bumps the job's version first, so a worker that was merely slow finds its claim gone
+at its next write and stops: one job ends once, charged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import redis
+from celery import Celery
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from app.jobs import states
+from app.jobs.dispatch import send_quotes
+from app.jobs.quoting import discard_quotes
+from app.models import Job
+from config.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepReport:
+    requoted: list[str] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)
+
+
+def _executing_budget_s(settings: Settings) -> float:
+    per_try = settings.provider_connect_timeout_s + settings.provider_read_timeout_s
+    return per_try * (settings.provider_retries + 1) + 2.0
+
+
+def stuck_jobs(
+    session: Session, settings: Settings, now: datetime, grace_s: float, limit: int = 100
+) -> list[Job]:
+    longest_deadline_s = max(p.quote_deadline_ms for p in settings.profiles.values()) / 1000
+    cutoff = {
+        states.QUOTING: now - timedelta(seconds=longest_deadline_s + grace_s),
+        states.ROUTING: now - timedelta(seconds=grace_s),
+        states.EXECUTING: now - timedelta(seconds=_executing_budget_s(settings) + grace_s),
+        states.SETTLING: now - timedelta(seconds=grace_s),
+    }
+    conditions = [(Job.status == s) & (Job.updated_at < c) for s, c in cutoff.items()]
+    return list(
+        session.scalars(
+            select(Job)
+            .where(or_(*conditions))
+            .order_by(Job.updated_at)
+            .limit(limit)
+            # Two sweepers never take the same job.
+            .with_for_update(skip_locked=True)
+        )
+    )
+
+
+def sweep(
+    session: Session,
+    celery: Celery,
+    client: redis.Redis,
+    settings: Settings,
+    *,
+    grace_s: float | None = None,
+    now: datetime | None = None,
+) -> SweepReport:
+    report = SweepReport()
+    now = now or datetime.now(UTC)
+    grace = settings.sweep_grace_s if grace_s is None else grace_s
+    jobs = stuck_jobs(session, settings, now, grace)
+    to_quote: list[Job] = []
+    to_resume: list[Job] = []
+    for job in jobs:
+        # Bumping the version (any UPDATE does) fences off the worker that held the job.
+        job.updated_at = datetime.now(UTC)
+        if job.status in (states.QUOTING, states.ROUTING):
+            job.status = states.QUOTING
+            to_quote.append(job)
+        else:
+            to_resume.append(job)
+    session.commit()
+    for job in to_quote:
+        discard_quotes(client, str(job.id))
+        policy = settings.profiles[job.performance_profile]
+        send_quotes(celery, job, time.time() + policy.quote_deadline_ms / 1000, policy.queue)
+        report.requoted.append(str(job.id))
+    for job in to_resume:
+        queue = settings.profiles[job.performance_profile].queue
+        celery.send_task("flopex.resume", args=[str(job.id)], queue=queue)
+        report.resumed.append(str(job.id))
+    if jobs:
+        log.warning("sweeper: requoted %s, resumed %s", report.requoted, report.resumed)
+    return report

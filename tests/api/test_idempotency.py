@@ -1,0 +1,171 @@
+"""Idempotency-Key on POST /v1/inference, through the real pipeline."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from sqlalchemy import select
+
+from app.db import session_scope
+from app.models import IdempotencyKey, LedgerEntry
+from tests.conftest import chat_calls
+
+BODY = {
+    "model": "llama-3.1-8b",
+    "input": "Idempotent hello.",
+    "max_output_tokens": 32,
+    "performance_profile": "economy",
+}
+
+
+def post(client: Any, account: Any, body: Any, key: str | None, raw: bytes | None = None) -> Any:
+    headers = dict(account.headers)
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    if raw is not None:
+        headers["Content-Type"] = "application/json"
+        return client.post("/v1/inference", data=raw, headers=headers)
+    return client.post("/v1/inference", json=body, headers=headers)
+
+
+def captures(account: Any) -> list[int]:
+    with session_scope() as session:
+        return list(
+            session.scalars(
+                select(LedgerEntry.amount_micros).where(
+                    LedgerEntry.wallet_id == account.wallet_id, LedgerEntry.kind == "capture"
+                )
+            )
+        )
+
+
+def total_calls(sandboxes: dict[str, Any]) -> int:
+    return sum(chat_calls(sandboxes).values())
+
+
+def test_same_key_and_body_replays_byte_for_byte(client, pipeline, make_account):
+    account = make_account()
+    first = post(client, account, BODY, "key-1")
+    assert first.status_code == 200, first.text
+    assert "Idempotent-Replayed" not in first.headers
+    calls = total_calls(pipeline)
+    second = post(client, account, BODY, "key-1")
+    assert second.status_code == first.status_code
+    assert second.data == first.data
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert total_calls(pipeline) == calls == 1
+    assert len(captures(account)) == 1
+
+
+def test_key_order_and_whitespace_do_not_matter(client, pipeline, make_account):
+    account = make_account()
+    first = post(client, account, BODY, "key-order")
+    reordered = json.dumps(dict(reversed(list(BODY.items()))), indent=4).encode()
+    second = post(client, account, None, "key-order", raw=reordered)
+    assert second.status_code == 200 and second.data == first.data
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert total_calls(pipeline) == 1
+
+
+def test_same_key_different_body_is_422_and_keeps_the_original(client, pipeline, make_account):
+    account = make_account()
+    first = post(client, account, BODY, "key-2")
+    other = post(client, account, {**BODY, "input": "Something else."}, "key-2")
+    assert other.status_code == 422
+    err = other.get_json()["error"]
+    assert err["code"] == "idempotency_key_reused_with_different_request"
+    assert err["type"] == "idempotency_error"
+    assert total_calls(pipeline) == 1
+    again = post(client, account, BODY, "key-2")
+    assert again.data == first.data and again.headers["Idempotent-Replayed"] == "true"
+
+
+def test_key_reused_after_a_validation_error_runs_normally(client, pipeline, make_account):
+    account = make_account()
+    bad = post(client, account, {**BODY, "max_output_tokens": 0}, "key-3")
+    assert bad.status_code == 400
+    good = post(client, account, BODY, "key-3")
+    assert good.status_code == 200 and "Idempotent-Replayed" not in good.headers
+    assert total_calls(pipeline) == 1
+
+
+def test_key_reused_after_insufficient_balance_runs_after_top_up(client, pipeline, make_account):
+    from app import wallet
+
+    account = make_account("0.000001")
+    assert post(client, account, BODY, "key-4").status_code == 402
+    with session_scope() as session:
+        wallet.top_up(session, account.wallet_id, 1_000_000)
+    resp = post(client, account, BODY, "key-4")
+    assert resp.status_code == 200 and "Idempotent-Replayed" not in resp.headers
+
+
+def test_two_accounts_with_one_key_string_are_apart(client, pipeline, make_account):
+    a, b = make_account(), make_account()
+    ra = post(client, a, BODY, "shared-key")
+    rb = post(client, b, {**BODY, "input": "Account B's own prompt."}, "shared-key")
+    assert ra.status_code == rb.status_code == 200
+    assert ra.get_json()["id"] != rb.get_json()["id"]
+    assert "Idempotent-Replayed" not in rb.headers
+    assert total_calls(pipeline) == 2
+
+
+def test_provider_failure_outcome_is_recorded_and_replayed(client, pipeline, make_account):
+    account = make_account()
+    for provider in pipeline.values():
+        provider.configure(fault="error")
+    first = post(client, account, BODY, "key-fail")
+    assert first.status_code == 502
+    calls = total_calls(pipeline)
+    for provider in pipeline.values():
+        provider.configure(fault=None)
+    second = post(client, account, BODY, "key-fail")
+    assert second.status_code == 502 and second.data == first.data
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert total_calls(pipeline) == calls
+    assert captures(account) == []
+
+
+def test_invalid_keys_are_rejected(client, pipeline, make_account):
+    account = make_account()
+    resp = post(client, account, BODY, "k" * 256)
+    assert resp.status_code == 400
+    assert resp.get_json()["error"]["param"] == "Idempotency-Key"
+    assert total_calls(pipeline) == 0
+
+
+def test_fifty_concurrent_requests_with_one_key_execute_once(flask_app, pipeline, make_account):
+    account = make_account()
+    for provider in pipeline.values():
+        provider.configure(latency_ms=150)  # keep the first request in flight while the rest arrive
+    barrier = threading.Barrier(50)
+    results: list[tuple[int, bytes, str | None]] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        client = flask_app.test_client()
+        barrier.wait()
+        resp = post(client, account, BODY, "key-concurrent")
+        with lock:
+            results.append((resp.status_code, resp.data, resp.headers.get("Idempotent-Replayed")))
+
+    threads = [threading.Thread(target=one) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == 50
+    assert total_calls(pipeline) == 1
+    assert len(captures(account)) == 1
+    successes = [r for r in results if r[0] == 200]
+    assert successes, results
+    assert all(r[0] in (200, 409) for r in results)
+    assert len({r[1] for r in successes}) == 1
+    assert sum(1 for r in successes if r[2] is None) <= 1
+    with session_scope() as session:
+        rows = session.scalars(
+            select(IdempotencyKey).where(IdempotencyKey.key == "key-concurrent")
+        ).all()
+        assert len(rows) == 1 and rows[0].response_status == 200

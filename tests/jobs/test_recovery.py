@@ -1,0 +1,201 @@
+"""Crash and redelivery safety on a real worker: SIGKILL at exact steps (failpoints), then the
+sweeper recovers the job. Each test runs its own worker on a separate Redis database so the
+session worker never touches its messages."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import select
+
+from app import accounts, wallet
+from app.celery_app import make_celery
+from app.db import session_scope
+from app.jobs.dispatch import dispatch_quotes
+from app.jobs.notify import wait_done
+from app.jobs.recovery import sweep
+from app.jobs.submit import InferenceRequest, SubmitInference
+from app.models import Job, LedgerEntry
+from config.settings import get_settings
+from tests.conftest import TEST_REDIS_URL, _wait_for_worker, chat_calls, start_worker
+
+CRASH_REDIS_URL = TEST_REDIS_URL.rsplit("/", 1)[0] + "/14"
+
+
+@pytest.fixture
+def crash_env(pipeline, tmp_path, monkeypatch):
+    client = redis.Redis.from_url(CRASH_REDIS_URL, decode_responses=True)
+    client.flushdb()
+    settings = dataclasses.replace(
+        get_settings(), redis_url=CRASH_REDIS_URL, broker_url=CRASH_REDIS_URL
+    )
+    celery = make_celery(settings)
+    workers: list[Any] = []
+
+    def worker(failpoints: str | None = None) -> Any:
+        env = {"REDIS_URL": CRASH_REDIS_URL, "CELERY_BROKER_URL": CRASH_REDIS_URL}
+        if failpoints:
+            env |= {"FLOPEX_FAILPOINTS": failpoints, "FLOPEX_FAILPOINT_DIR": str(tmp_path)}
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        w = start_worker(tmp_path / f"worker-{len(workers)}.log", concurrency=2)
+        for k in env:
+            monkeypatch.delenv(k)
+        workers.append(w)
+        _wait_for_worker(celery, w.proc, w.log)
+        return w
+
+    yield {"client": client, "settings": settings, "celery": celery, "worker": worker}
+    for w in workers:
+        if w.proc.poll() is None:
+            w.proc.terminate()
+            w.proc.wait(timeout=15)
+    client.flushdb()
+
+
+def submit(account: Any, settings: Any, celery: Any, **overrides: Any) -> uuid.UUID:
+    request = InferenceRequest(
+        model="llama-3.1-8b",
+        prompt="Crash me gently.",
+        max_output_tokens=32,
+        performance_profile="economy",
+    )
+    request = dataclasses.replace(request, **overrides)
+    with session_scope() as session:
+        principal = accounts.authenticate(session, account.api_key)
+        accepted = SubmitInference(session, principal, request, settings).run()
+    dispatch_quotes(celery, accepted, settings)
+    return accepted.job.id
+
+
+def load(job_id: uuid.UUID) -> Job:
+    with session_scope() as session:
+        return session.get(Job, job_id)
+
+
+def ledger_kinds(account: Any) -> list[str]:
+    with session_scope() as session:
+        return list(
+            session.scalars(
+                select(LedgerEntry.kind)
+                .where(LedgerEntry.wallet_id == account.wallet_id)
+                .order_by(LedgerEntry.id)
+            )
+        )
+
+
+def assert_books_balance(account: Any) -> None:
+    with session_scope() as session:
+        state = wallet.get_state(session, account.wallet_id)
+        assert state.held_micros == 0
+        assert wallet.ledger_sums(session, account.wallet_id) == state
+
+
+def recover(env: dict[str, Any], job_id: uuid.UUID) -> Job:
+    with session_scope() as session:
+        # As seen by a sweeper running well after the worker died.
+        later = datetime.now(UTC) + timedelta(minutes=10)
+        report = sweep(session, env["celery"], env["client"], env["settings"], grace_s=0, now=later)
+    assert str(job_id) in report.resumed + report.requoted
+    assert wait_done(env["client"], job_id, 30)
+    return load(job_id)
+
+
+def test_killed_after_the_answer_is_recorded_settles_once(crash_env, make_account, pipeline):
+    account = make_account()
+    dying = crash_env["worker"]("after_result_recorded")
+    job_id = submit(account, crash_env["settings"], crash_env["celery"])
+    assert dying.proc.wait(timeout=60) == -9
+
+    job = load(job_id)
+    assert job.status == "settling" and job.charge_micros > 0
+    assert ledger_kinds(account) == ["topup", "hold"]  # the hold is still open
+    assert chat_calls(pipeline)["alpha"] == 1
+
+    crash_env["worker"]()
+    job = recover(crash_env, job_id)
+    assert job.status == "success" and job.provider_name == "alpha"
+    assert sum(chat_calls(pipeline).values()) == 1  # the provider was never asked again
+    assert ledger_kinds(account) == ["topup", "hold", "capture", "release"]
+    assert_books_balance(account)
+
+
+def test_killed_before_the_provider_call_still_completes(crash_env, make_account, pipeline):
+    account = make_account()
+    dying = crash_env["worker"]("before_provider_call")
+    job_id = submit(account, crash_env["settings"], crash_env["celery"])
+    assert dying.proc.wait(timeout=60) == -9
+    job = load(job_id)
+    assert job.status == "executing" and [a["provider"] for a in job.attempts] == ["alpha"]
+
+    crash_env["worker"]()
+    job = recover(crash_env, job_id)
+    assert job.status == "success"
+    # The interrupted attempt is never re-sent: the next provider serves.
+    assert [a.get("failure") for a in job.attempts] == ["interrupted", None]
+    assert job.provider_name == "charlie"
+    assert chat_calls(pipeline) == {"alpha": 0, "bravo": 0, "charlie": 1}
+    assert ledger_kinds(account).count("capture") == 1
+    assert_books_balance(account)
+
+
+def test_lost_messages_are_requoted_and_complete_once(crash_env, make_account, pipeline):
+    """A job accepted while its messages were lost (broker flushed) is found and completed."""
+    account = make_account()
+    job_id = submit(account, crash_env["settings"], crash_env["celery"])
+    crash_env["client"].flushdb()  # nothing consumed them: no worker is running yet
+    crash_env["worker"]()
+    job = recover(crash_env, job_id)
+    assert job.status == "success"
+    assert sum(chat_calls(pipeline).values()) == 1
+    assert ledger_kinds(account).count("capture") == 1
+    assert_books_balance(account)
+
+
+def test_a_fenced_off_worker_cannot_settle(pipeline, make_account, redis_client):
+    """A slow worker whose job was taken over by the sweeper loses its next write."""
+    from sqlalchemy.orm.exc import StaleDataError
+
+    from app.db import session_factory
+
+    account = make_account()
+    settings = get_settings()
+    with session_scope() as session:
+        principal = accounts.authenticate(session, account.api_key)
+        request = InferenceRequest(model="qwen-7b", prompt="fence", max_output_tokens=8)
+        job_id = SubmitInference(session, principal, request, settings).run().job.id
+    session = session_factory()()
+    job = session.get(Job, job_id)
+    # The sweeper moves the job on meanwhile (any write bumps the version).
+    with session_scope() as other:
+        other.get(Job, job_id).updated_at = job.updated_at
+        other.get(Job, job_id).status = "failed"
+    job.status = "executing"
+    with pytest.raises(StaleDataError):
+        session.commit()
+    session.rollback()
+    session.close()
+    assert load(job_id).status == "failed"
+
+
+def test_sweeper_leaves_fresh_jobs_alone(pipeline, make_account, redis_client, celery_app):
+    account = make_account()
+    with session_scope() as session:
+        principal = accounts.authenticate(session, account.api_key)
+        request = InferenceRequest(model="qwen-7b", prompt="fresh", max_output_tokens=8)
+        job_id = SubmitInference(session, principal, request, get_settings()).run().job.id
+    with session_scope() as session:
+        report = sweep(session, celery_app, redis_client, get_settings())
+    assert str(job_id) not in report.requoted + report.resumed
+    # Close the job so it does not linger for other tests' sweeps.
+    with session_scope() as session:
+        later = datetime.now(UTC) + timedelta(minutes=10)
+        report = sweep(session, celery_app, redis_client, get_settings(), grace_s=0, now=later)
+    assert str(job_id) in report.requoted
+    assert wait_done(redis_client, job_id, 30)
+    assert load(job_id).status == "success"
