@@ -107,7 +107,9 @@ def attach_job(session: Session, record_id: int, job_id: uuid.UUID) -> None:
     )
 
 
-def record_response(session: Session, record_id: int, status: int, body: str) -> tuple[int, str]:
+def record_response(
+    session: Session, record_id: int, status: int, body: str, *, commit: bool = True
+) -> tuple[int, str]:
     """Stores the outcome once; whoever stores first wins and every caller gets the stored one,
     so the first response and all replays are the same bytes."""
     session.execute(
@@ -120,7 +122,8 @@ def record_response(session: Session, record_id: int, status: int, body: str) ->
             IdempotencyKey.id == record_id
         )
     ).one()
-    session.commit()
+    if commit:
+        session.commit()
     return stored[0], stored[1]
 
 

@@ -21,7 +21,7 @@ def get_redis() -> redis.Redis:
             health_check_interval=30,
             socket_connect_timeout=5,
             # Blocking reads (BLPOP for sync waits and long polls) must outlive their own timeout.
-            socket_timeout=get_settings().sync_timeout_s + 30,
+            socket_timeout=max(get_settings().sync_timeout_s, get_settings().max_wait_s) + 30,
             max_connections=256,
         )
         _pid = os.getpid()

@@ -61,6 +61,7 @@ class Settings:
     sweep_grace_s: float
     sweep_interval_s: float
     idempotency_ttl_s: int
+    max_wait_s: float
     profiles: dict[str, ProfilePolicy] = field(default_factory=dict)
 
     @classmethod
@@ -93,6 +94,7 @@ class Settings:
             sweep_grace_s=_float("FLOPEX_SWEEP_GRACE_S", 15.0),
             sweep_interval_s=_float("FLOPEX_SWEEP_INTERVAL_S", 5.0),
             idempotency_ttl_s=_int("FLOPEX_IDEMPOTENCY_TTL_S", 86_400),
+            max_wait_s=_float("FLOPEX_MAX_WAIT_S", 60.0),
             profiles={
                 "fast": ProfilePolicy(_int("FLOPEX_QUOTE_DEADLINE_MS_FAST", 300), "fast", 0),
                 "balanced": ProfilePolicy(

@@ -1,8 +1,8 @@
-"""POST /v1/inference: authenticate, validate, claim the Idempotency-Key, accept, dispatch,
-wait, render."""
+"""The inference resource: submit (sync or async), retrieve with long-poll, list, cancel."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from typing import Any
@@ -11,18 +11,29 @@ from flask import current_app, request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 from kombu.exceptions import OperationalError
+from sqlalchemy import select, tuple_
 
 from app import idempotency
+from app.accounts import Principal
 from app.api.auth import require_principal
 from app.api.parser import FlopexParser
-from app.api.schemas import ApiErrorSchema, InferenceRequestSchema, InferenceResponseSchema
+from app.api.prefer import parse_prefer
+from app.api.schemas import (
+    ApiErrorSchema,
+    InferenceRequestSchema,
+    InferenceResponseSchema,
+    JobGetQuerySchema,
+    JobListQuerySchema,
+    JobListSchema,
+    JobObjectSchema,
+)
 from app.api.session import db
 from app.exceptions import FlopexError, InvalidRequest
 from app.jobs import states
+from app.jobs.cancel import cancel
 from app.jobs.dispatch import dispatch_quotes
-from app.jobs.execution import close_failed
-from app.jobs.notify import wait_done
-from app.jobs.render import render_final
+from app.jobs.notify import signal_done, wait_done
+from app.jobs.render import render_final, render_job
 from app.jobs.submit import InferenceRequest, SubmitInference
 from app.models import Job
 from app.redis_client import get_redis
@@ -36,6 +47,23 @@ blp = Blueprint(
     "inference", __name__, url_prefix="/v1", description="Run inference through the exchange"
 )
 blp.ARGUMENTS_PARSER = FlopexParser()
+
+_PREFER_DOC = {
+    "name": "Prefer",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "RFC 7240. `respond-async`: answer 202 with the job at once. `wait=N`: a synchronous "
+    "call waits at most N seconds, then answers 202 with the job while it carries on.",
+}
+_IDEMPOTENCY_DOC = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "maxLength": 255},
+    "description": "Same key + same body returns the first outcome (header `Idempotent-Replayed: true`) "
+    "without executing or charging again. Scoped to your account; kept 24 hours.",
+}
 
 
 @blp.before_request
@@ -71,18 +99,41 @@ def _idempotency_key() -> str | None:
     return key
 
 
-def _json_response(body: str, status: int, replayed: bool = False) -> Any:
+def _json_response(body: str, status: int, *, replayed: bool = False, job_id: Any = None) -> Any:
     response = current_app.response_class(body, status=status, mimetype="application/json")
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
+    if status == 202 and job_id is not None:
+        response.headers["Location"] = f"/v1/inference/{job_id}"
     return response
 
 
+def _own_job(principal: Principal, job_id: str) -> Job:
+    """Another account's job is indistinguishable from one that does not exist."""
+    try:
+        parsed = uuid.UUID(job_id)
+    except ValueError:
+        parsed = None
+    job = None
+    if parsed is not None:
+        job = db().scalar(
+            select(Job).where(Job.id == parsed, Job.account_id == principal.account_id)
+        )
+    if job is None:
+        raise FlopexError("job_not_found", f"No job {job_id}.", "id")
+    return job
+
+
 @blp.route("/inference")
-class Inference(MethodView):
+class InferenceCollection(MethodView):
     @blp.arguments(InferenceRequestSchema)
     @blp.response(200, InferenceResponseSchema)
-    @blp.alt_response(400, schema=ApiErrorSchema, description="invalid_request, model cap")
+    @blp.alt_response(
+        202, schema=JobObjectSchema, description="Accepted: the job runs on (Location to poll)"
+    )
+    @blp.alt_response(
+        400, schema=ApiErrorSchema, description="invalid_request, model cap, context length"
+    )
     @blp.alt_response(401, schema=ApiErrorSchema, description="invalid_api_key")
     @blp.alt_response(402, schema=ApiErrorSchema, description="insufficient_balance")
     @blp.alt_response(404, schema=ApiErrorSchema, description="model_not_found")
@@ -95,16 +146,16 @@ class Inference(MethodView):
     @blp.alt_response(502, schema=ApiErrorSchema, description="provider_error")
     @blp.alt_response(503, schema=ApiErrorSchema, description="no_provider_available")
     @blp.alt_response(504, schema=ApiErrorSchema, description="timeout")
-    @blp.doc(security=[{"bearerAuth": []}])
+    @blp.doc(security=[{"bearerAuth": []}], parameters=[_PREFER_DOC, _IDEMPOTENCY_DOC])
     def post(self, args: dict[str, Any]) -> Any:
         """Run one inference on the provider that wins the quotes for your profile.
 
-        Send `Idempotency-Key` to make retries safe: the same key with the same body returns the
-        first outcome (header `Idempotent-Replayed: true`) without running or charging again.
+        Synchronous by default; `Prefer: respond-async` answers 202 with the job to poll.
         """
         settings = get_settings()
         session = db()
         principal = require_principal()
+        prefer = parse_prefer(request.headers, settings.max_wait_s)
         key = _idempotency_key()
         record_id = None
         if key is not None:
@@ -119,7 +170,9 @@ class Inference(MethodView):
             )
             if claim.state != "new":
                 session.commit()
-                return _answer_duplicate(claim, settings.sync_timeout_s)
+                return _answer_duplicate(
+                    claim, settings.sync_timeout_s if prefer.wait_s is None else prefer.wait_s
+                )
             record_id = claim.record_id
 
         # The claim, the job and its hold commit together; a rejection rolls all three back.
@@ -130,26 +183,108 @@ class Inference(MethodView):
             settings,
             request_id=request.headers.get("X-Request-ID"),
         ).run()
+        job = accepted.job
+        accepted_body = None
         if record_id is not None:
-            idempotency.attach_job(session, record_id, accepted.job.id)
+            idempotency.attach_job(session, record_id, job.id)
+            if prefer.respond_async:
+                # An async submission's outcome is its acceptance: a replay returns the same job.
+                accepted_body = current_app.json.dumps(render_job(job))
+                idempotency.record_response(session, record_id, 202, accepted_body, commit=False)
         session.commit()
-        job_id = accepted.job.id
         try:
             dispatch_quotes(current_app.extensions["celery"], accepted, settings)
         except OperationalError:
-            log.exception("broker unreachable; job %s not dispatched", job_id)
-            _abandon_undispatched(job_id, record_id)
-            raise FlopexError(
-                "service_unavailable", "The exchange cannot queue work right now; retry."
-            ) from None
-        return _await_outcome(job_id, record_id, settings.sync_timeout_s)
+            # The job is durable: the sweeper quotes it once the broker is back.
+            log.exception("broker unreachable; job %s left for the sweeper", job.id)
+            prefer = dataclasses.replace(prefer, respond_async=True)
+        if prefer.respond_async:
+            response = _json_response(
+                accepted_body or current_app.json.dumps(render_job(job)), 202, job_id=job.id
+            )
+            response.headers["Preference-Applied"] = "respond-async"
+            return response
+        wait_s = settings.sync_timeout_s if prefer.wait_s is None else prefer.wait_s
+        return _await_outcome(job.id, record_id, wait_s)
+
+    @blp.arguments(JobListQuerySchema, location="query")
+    @blp.response(200, JobListSchema)
+    @blp.doc(security=[{"bearerAuth": []}])
+    def get(self, query: dict[str, Any]) -> Any:
+        """Your jobs, newest first; filter by status, customer_ref and creation time."""
+        principal = require_principal()
+        session = db()
+        stmt = select(Job).where(Job.account_id == principal.account_id)
+        if "status" in query:
+            stmt = stmt.where(Job.status.in_(states.INTERNAL[query["status"]]))
+        if "customer_ref" in query:
+            stmt = stmt.where(Job.customer_ref == query["customer_ref"])
+        if "created_after" in query:
+            stmt = stmt.where(Job.created_at > query["created_after"])
+        if "created_before" in query:
+            stmt = stmt.where(Job.created_at < query["created_before"])
+        if "starting_after" in query:
+            cursor = _own_job(principal, str(query["starting_after"]))
+            stmt = stmt.where(tuple_(Job.created_at, Job.id) < tuple_(cursor.created_at, cursor.id))
+        limit = query["limit"]
+        rows = list(
+            session.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))
+        )
+        has_more = len(rows) > limit
+        rows = rows[:limit]
+        body = {
+            "object": "list",
+            "data": [render_job(j) for j in rows],
+            "has_more": has_more,
+            "next_cursor": str(rows[-1].id) if has_more else None,
+        }
+        return _json_response(current_app.json.dumps(body), 200)
+
+
+@blp.route("/inference/<job_id>")
+class InferenceItem(MethodView):
+    @blp.arguments(JobGetQuerySchema, location="query")
+    @blp.response(200, JobObjectSchema)
+    @blp.alt_response(404, schema=ApiErrorSchema, description="job_not_found")
+    @blp.doc(security=[{"bearerAuth": []}])
+    def get(self, query: dict[str, Any], job_id: str) -> Any:
+        """A job: its state while queued or running; the full result once finished.
+        `?wait=N` long-polls up to N seconds (capped) for it to finish."""
+        settings = get_settings()
+        principal = require_principal()
+        job = _own_job(principal, job_id)
+        wait_s = min(float(query["wait"]), settings.max_wait_s)
+        if wait_s > 0 and job.status not in states.FINAL:
+            session = db()
+            session.rollback()  # hold no connection while waiting
+            wait_done(get_redis(), job.id, wait_s)
+            session.expire_all()
+            job = _own_job(principal, job_id)
+        return _json_response(current_app.json.dumps(render_job(job)), 200)
+
+
+@blp.route("/inference/<job_id>/cancel")
+class InferenceCancel(MethodView):
+    @blp.response(200, JobObjectSchema)
+    @blp.alt_response(404, schema=ApiErrorSchema, description="job_not_found")
+    @blp.alt_response(409, schema=ApiErrorSchema, description="job_not_cancellable")
+    @blp.doc(security=[{"bearerAuth": []}])
+    def post(self, job_id: str) -> Any:
+        """Cancel a job that has not started executing: its hold is released, nothing charged."""
+        principal = require_principal()
+        session = db()
+        job = cancel(session, _own_job(principal, job_id))
+        session.commit()
+        signal_done(get_redis(), job.id)
+        return _json_response(current_app.json.dumps(render_job(job)), 200)
 
 
 def _await_outcome(
     job_id: uuid.UUID, record_id: int | None, wait_s: float, replayed: bool = False
 ) -> Any:
-    wait_done(get_redis(), job_id, wait_s)
     session = db()
+    session.rollback()  # hold no connection while waiting
+    wait_done(get_redis(), job_id, wait_s)
     session.expire_all()
     job = session.get(Job, job_id)
     assert job is not None
@@ -159,12 +294,13 @@ def _await_outcome(
                 "idempotency_key_in_use",
                 "A request with this Idempotency-Key is still running; retry later.",
             )
-        return _json_response(current_app.json.dumps(_still_running(job)), 504)
+        # Degrade to async: the job carries on and is settled when it completes.
+        return _json_response(current_app.json.dumps(render_job(job)), 202, job_id=job.id)
     body, status = render_final(job)
     text = current_app.json.dumps(body)
     if record_id is not None:
         status, text = idempotency.record_response(session, record_id, status, text)
-    return _json_response(text, status, replayed)
+    return _json_response(text, status, replayed=replayed)
 
 
 def _answer_duplicate(claim: idempotency.Claim, wait_s: float) -> Any:
@@ -176,33 +312,7 @@ def _answer_duplicate(claim: idempotency.Claim, wait_s: float) -> Any:
         )
     if claim.state == "replay":
         assert claim.status is not None and claim.body is not None
-        return _json_response(claim.body, claim.status, replayed=True)
+        return _json_response(claim.body, claim.status, replayed=True, job_id=claim.job_id)
     # in_progress: never a second execution; wait for the first one's outcome.
     assert claim.job_id is not None
     return _await_outcome(claim.job_id, claim.record_id, wait_s, replayed=True)
-
-
-def _still_running(job: Job) -> dict[str, Any]:
-    return {
-        "error": {
-            "type": "timeout_error",
-            "code": "timeout",
-            "message": (
-                f"The job did not finish within the wait; it is still {job.status} and will be "
-                "settled when it completes."
-            ),
-            "param": None,
-            "job_id": str(job.id),
-        }
-    }
-
-
-def _abandon_undispatched(job_id: uuid.UUID, record_id: int | None) -> None:
-    """Nothing ran: release the hold, fail the job, and free the key so a retry runs normally."""
-    session = db()
-    job = session.get(Job, job_id)
-    if job is not None and job.status == states.QUOTING:
-        close_failed(session, job, "service_unavailable", "The job could not be queued.")
-    if record_id is not None:
-        idempotency.forget(session, record_id)
-    session.commit()

@@ -180,3 +180,44 @@ class LedgerPageSchema(Schema):
     data = fields.List(fields.Nested(LedgerEntrySchema))
     has_more = fields.Boolean()
     next_cursor = fields.String(allow_none=True)
+
+
+class JobObjectSchema(InferenceResponseSchema):
+    """An inference job: the synchronous body once it succeeded, else its state or error."""
+
+    error = fields.Nested(ApiErrorDetailSchema)
+    finished_at = fields.String()
+
+
+class JobListQuerySchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    status = fields.String(
+        validate=validate.OneOf(["queued", "running", "success", "failed", "cancelled"])
+    )
+    customer_ref = fields.String(validate=validate.Length(min=1, max=255))
+    created_after = fields.AwareDateTime(metadata={"description": "ISO 8601 with a time zone"})
+    created_before = fields.AwareDateTime(metadata={"description": "ISO 8601 with a time zone"})
+    limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
+    starting_after = fields.UUID(metadata={"description": "a job id: the page after it"})
+
+
+class JobListSchema(Schema):
+    object = fields.String(metadata={"example": "list"})
+    data = fields.List(fields.Nested(JobObjectSchema))
+    has_more = fields.Boolean()
+    next_cursor = fields.String(allow_none=True)
+
+
+class JobGetQuerySchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    wait = fields.Integer(
+        load_default=0,
+        validate=validate.Range(min=0, max=3600),
+        metadata={
+            "description": "Long-poll: wait up to this many seconds (capped) for the job to finish"
+        },
+    )

@@ -21,7 +21,7 @@ def render_success(job: Job) -> dict[str, Any]:
         "object": "inference",
         "model": job.model,
         "output_text": job.output_text,
-        "status": job.status,
+        "status": states.PUBLIC[job.status],
         "usage": {
             "input_tokens": input_tokens,
             "output_tokens": output_tokens,
@@ -39,7 +39,7 @@ def render_success(job: Job) -> dict[str, Any]:
         },
         "customer_ref": job.customer_ref,
         "metadata": job.metadata_,
-        "created_at": job.created_at.isoformat().replace("+00:00", "Z"),
+        "created_at": _iso(job.created_at),
         "provider": job.provider_name,
         "routing": routing_summary(job),
     }
@@ -73,14 +73,49 @@ def routing_summary(job: Job) -> dict[str, Any]:
     }
 
 
-def render_failure(job: Job) -> tuple[dict[str, Any], int]:
-    code = job.error_code or "internal_error"
-    body = error_body(code, job.error_message or code, job.error_param)
+def _error(job: Job) -> dict[str, Any]:
+    if job.status == states.CANCELLED:
+        code, message = "job_cancelled", "The job was cancelled before it ran."
+    else:
+        code, message = job.error_code or "internal_error", job.error_message or ""
+    body = error_body(code, message or code, job.error_param)
     body["job_id"] = str(job.id)
-    return {"error": body}, status_for(code)
+    return body
+
+
+def render_failure(job: Job) -> tuple[dict[str, Any], int]:
+    """A failed job as the synchronous call answers it: the error shape and its status."""
+    body = _error(job)
+    return {"error": body}, status_for(body["code"])
 
 
 def render_final(job: Job) -> tuple[dict[str, Any], int]:
     if job.status == states.SUCCESS:
         return render_success(job), 200
     return render_failure(job)
+
+
+def _iso(value: Any) -> str | None:
+    return None if value is None else value.isoformat().replace("+00:00", "Z")
+
+
+def render_job(job: Job) -> dict[str, Any]:
+    """The job object of the async API: the synchronous body once it succeeded; otherwise its
+    state (queued, running) or, once failed or cancelled, the error object."""
+    if job.status == states.SUCCESS:
+        return render_success(job)
+    body: dict[str, Any] = {
+        "id": str(job.id),
+        "object": "inference",
+        "model": job.model,
+        "status": states.PUBLIC[job.status],
+        "customer_ref": job.customer_ref,
+        "metadata": job.metadata_,
+        "created_at": _iso(job.created_at),
+    }
+    if job.status in (states.FAILED, states.CANCELLED):
+        body["error"] = _error(job)
+        body["finished_at"] = _iso(job.finished_at)
+        if job.quotes and "live" in job.quotes[0]:
+            body["routing"] = routing_summary(job)
+    return body

@@ -4,6 +4,7 @@
     quoting --(route claims)--> routing --(attempt recorded)--> executing
     executing --(provider answered, result recorded)--> settling --(wallet settled)--> success
     any live state --(no route; every attempt failed)--> failed   (the hold is released)
+    quoting | routing --(POST /v1/inference/{id}/cancel)--> cancelled (the hold is released)
 
 The hold is placed when the job is accepted, in the same transaction that creates it.
 """
@@ -14,6 +15,26 @@ EXECUTING = "executing"
 SETTLING = "settling"
 SUCCESS = "success"
 FAILED = "failed"
+CANCELLED = "cancelled"
 
-FINAL = frozenset({SUCCESS, FAILED})
+FINAL = frozenset({SUCCESS, FAILED, CANCELLED})
 LIVE = frozenset({QUOTING, ROUTING, EXECUTING, SETTLING})
+CANCELLABLE = frozenset({QUOTING, ROUTING})
+
+# What the API shows: a client sees queued / running / success / failed / cancelled.
+PUBLIC = {
+    QUOTING: "queued",
+    ROUTING: "running",
+    EXECUTING: "running",
+    SETTLING: "running",
+    SUCCESS: "success",
+    FAILED: "failed",
+    CANCELLED: "cancelled",
+}
+INTERNAL = {
+    "queued": (QUOTING,),
+    "running": (ROUTING, EXECUTING, SETTLING),
+    "success": (SUCCESS,),
+    "failed": (FAILED,),
+    "cancelled": (CANCELLED,),
+}

@@ -59,7 +59,8 @@ def test_ledger_entries_of_a_job_are_tied_to_it(client, pipeline, make_account):
     ).get_json()
     entries = client.get("/v1/wallet/ledger", headers=account.headers).get_json()["data"]
     kinds = {e["kind"] for e in entries if e["job_id"] == job["id"]}
-    assert kinds == {"hold", "capture", "release"}
+    # A release follows unless the charge used the whole hold.
+    assert {"hold", "capture"} <= kinds <= {"hold", "capture", "release"}
 
 
 def test_ledger_is_only_the_callers(client, database, make_account):

@@ -1,0 +1,206 @@
+"""Async jobs: Prefer: respond-async, polling with long-poll, listing, cancel, sync degrading to
+202, tenant isolation."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import select
+
+from app import wallet
+from app.db import session_scope
+from app.models import LedgerEntry
+from tests.conftest import chat_calls, decimal_json
+
+BODY = {
+    "model": "qwen-7b",
+    "input": "Async hello.",
+    "max_output_tokens": 16,
+    "customer_ref": "batch-1",
+    "metadata": {"k": 1},
+}
+ASYNC = {"Prefer": "respond-async"}
+
+
+def submit(client: Any, account: Any, body: dict[str, Any] | None = None, **headers: str) -> Any:
+    return client.post("/v1/inference", json=body or BODY, headers={**account.headers, **headers})
+
+
+def kinds(account: Any) -> list[str]:
+    with session_scope() as session:
+        return list(
+            session.scalars(
+                select(LedgerEntry.kind)
+                .where(LedgerEntry.wallet_id == account.wallet_id)
+                .order_by(LedgerEntry.id)
+            )
+        )
+
+
+def test_async_submit_then_long_poll_to_the_exact_final_body(client, pipeline, make_account):
+    account = make_account()
+    resp = submit(client, account, **ASYNC)
+    assert resp.status_code == 202, resp.text
+    assert resp.headers["Preference-Applied"] == "respond-async"
+    job = resp.get_json()
+    assert job["object"] == "inference" and job["status"] == "queued"
+    assert (
+        job["model"] == "qwen-7b"
+        and job["customer_ref"] == "batch-1"
+        and job["metadata"] == {"k": 1}
+    )
+    assert job["created_at"].endswith("Z")
+    assert resp.headers["Location"] == f"/v1/inference/{job['id']}"
+
+    final = client.get(f"{resp.headers['Location']}?wait=30", headers=account.headers)
+    assert final.status_code == 200
+    body = decimal_json(final.data)
+    assert body["status"] == "success" and body["id"] == job["id"]
+    assert body["output_text"] and body["billing"]["cost_usd"] > 0
+    # Polling again gives the same bytes; the job was charged once.
+    again = client.get(resp.headers["Location"], headers=account.headers)
+    assert again.data == final.data
+    entries = kinds(account)
+    assert entries[:3] == ["topup", "hold", "capture"] and entries.count("capture") == 1
+    # Nothing is released when the charge used the whole hold.
+    assert entries[3:] in ([], ["release"])
+    with session_scope() as session:
+        balance = wallet.get_state(session, account.wallet_id).balance_micros
+    assert Decimal(balance) / 10**6 == body["billing"]["balance_remaining_usd"]
+
+
+def test_sync_call_past_its_wait_answers_202_and_the_job_completes(client, pipeline, make_account):
+    account = make_account()
+    for provider in pipeline.values():
+        provider.configure(latency_ms=1500)
+    resp = submit(client, account, Prefer="wait=1")
+    assert resp.status_code == 202, resp.text
+    job = resp.get_json()
+    assert job["status"] in ("queued", "running")
+    final = client.get(f"/v1/inference/{job['id']}?wait=30", headers=account.headers).get_json()
+    assert final["status"] == "success"
+    assert kinds(account).count("capture") == 1
+
+
+def test_long_poll_returns_when_the_job_finishes(client, pipeline, make_account):
+    account = make_account()
+    for provider in pipeline.values():
+        provider.configure(latency_ms=300)
+    job = submit(client, account, **ASYNC).get_json()
+    resp = client.get(f"/v1/inference/{job['id']}?wait=30", headers=account.headers)
+    assert resp.get_json()["status"] == "success"
+    # Without wait, a poll answers at once with the current state.
+    assert (
+        client.get(f"/v1/inference/{job['id']}?wait=0", headers=account.headers).status_code == 200
+    )
+
+
+def test_list_filters_and_paginates(client, pipeline, make_account):
+    account = make_account()
+    ids = []
+    for ref in ("a", "b", "a"):
+        r = submit(client, account, {**BODY, "customer_ref": ref})
+        assert r.status_code == 200
+        ids.append(r.get_json()["id"])
+    page = client.get("/v1/inference?limit=2", headers=account.headers).get_json()
+    assert page["object"] == "list" and page["has_more"] is True
+    assert [j["id"] for j in page["data"]] == [ids[2], ids[1]]
+    nxt = client.get(
+        f"/v1/inference?limit=2&starting_after={page['next_cursor']}", headers=account.headers
+    ).get_json()
+    assert [j["id"] for j in nxt["data"]] == [ids[0]] and nxt["has_more"] is False
+
+    refs = client.get("/v1/inference?customer_ref=a", headers=account.headers).get_json()
+    assert [j["id"] for j in refs["data"]] == [ids[2], ids[0]]
+    assert (
+        len(client.get("/v1/inference?status=success", headers=account.headers).get_json()["data"])
+        == 3
+    )
+    assert (
+        client.get("/v1/inference?status=queued", headers=account.headers).get_json()["data"] == []
+    )
+    future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    past = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    assert (
+        client.get(
+            "/v1/inference", query_string={"created_after": future}, headers=account.headers
+        ).get_json()["data"]
+        == []
+    )
+    assert (
+        len(
+            client.get(
+                "/v1/inference", query_string={"created_after": past}, headers=account.headers
+            ).get_json()["data"]
+        )
+        == 3
+    )
+    for bad in ("status=done", "limit=0", "created_after=yesterday", "starting_after=nope", "x=1"):
+        assert client.get(f"/v1/inference?{bad}", headers=account.headers).status_code == 400, bad
+
+
+def test_cancel_before_execution_releases_the_hold(client, pipeline, make_account):
+    account = make_account()
+    for provider in pipeline.values():
+        provider.configure(latency_ms=1500)  # the quotes take a while: the job stays queued
+    job = submit(client, account, {**BODY, "performance_profile": "economy"}, **ASYNC).get_json()
+    resp = client.post(f"/v1/inference/{job['id']}/cancel", headers=account.headers)
+    assert resp.status_code == 200, resp.text
+    body = resp.get_json()
+    assert body["status"] == "cancelled" and body["error"]["code"] == "job_cancelled"
+    assert kinds(account) == ["topup", "hold", "release"]
+    with session_scope() as session:
+        state = wallet.get_state(session, account.wallet_id)
+        assert state.held_micros == 0 and state.balance_micros == 10 * 10**6
+    # The routing that was under way finds the job cancelled and calls no provider.
+    final = client.get(f"/v1/inference/{job['id']}?wait=5", headers=account.headers).get_json()
+    assert final["status"] == "cancelled"
+    assert sum(chat_calls(pipeline).values()) == 0
+    again = client.post(f"/v1/inference/{job['id']}/cancel", headers=account.headers)
+    assert again.status_code == 409 and again.get_json()["error"]["code"] == "job_not_cancellable"
+
+
+def test_a_finished_job_cannot_be_cancelled(client, pipeline, make_account):
+    account = make_account()
+    job = submit(client, account).get_json()
+    resp = client.post(f"/v1/inference/{job['id']}/cancel", headers=account.headers)
+    assert resp.status_code == 409
+    assert resp.get_json()["error"]["code"] == "job_not_cancellable"
+
+
+def test_other_accounts_jobs_are_404_and_never_listed(client, pipeline, make_account):
+    owner, other = make_account(), make_account()
+    job = submit(client, owner).get_json()
+    for path in (
+        f"/v1/inference/{job['id']}",
+        "/v1/inference/not-a-uuid",
+        "/v1/inference/" + "0" * 32,
+    ):
+        resp = client.get(path, headers=other.headers)
+        assert resp.status_code == 404 and resp.get_json()["error"]["code"] == "job_not_found"
+    cancel = client.post(f"/v1/inference/{job['id']}/cancel", headers=other.headers)
+    assert cancel.status_code == 404
+    assert client.get("/v1/inference", headers=other.headers).get_json()["data"] == []
+    assert (
+        client.get(f"/v1/inference?starting_after={job['id']}", headers=other.headers).status_code
+        == 404
+    )
+
+
+def test_async_idempotency_replays_the_same_job(client, pipeline, make_account):
+    account = make_account()
+    first = submit(client, account, **ASYNC, **{"Idempotency-Key": "async-1"})
+    second = submit(client, account, **ASYNC, **{"Idempotency-Key": "async-1"})
+    assert first.status_code == second.status_code == 202
+    assert second.data == first.data and second.headers["Idempotent-Replayed"] == "true"
+    assert second.headers["Location"] == first.headers["Location"]
+    client.get(f"{first.headers['Location']}?wait=30", headers=account.headers)
+    assert sum(chat_calls(pipeline).values()) == 1
+
+
+def test_bad_prefer_wait_is_400(client, pipeline, make_account):
+    account = make_account()
+    resp = submit(client, account, Prefer="wait=soon")
+    assert resp.status_code == 400 and resp.get_json()["error"]["param"] == "Prefer"
