@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from flask import Flask
@@ -30,6 +31,10 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     )
     if overrides:
         app.config.update(overrides)
+    if not app.testing:
+        from app.logs import configure_logging
+
+        configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
     celery_init_app(app)
     register_api(app)
     return app

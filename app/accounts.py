@@ -42,6 +42,8 @@ class Principal:
     account_id: uuid.UUID
     api_key_id: uuid.UUID
     wallet_id: uuid.UUID
+    rate_limit_per_min: int | None = None
+    rate_limit_burst: int | None = None
 
 
 def create_account(session: Session, name: str) -> Account:
@@ -78,13 +80,22 @@ def revoke_key(session: Session, prefix: str) -> bool:
 def authenticate(session: Session, raw_key: str) -> Principal | None:
     """One indexed query; constant-time comparison of the hash."""
     row = session.execute(
-        select(ApiKey.id, ApiKey.account_id, ApiKey.key_hash, ApiKey.revoked_at, Wallet.id)
+        select(
+            ApiKey.id,
+            ApiKey.account_id,
+            ApiKey.key_hash,
+            ApiKey.revoked_at,
+            Wallet.id,
+            Account.rate_limit_per_min,
+            Account.rate_limit_burst,
+        )
         .join(Wallet, Wallet.account_id == ApiKey.account_id)
+        .join(Account, Account.id == ApiKey.account_id)
         .where(ApiKey.prefix == key_prefix(raw_key))
     ).first()
     if row is None:
         return None
-    key_id, account_id, key_hash, revoked_at, wallet_id = row
+    key_id, account_id, key_hash, revoked_at, wallet_id, per_s, burst = row
     if revoked_at is not None or not hmac.compare_digest(key_hash, hash_key(raw_key)):
         return None
-    return Principal(account_id=account_id, api_key_id=key_id, wallet_id=wallet_id)
+    return Principal(account_id, key_id, wallet_id, per_s, burst)

@@ -59,7 +59,7 @@ def cmd_account_create(args: argparse.Namespace) -> None:
         account = accounts.create_account(session, args.name)
         _, raw = accounts.issue_key(session, account.id, name="default", raw_key=args.key)
         balance = 0
-        if args.top_up:
+        if args.top_up is not None and usd_to_micros(args.top_up) > 0:
             wid = _wallet_id(session, str(account.id))
             balance = wallet.top_up(
                 session, wid, usd_to_micros(args.top_up), "initial credit"
@@ -171,7 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (ValueError, LookupError) as exc:
+        print(f"flopex: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

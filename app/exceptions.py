@@ -22,6 +22,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "max_price_exceeded": (422, "routing_error"),
     "idempotency_key_reused_with_different_request": (422, "idempotency_error"),
     "max_latency_exceeded": (422, "routing_error"),
+    "rate_limited": (429, "rate_limit_error"),
     "internal_error": (500, "api_error"),
     "provider_error": (502, "provider_error"),
     "no_provider_available": (503, "provider_error"),

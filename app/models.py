@@ -46,6 +46,9 @@ class Account(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(String(200))
+    # Per-account request rate limit (requests per minute, burst); NULL = the deployment default.
+    rate_limit_per_min: Mapped[int | None] = mapped_column(Integer)
+    rate_limit_burst: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -9,11 +9,16 @@ smaller than the charge it covers, and no usage is ever billed as zero.
 
 from __future__ import annotations
 
-from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal, InvalidOperation
+from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Context, Decimal, InvalidOperation, localcontext
 from fractions import Fraction
 
 MICROS_PER_USD = 1_000_000
 _SIX_PLACES = Decimal("0.000001")
+
+
+def _exact(value: Decimal):  # type: ignore[no-untyped-def]
+    """A context wide enough that scaling by 10**6 never rounds (the default keeps 28 digits)."""
+    return localcontext(Context(prec=len(value.as_tuple().digits) + 16))
 
 
 def usd_to_micros(value: Decimal | str | int) -> int:
@@ -24,8 +29,10 @@ def usd_to_micros(value: Decimal | str | int) -> int:
         raise ValueError(f"not a decimal amount: {value!r}") from exc
     if not amount.is_finite():
         raise ValueError(f"not a finite amount: {value!r}")
-    micros = amount * MICROS_PER_USD
-    if micros != micros.to_integral_value():
+    with _exact(amount):
+        micros = amount * MICROS_PER_USD
+        exact = micros == micros.to_integral_value()
+    if not exact:
         raise ValueError(f"{value!r} has more than six decimal places")
     return int(micros)
 
@@ -33,7 +40,8 @@ def usd_to_micros(value: Decimal | str | int) -> int:
 def usd_to_micros_floor(value: Decimal) -> int:
     """A customer's limit (max_price_usd) may carry more than six decimals; the binding limit is
     the largest whole micro-USD not above it."""
-    return int((value * MICROS_PER_USD).to_integral_value(rounding="ROUND_FLOOR"))
+    with _exact(value):
+        return int((value * MICROS_PER_USD).to_integral_value(rounding="ROUND_FLOOR"))
 
 
 def micros_to_usd(micros: int) -> Decimal:

@@ -30,3 +30,9 @@ def post_fork(server, worker):  # type: ignore[no-untyped-def]
 
     dispose_engine()
     reset_redis()
+
+
+def child_exit(server, worker):  # type: ignore[no-untyped-def]
+    from app.metrics import mark_process_dead
+
+    mark_process_dead(worker.pid)

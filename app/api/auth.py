@@ -1,4 +1,4 @@
-"""Bearer-key authentication for /v1 routes."""
+"""Bearer-key authentication and the per-account rate limit for /v1 routes."""
 
 from __future__ import annotations
 
@@ -7,9 +7,22 @@ from flask import g, request
 from app.accounts import Principal, authenticate
 from app.api.session import db
 from app.exceptions import FlopexError
+from app.ratelimit import RateLimiter
+from app.redis_client import get_redis
+from config.settings import get_settings
+
+
+class RateLimited(FlopexError):
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__("rate_limited", f"Too many requests; retry after {retry_after_s} s.")
+        self.retry_after_s = retry_after_s
 
 
 def require_principal() -> Principal:
+    """Authenticates once per request (cached on ``g``)."""
+    principal = g.get("principal")
+    if principal is not None:
+        return principal
     header = request.headers.get("Authorization", "")
     scheme, _, raw = header.partition(" ")
     raw = raw.strip()
@@ -20,3 +33,14 @@ def require_principal() -> Principal:
         raise FlopexError("invalid_api_key", "The API key is invalid or revoked.")
     g.principal = principal
     return principal
+
+
+def authenticate_and_limit() -> None:
+    """before_request of every /v1 blueprint: who is calling, and may they call now."""
+    principal = require_principal()
+    settings = get_settings()
+    per_min = principal.rate_limit_per_min or settings.rate_limit_per_min
+    burst = principal.rate_limit_burst or settings.rate_limit_burst
+    verdict = RateLimiter(get_redis()).hit(principal.account_id, per_min, burst)
+    if not verdict.allowed:
+        raise RateLimited(max(1, -(-verdict.retry_after_ms // 1000)))

@@ -46,7 +46,11 @@ def _first_problem(messages: Any, prefix: str = "") -> tuple[str | None, str]:
 def register(app: Flask) -> None:
     @app.errorhandler(FlopexError)
     def _domain(err: FlopexError) -> Any:
-        return error_response(err.code, err.message, err.param, err.http_status)
+        response = error_response(err.code, err.message, err.param, err.http_status)
+        retry_after = getattr(err, "retry_after_s", None)
+        if retry_after is not None:
+            response.headers["Retry-After"] = str(retry_after)
+        return response
 
     @app.errorhandler(HTTPException)
     def _http(err: HTTPException) -> Any:

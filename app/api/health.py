@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from flask import Response
 from flask.views import MethodView
 from flask_smorest import Blueprint
 from sqlalchemy import text
 
 from app.api.session import db
+from app.metrics import render
 from app.redis_client import get_redis
 
 blp = Blueprint("health", __name__, description="Process health")
@@ -19,6 +21,19 @@ class Healthz(MethodView):
     def get(self) -> Any:
         """The process is up."""
         return {"status": "ok"}
+
+
+@blp.route("/metrics")
+class Metrics(MethodView):
+    @blp.doc(
+        responses={
+            "200": {"description": "Prometheus text exposition", "content": {"text/plain": {}}}
+        }
+    )
+    def get(self) -> Any:
+        """Prometheus metrics for every process on this host (see docs/operations.md)."""
+        body, content_type = render(get_redis)
+        return Response(body, mimetype=content_type.split(";")[0], content_type=content_type)
 
 
 @blp.route("/readyz")

@@ -15,7 +15,7 @@ from sqlalchemy import select, tuple_
 
 from app import idempotency
 from app.accounts import Principal
-from app.api.auth import require_principal
+from app.api.auth import authenticate_and_limit, require_principal
 from app.api.parser import FlopexParser
 from app.api.prefer import parse_prefer
 from app.api.schemas import (
@@ -66,11 +66,9 @@ _IDEMPOTENCY_DOC = {
 }
 
 
-@blp.before_request
-def _authenticate() -> None:
-    # Authentication comes before validation, as with Stripe: an unauthenticated caller learns
-    # nothing about the request format.
-    require_principal()
+# Authentication and the rate limit come before validation, as with Stripe: an unauthenticated
+# caller learns nothing about the request format, and a throttled one costs nothing.
+blp.before_request(authenticate_and_limit)
 
 
 def _to_request(args: dict[str, Any]) -> InferenceRequest:

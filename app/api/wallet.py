@@ -9,7 +9,7 @@ from flask_smorest import Blueprint
 from sqlalchemy import select
 
 from app import wallet
-from app.api.auth import require_principal
+from app.api.auth import authenticate_and_limit, require_principal
 from app.api.parser import FlopexParser
 from app.api.schemas import LedgerPageSchema, LedgerQuerySchema, WalletSchema
 from app.api.session import db
@@ -20,9 +20,7 @@ blp = Blueprint("wallet", __name__, url_prefix="/v1", description="Your prepaid 
 blp.ARGUMENTS_PARSER = FlopexParser()
 
 
-@blp.before_request
-def _authenticate() -> None:
-    require_principal()
+blp.before_request(authenticate_and_limit)
 
 
 @blp.route("/wallet")

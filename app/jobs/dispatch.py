@@ -8,6 +8,7 @@ from typing import Any
 from celery import Celery
 
 from app.jobs.submit import Accepted
+from app.logs import task_headers
 from config.settings import Settings
 
 # Headroom past the quote deadline before the backstop routes with the quotes it has.
@@ -17,6 +18,7 @@ _BACKSTOP_GRACE_S = 0.25
 def send_quotes(celery: Celery, job: Any, deadline_at: float, queue: str) -> None:
     """One quote task per option on the job, plus the backstop route at the deadline."""
     job_id = str(job.id)
+    headers = task_headers(job_id)
     options = [o for o in job.quotes or [] if "base_url" in o]
     with celery.producer_or_acquire() as producer:
         for option in options:
@@ -25,11 +27,13 @@ def send_quotes(celery: Celery, job: Any, deadline_at: float, queue: str) -> Non
                 args=[job_id, _option_message(option), deadline_at, len(options), queue],
                 queue=queue,
                 producer=producer,
+                headers=headers,
             )
         celery.send_task(
             "flopex.route",
             args=[job_id],
             queue=queue,
+            headers=headers,
             countdown=max(0.0, deadline_at - time.time()) + _BACKSTOP_GRACE_S,
             producer=producer,
         )

@@ -28,6 +28,12 @@ from app.failpoints import failpoint
 from app.jobs import states
 from app.jobs.notify import signal_done
 from app.jobs.quoting import collect_quotes, discard_quotes
+from app.metrics import (
+    JOBS_FINISHED,
+    PROVIDER_LATENCY,
+    WALLET_CAPTURED_MICROS,
+    WALLET_CAPTURES,
+)
 from app.models import Job, utcnow
 from app.money import ceil_micros, customer_charge, provider_cost
 from app.providers import health
@@ -200,6 +206,9 @@ class RouteAndExecute:
                 outcome="success", latency_ms=int((time.perf_counter() - started) * 1000)
             )
             health.record_outcome(self.redis, quote.provider, True, self.settings.health_window_s)
+            PROVIDER_LATENCY.labels(quote.provider, "success").observe(
+                time.perf_counter() - started
+            )
             self._record_result(job, quote, result, attempts)
             failpoint("after_result_recorded")
             return self._settle(job)
@@ -260,6 +269,17 @@ class RouteAndExecute:
 
     def _commit_and_signal(self, job: Job) -> Outcome:
         self.session.commit()
+        JOBS_FINISHED.labels(job.status, job.error_code or "").inc()
+        if job.status == states.SUCCESS and job.charge_micros:
+            WALLET_CAPTURES.inc()
+            WALLET_CAPTURED_MICROS.inc(job.charge_micros)
+        log.info(
+            "job %s %s via %s",
+            job.id,
+            job.status,
+            job.provider_name or "-",
+            extra={"status": job.status, "provider": job.provider_name},
+        )
         discard_quotes(self.redis, str(job.id))
         signal_done(self.redis, job.id)
         return Outcome(job.id, job.status, job.error_code)

@@ -10,6 +10,7 @@ from typing import Any
 
 import redis
 
+from app.metrics import QUOTE_LATENCY
 from app.providers import health
 from app.providers.openai_compat import ProviderFailure, ping, resolve_api_key
 from app.routing import Quote
@@ -26,6 +27,7 @@ def make_quote(
 ) -> Quote:
     remaining = deadline_at - time.time()
     live, latency, error = False, None, None
+    started = time.perf_counter()
     if remaining <= 0.005:
         error = "deadline_passed"
     else:
@@ -34,6 +36,9 @@ def make_quote(
             live = True
         except ProviderFailure as exc:
             error = exc.kind
+    QUOTE_LATENCY.labels(option["provider"], "live" if live else error).observe(
+        time.perf_counter() - started
+    )
     rate = health.success_rate(client, option["provider"], health_window_s)
     return Quote(
         provider=option["provider"],

@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 from app.jobs import states
 from app.jobs.dispatch import send_quotes
 from app.jobs.quoting import discard_quotes
+from app.logs import task_headers
 from app.models import Job
 from config.settings import Settings
 
@@ -103,7 +104,9 @@ def sweep(
         report.requoted.append(str(job.id))
     for job in to_resume:
         queue = settings.profiles[job.performance_profile].queue
-        celery.send_task("flopex.resume", args=[str(job.id)], queue=queue)
+        celery.send_task(
+            "flopex.resume", args=[str(job.id)], queue=queue, headers=task_headers(str(job.id))
+        )
         report.resumed.append(str(job.id))
     if jobs:
         log.warning("sweeper: requoted %s, resumed %s", report.requoted, report.resumed)

@@ -1,0 +1,56 @@
+"""Per-account request rate limits in Redis (GCRA: a token bucket kept as one timestamp).
+
+The clock is Redis's own (``TIME`` inside the script), so many web processes on many machines
+share one limit without trusting their clocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+import redis
+
+log = logging.getLogger(__name__)
+
+_GCRA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local interval = tonumber(ARGV[1])
+local tolerance = interval * tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+if new_tat - now > tolerance then
+  return {0, new_tat - now - tolerance}
+end
+redis.call('SET', KEYS[1], new_tat, 'PX', new_tat - now + 1000)
+return {1, 0}
+"""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    retry_after_ms: int = 0
+
+
+class RateLimiter:
+    def __init__(self, client: redis.Redis) -> None:
+        self._script = client.register_script(_GCRA)
+
+    def hit(self, account_id: uuid.UUID, per_minute: int, burst: int) -> Verdict:
+        """Take one request from the account's bucket. Fails open if Redis is unreachable: the
+        request will meet the same outage at the broker and answer 503 there."""
+        if per_minute <= 0:
+            return Verdict(False, 60_000)
+        interval_ms = max(1, 60_000 // per_minute)
+        try:
+            allowed, retry_ms = self._script(
+                keys=[f"flopex:rl:{account_id}"], args=[interval_ms, max(burst, 1)]
+            )
+        except redis.RedisError:
+            log.warning("rate limiter unavailable; allowing request")
+            return Verdict(True)
+        return Verdict(bool(allowed), int(retry_ms))

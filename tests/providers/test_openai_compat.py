@@ -1,0 +1,292 @@
+"""app/providers/openai_compat.py against a sandbox provider over loopback HTTP: usage parsing,
+which failures are retried and which are not, and how each failure is classified."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from app.providers import openai_compat
+from app.providers.openai_compat import (
+    Completion,
+    ProviderFailure,
+    _parse,
+    complete,
+    ping,
+    resolve_api_key,
+)
+from sandbox import SandboxConfig, SandboxProvider, count_tokens
+from sandbox.server import VOCABULARY
+
+MODEL = "unit/llama-3.1-8b"
+API_KEY = "sk-unit-test-0123456789"
+PROMPT = "Summarize inference routing in two sentences."
+
+
+@pytest.fixture(scope="module")
+def sandbox_server() -> Iterator[SandboxProvider]:
+    provider = SandboxProvider(
+        SandboxConfig(name="unit", models={MODEL: "unit"}, output_tokens=24)
+    ).start()
+    yield provider
+    provider.stop()
+
+
+@pytest.fixture
+def sandbox(sandbox_server: SandboxProvider) -> Iterator[SandboxProvider]:
+    sandbox_server.reset()
+    sandbox_server.configure(latency_ms=0, output_tokens=24)
+    yield sandbox_server
+    sandbox_server.reset()
+
+
+@pytest.fixture(scope="module")
+def keyed_sandbox() -> Iterator[SandboxProvider]:
+    provider = SandboxProvider(
+        SandboxConfig(name="keyed", models={MODEL: "keyed"}, api_key=API_KEY)
+    ).start()
+    yield provider
+    provider.stop()
+
+
+@pytest.fixture
+def closed_port_url() -> Iterator[str]:
+    """A loopback port that refuses connections: bound (so nothing else can take it during the
+    test) but never listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+def call(base_url: str, api_key: str | None = None, **overrides: Any) -> Completion:
+    kwargs: dict[str, Any] = {
+        "model": MODEL,
+        "prompt": PROMPT,
+        "max_tokens": 256,
+        "connect_timeout_s": 1.0,
+        "read_timeout_s": 2.0,
+        "retries": 2,
+    }
+    kwargs.update(overrides)
+    return complete(base_url, api_key, **kwargs)
+
+
+class CountingSession:
+    """Wraps the pooled session to count POSTs that never reach a server."""
+
+    def __init__(self, inner: requests.Session) -> None:
+        self.inner = inner
+        self.posts = 0
+
+    def post(self, *args: Any, **kwargs: Any) -> requests.Response:
+        self.posts += 1
+        return self.inner.post(*args, **kwargs)
+
+
+# -- success --------------------------------------------------------------------------
+
+
+def test_complete_returns_text_and_exact_usage(sandbox):
+    result = call(sandbox.base_url)
+
+    assert result.input_tokens == count_tokens(PROMPT) + 6 == 13
+    words = result.text.split(" ")
+    assert len(words) == 24 and set(words) <= set(VOCABULARY)
+    assert result.output_tokens == count_tokens(result.text) == 24
+    assert result.finish_reason == "stop"
+    assert result.provider_response_id is not None
+    assert result.provider_response_id.startswith("chatcmpl-")
+    assert sandbox.chat_calls == 1
+    sent = sandbox.requests_log()[0]
+    assert sent == {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": 256,
+    }
+
+
+def test_complete_is_deterministic_and_honours_max_tokens(sandbox):
+    full = call(sandbox.base_url)
+    short = call(sandbox.base_url, max_tokens=5)
+    assert short.output_tokens == 5
+    assert short.finish_reason == "length"
+    assert full.text.startswith(short.text)
+    assert call(sandbox.base_url).text == full.text
+
+
+def test_ping_returns_the_measured_latency(sandbox):
+    fast = ping(sandbox.base_url, None, 2.0)
+    assert isinstance(fast, int) and 0 <= fast < 1000
+    sandbox.configure(latency_ms=60)
+    slow = ping(sandbox.base_url, None, 2.0)
+    assert 60 <= slow < 2000
+    assert sandbox.models_calls == 2
+    assert sandbox.chat_calls == 0
+
+
+# -- retried failures -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["error", "rate_limit"])
+def test_one_transient_failure_is_retried_then_succeeds(sandbox, fault):
+    sandbox.configure(fault=fault, fault_count=1)
+    result = call(sandbox.base_url, retries=1)
+    assert result.output_tokens == 24
+    assert sandbox.chat_calls == 2
+
+
+@pytest.mark.parametrize(("fault", "status"), [("error", 500), ("rate_limit", 429)])
+@pytest.mark.parametrize("retries", [0, 2])
+def test_persistent_failure_gives_up_after_retries_plus_one_attempts(
+    sandbox, fault, status, retries
+):
+    sandbox.configure(fault=fault)
+    with pytest.raises(ProviderFailure) as info:
+        call(sandbox.base_url, retries=retries)
+    assert info.value.kind == "http"
+    assert info.value.status == status
+    assert sandbox.chat_calls == retries + 1
+
+
+def test_connection_refused_is_retried_then_kind_connect(closed_port_url, monkeypatch):
+    counter = CountingSession(openai_compat.http_session())
+    monkeypatch.setattr(openai_compat, "http_session", lambda: counter)
+    with pytest.raises(ProviderFailure) as info:
+        call(closed_port_url, retries=2)
+    assert info.value.kind == "connect"
+    assert info.value.status is None
+    assert counter.posts == 3
+
+
+# -- failures that are not retried --------------------------------------------------------
+
+
+def test_read_timeout_on_hang_is_kind_timeout_and_not_retried(sandbox):
+    sandbox.configure(fault="hang")
+    with pytest.raises(ProviderFailure) as info:
+        call(sandbox.base_url, read_timeout_s=0.3, retries=2)
+    assert info.value.kind == "timeout"
+    assert sandbox.chat_calls == 1
+
+
+def test_disconnect_is_kind_disconnect_and_not_retried(sandbox):
+    sandbox.configure(fault="disconnect")
+    with pytest.raises(ProviderFailure) as info:
+        call(sandbox.base_url, retries=2)
+    assert info.value.kind == "disconnect"
+    assert sandbox.chat_calls == 1
+
+
+@pytest.mark.parametrize("fault", ["malformed", "bad_usage", "missing_usage"])
+def test_unusable_answers_are_kind_malformed_and_not_retried(sandbox, fault):
+    sandbox.configure(fault=fault)
+    with pytest.raises(ProviderFailure) as info:
+        call(sandbox.base_url, retries=2)
+    assert info.value.kind == "malformed"
+    assert sandbox.chat_calls == 1
+
+
+def test_unknown_model_is_kind_http_404_and_not_retried(sandbox):
+    with pytest.raises(ProviderFailure) as info:
+        call(sandbox.base_url, model="no/such-model", retries=2)
+    assert (info.value.kind, info.value.status) == ("http", 404)
+    assert sandbox.chat_calls == 1
+
+
+# -- authentication -------------------------------------------------------------------------
+
+
+def test_api_key_is_sent_as_a_bearer_token(keyed_sandbox):
+    keyed_sandbox.reset()
+    result = call(keyed_sandbox.base_url, API_KEY)
+    assert result.output_tokens > 0
+    assert keyed_sandbox.chat_calls == 1
+    assert ping(keyed_sandbox.base_url, API_KEY, 2.0) >= 0
+
+
+@pytest.mark.parametrize("api_key", [None, "sk-wrong-key-0000000000"])
+def test_missing_or_wrong_api_key_is_kind_http_401_and_not_retried(keyed_sandbox, api_key):
+    keyed_sandbox.reset()
+    with pytest.raises(ProviderFailure) as info:
+        call(keyed_sandbox.base_url, api_key, retries=2)
+    assert (info.value.kind, info.value.status) == ("http", 401)
+    assert keyed_sandbox.chat_calls == 1
+    with pytest.raises(ProviderFailure) as info:
+        ping(keyed_sandbox.base_url, api_key, 2.0)
+    assert (info.value.kind, info.value.status) == ("http", 401)
+
+
+def test_resolve_api_key_reads_the_named_environment_variable(monkeypatch):
+    monkeypatch.setenv("UNIT_PROVIDER_KEY", API_KEY)
+    monkeypatch.delenv("UNIT_PROVIDER_KEY_UNSET", raising=False)
+    assert resolve_api_key("UNIT_PROVIDER_KEY") == API_KEY
+    assert resolve_api_key("UNIT_PROVIDER_KEY_UNSET") is None
+    assert resolve_api_key(None) is None
+
+
+# -- ping failures ------------------------------------------------------------------------
+
+
+def test_ping_failures_are_classified(sandbox, closed_port_url):
+    sandbox.configure(fault="error", fault_scope="models")
+    with pytest.raises(ProviderFailure) as info:
+        ping(sandbox.base_url, None, 2.0)
+    assert (info.value.kind, info.value.status) == ("http", 500)
+
+    sandbox.configure(fault="hang", fault_scope="models")
+    with pytest.raises(ProviderFailure) as info:
+        ping(sandbox.base_url, None, 0.3)
+    assert info.value.kind == "timeout"
+
+    with pytest.raises(ProviderFailure) as info:
+        ping(closed_port_url, None, 1.0)
+    assert info.value.kind == "connect"
+
+
+# -- response validation --------------------------------------------------------------------
+
+
+def _body(**changes: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": "chatcmpl-x",
+        "choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+    }
+    body.update(changes)
+    return body
+
+
+def test_parse_accepts_a_minimal_valid_body():
+    assert _parse(_body()) == Completion("hi", 3, 1, "stop", "chatcmpl-x")
+    # Non-string ids and finish reasons are dropped rather than trusted.
+    body = _body(id=7)
+    body["choices"][0]["finish_reason"] = 1
+    assert _parse(body) == Completion("hi", 3, 1, None, None)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [],
+        "text",
+        _body(choices=[]),
+        _body(choices={"message": {"content": "hi"}}),
+        _body(choices=["hi"]),
+        _body(choices=[{"message": {"content": None}}]),
+        _body(choices=[{"text": "hi"}]),
+        _body(usage=None),
+        _body(usage={"prompt_tokens": 3}),
+        _body(usage={"prompt_tokens": -1, "completion_tokens": 1}),
+        _body(usage={"prompt_tokens": 3, "completion_tokens": True}),
+        _body(usage={"prompt_tokens": 3.0, "completion_tokens": 1}),
+        _body(usage={"prompt_tokens": "3", "completion_tokens": 1}),
+    ],
+)
+def test_parse_rejects_anything_we_cannot_bill_on(body):
+    with pytest.raises(ProviderFailure) as info:
+        _parse(body)
+    assert info.value.kind == "malformed"

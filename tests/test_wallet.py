@@ -1,0 +1,333 @@
+"""app/wallet.py: the ledger, its invariants and the database guards behind them.
+
+Most tests run in a rolled-back transaction (``db_session``). The concurrency tests use real,
+separate connections and transactions, committed to the test database.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app import accounts, wallet
+from app.db import session_scope
+from app.models import Job, LedgerEntry, Wallet
+from app.wallet import WalletState
+
+USD = 1_000_000
+
+
+def make_wallet(session: Session) -> tuple[uuid.UUID, uuid.UUID]:
+    account = accounts.create_account(session, f"wallet-test-{uuid.uuid4().hex[:6]}")
+    wallet_id = session.scalar(select(Wallet.id).where(Wallet.account_id == account.id))
+    return account.id, wallet_id
+
+
+def make_job(session: Session, account_id: uuid.UUID, wallet_id: uuid.UUID) -> uuid.UUID:
+    job = Job(
+        account_id=account_id,
+        wallet_id=wallet_id,
+        status="executing",
+        model="llama-3.1-8b",
+        request={"input": "hi"},
+        performance_profile="economy",
+        routing_strategy="lowest_cost",
+        max_output_tokens=16,
+        markup="0.15",
+        estimated_input_tokens=9,
+        expected_quotes=1,
+    )
+    session.add(job)
+    session.flush()
+    return job.id
+
+
+def entries(session: Session, wallet_id: uuid.UUID) -> list[tuple[Any, ...]]:
+    session.flush()
+    rows = session.scalars(
+        select(LedgerEntry).where(LedgerEntry.wallet_id == wallet_id).order_by(LedgerEntry.id)
+    )
+    return [
+        (
+            e.kind,
+            e.job_id,
+            e.amount_micros,
+            e.held_delta_micros,
+            e.balance_after_micros,
+            e.held_after_micros,
+        )
+        for e in rows
+    ]
+
+
+def assert_invariants(session: Session, wallet_id: uuid.UUID) -> WalletState:
+    session.flush()
+    state = wallet.get_state(session, wallet_id)
+    assert wallet.ledger_sums(session, wallet_id) == state
+    assert 0 <= state.held_micros <= state.balance_micros
+    return state
+
+
+def test_top_up_hold_settle_ledger_and_after_balances(db_session):
+    account_id, wid = make_wallet(db_session)
+    job = make_job(db_session, account_id, wid)
+
+    assert wallet.top_up(db_session, wid, 1 * USD, "invoice 1") == WalletState(1_000_000, 0)
+    assert wallet.hold(db_session, wid, job, 300_000) == WalletState(1_000_000, 300_000)
+    assert assert_invariants(db_session, wid).available_micros == 700_000
+    assert wallet.settle(db_session, wid, job, 300_000, 120_000) == WalletState(880_000, 0)
+
+    assert entries(db_session, wid) == [
+        ("topup", None, 1_000_000, 0, 1_000_000, 0),
+        ("hold", job, 0, 300_000, 1_000_000, 300_000),
+        ("capture", job, -120_000, -120_000, 880_000, 180_000),
+        ("release", job, 0, -180_000, 880_000, 0),
+    ]
+    assert assert_invariants(db_session, wid) == WalletState(880_000, 0)
+    memo = db_session.scalar(
+        select(LedgerEntry.memo).where(LedgerEntry.kind == "topup", LedgerEntry.wallet_id == wid)
+    )
+    assert memo == "invoice 1"
+
+
+def test_settle_for_the_full_hold_writes_no_release(db_session):
+    account_id, wid = make_wallet(db_session)
+    job = make_job(db_session, account_id, wid)
+    wallet.top_up(db_session, wid, 500)
+    wallet.hold(db_session, wid, job, 200)
+    assert wallet.settle(db_session, wid, job, 200, 200) == WalletState(300, 0)
+    assert [e[0] for e in entries(db_session, wid)] == ["topup", "hold", "capture"]
+    assert_invariants(db_session, wid)
+
+
+def test_settle_for_nothing_releases_the_whole_hold(db_session):
+    account_id, wid = make_wallet(db_session)
+    job = make_job(db_session, account_id, wid)
+    wallet.top_up(db_session, wid, 500)
+    wallet.hold(db_session, wid, job, 200)
+    assert wallet.settle(db_session, wid, job, 200, 0) == WalletState(500, 0)
+    assert entries(db_session, wid)[-1] == ("release", job, 0, -200, 500, 0)
+    assert [e[0] for e in entries(db_session, wid)] == ["topup", "hold", "release"]
+    assert_invariants(db_session, wid)
+
+
+def test_hold_of_exactly_the_available_amount_succeeds(db_session):
+    account_id, wid = make_wallet(db_session)
+    jobs = [make_job(db_session, account_id, wid) for _ in range(2)]
+    wallet.top_up(db_session, wid, 1000)
+    assert wallet.hold(db_session, wid, jobs[0], 400) == WalletState(1000, 400)
+    assert wallet.hold(db_session, wid, jobs[1], 600) == WalletState(1000, 1000)
+    assert assert_invariants(db_session, wid).available_micros == 0
+
+
+def test_hold_refused_when_unavailable_writes_nothing(db_session):
+    account_id, wid = make_wallet(db_session)
+    jobs = [make_job(db_session, account_id, wid) for _ in range(2)]
+    wallet.top_up(db_session, wid, 1000)
+    wallet.hold(db_session, wid, jobs[0], 700)
+    before = entries(db_session, wid)
+
+    assert wallet.hold(db_session, wid, jobs[1], 301) is None
+
+    assert entries(db_session, wid) == before
+    assert assert_invariants(db_session, wid) == WalletState(1000, 700)
+
+
+def test_zero_hold_writes_nothing_and_negative_hold_is_refused(db_session):
+    account_id, wid = make_wallet(db_session)
+    job = make_job(db_session, account_id, wid)
+    wallet.top_up(db_session, wid, 10)
+    assert wallet.hold(db_session, wid, job, 0) == WalletState(10, 0)
+    with pytest.raises(ValueError, match="cannot be negative"):
+        wallet.hold(db_session, wid, job, -1)
+    assert [e[0] for e in entries(db_session, wid)] == ["topup"]
+
+
+@pytest.mark.parametrize("amount", [0, -5])
+def test_top_up_must_be_positive(db_session, amount):
+    _, wid = make_wallet(db_session)
+    with pytest.raises(ValueError, match="must be positive"):
+        wallet.top_up(db_session, wid, amount)
+    assert entries(db_session, wid) == []
+
+
+def test_top_up_of_an_unknown_wallet_is_a_lookup_error(db_session):
+    with pytest.raises(LookupError):
+        wallet.top_up(db_session, uuid.uuid4(), 100)
+
+
+@pytest.mark.parametrize(("held", "charge"), [(100, 101), (100, -1)])
+def test_settle_outside_the_hold_raises_and_writes_nothing(db_session, held, charge):
+    account_id, wid = make_wallet(db_session)
+    job = make_job(db_session, account_id, wid)
+    wallet.top_up(db_session, wid, 1000)
+    wallet.hold(db_session, wid, job, held)
+    before = entries(db_session, wid)
+
+    with pytest.raises(ValueError, match="outside hold"):
+        wallet.settle(db_session, wid, job, held, charge)
+
+    assert entries(db_session, wid) == before
+    assert assert_invariants(db_session, wid) == WalletState(1000, held)
+
+
+@pytest.mark.parametrize(
+    ("first_charge", "index"),
+    [(40, "uq_ledger_capture_per_job"), (0, "uq_ledger_release_per_job")],
+)
+def test_a_second_settlement_of_the_same_job_violates_the_unique_index(
+    db_session, first_charge, index
+):
+    account_id, wid = make_wallet(db_session)
+    job, other_job = make_job(db_session, account_id, wid), make_job(db_session, account_id, wid)
+    wallet.top_up(db_session, wid, 1000)
+    wallet.hold(db_session, wid, job, 100)
+    # A second hold keeps enough on hold for the repeated settle's UPDATE to pass its CHECKs,
+    # so the only guard left is the partial unique index.
+    wallet.hold(db_session, wid, other_job, 100)
+    wallet.settle(db_session, wid, job, 100, first_charge)
+    before = assert_invariants(db_session, wid)
+    ledger_before = entries(db_session, wid)
+
+    with pytest.raises(IntegrityError, match=index), db_session.begin_nested():
+        wallet.settle(db_session, wid, job, 100, first_charge)
+        db_session.flush()
+
+    assert entries(db_session, wid) == ledger_before
+    assert assert_invariants(db_session, wid) == before
+
+
+def test_the_unique_index_allows_one_capture_per_job_but_many_jobs(db_session):
+    account_id, wid = make_wallet(db_session)
+    jobs = [make_job(db_session, account_id, wid) for _ in range(3)]
+    wallet.top_up(db_session, wid, 1000)
+    for job in jobs:
+        wallet.hold(db_session, wid, job, 100)
+    for job in jobs:
+        wallet.settle(db_session, wid, job, 100, 30)
+    assert assert_invariants(db_session, wid) == WalletState(910, 0)
+    assert [e[0] for e in entries(db_session, wid)].count("capture") == 3
+
+
+@pytest.mark.parametrize(
+    ("statement", "constraint"),
+    [
+        ("UPDATE wallets SET balance_micros = -1 WHERE id = :w", "ck_wallet_balance_nonneg"),
+        ("UPDATE wallets SET held_micros = -1 WHERE id = :w", "ck_wallet_held_nonneg"),
+        (
+            "UPDATE wallets SET held_micros = balance_micros + 1 WHERE id = :w",
+            "ck_wallet_held_le_balance",
+        ),
+    ],
+)
+def test_check_constraints_guard_the_wallet_row(db_session, statement, constraint):
+    _, wid = make_wallet(db_session)
+    wallet.top_up(db_session, wid, 100)
+    db_session.flush()
+    with pytest.raises(IntegrityError, match=constraint), db_session.begin_nested():
+        db_session.execute(text(statement), {"w": wid})
+    assert wallet.get_state(db_session, wid) == WalletState(100, 0)
+
+
+def test_a_capture_above_the_balance_is_refused_by_the_database(db_session):
+    account_id, wid = make_wallet(db_session)
+    job = make_job(db_session, account_id, wid)
+    wallet.top_up(db_session, wid, 100)
+    wallet.hold(db_session, wid, job, 100)
+    db_session.flush()
+    # Claiming a larger hold than was taken would drive held and balance negative.
+    with pytest.raises(IntegrityError, match="ck_wallet"), db_session.begin_nested():
+        wallet.settle(db_session, wid, job, 150, 150)
+    assert assert_invariants(db_session, wid) == WalletState(100, 100)
+
+
+# -- concurrency on real connections -----------------------------------------------
+
+
+def run_together(tasks: list[Callable[[], Any]]) -> list[Any]:
+    """Run every task in its own thread, released at once by a barrier; re-raise failures."""
+    barrier = threading.Barrier(len(tasks))
+    results: list[Any] = [None] * len(tasks)
+    errors: list[BaseException] = []
+
+    def runner(i: int, task: Callable[[], Any]) -> None:
+        try:
+            barrier.wait(timeout=30)
+            results[i] = task()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=runner, args=(i, t)) for i, t in enumerate(tasks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a worker thread did not finish"
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_concurrent_holds_never_over_commit_and_concurrent_settles_stay_exact(make_account):
+    account = make_account("1.00")
+    wid = account.wallet_id
+    with session_scope() as session:
+        job_ids = [make_job(session, account.account_id, wid) for _ in range(40)]
+
+    def try_hold(job_id: uuid.UUID) -> Callable[[], WalletState | None]:
+        def task() -> WalletState | None:
+            with session_scope() as session:
+                return wallet.hold(session, wid, job_id, 100_000)
+
+        return task
+
+    results = run_together([try_hold(j) for j in job_ids])
+
+    held_jobs = [j for j, r in zip(job_ids, results, strict=True) if r is not None]
+    assert len(held_jobs) == 10
+    # Every successful hold saw a distinct amount on hold: they were serialised, not lost.
+    assert sorted(r.held_micros for r in results if r is not None) == [
+        100_000 * k for k in range(1, 11)
+    ]
+    with session_scope() as session:
+        state = wallet.get_state(session, wid)
+        assert state == WalletState(1_000_000, 1_000_000)
+        assert wallet.ledger_sums(session, wid) == state
+        hold_jobs = session.scalars(
+            select(LedgerEntry.job_id).where(
+                LedgerEntry.wallet_id == wid, LedgerEntry.kind == "hold"
+            )
+        ).all()
+        assert sorted(hold_jobs) == sorted(held_jobs)
+
+    rng = random.Random(1234)
+    charges = {j: rng.randint(0, 100_000) for j in held_jobs}
+
+    def settle(job_id: uuid.UUID) -> Callable[[], WalletState]:
+        def task() -> WalletState:
+            with session_scope() as session:
+                return wallet.settle(session, wid, job_id, 100_000, charges[job_id])
+
+        return task
+
+    run_together([settle(j) for j in held_jobs])
+
+    with session_scope() as session:
+        state = wallet.get_state(session, wid)
+        assert state == WalletState(1_000_000 - sum(charges.values()), 0)
+        assert state.balance_micros >= 0
+        assert wallet.ledger_sums(session, wid) == state
+        captured = session.scalars(
+            select(LedgerEntry.amount_micros).where(
+                LedgerEntry.wallet_id == wid, LedgerEntry.kind == "capture"
+            )
+        ).all()
+        assert sorted(-c for c in captured) == sorted(c for c in charges.values() if c)
