@@ -45,9 +45,10 @@ def _private_redis() -> str:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    args += ["--dir", str(_TMP), "--logfile", str(_TMP / "redis.log")]
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        + ["--dir", str(_TMP), "--logfile", str(_TMP / "redis.log")],
+        [binary, *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
