@@ -28,6 +28,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_REDOC_PATH="/docs",
         OPENAPI_REDOC_URL="https://cdn.jsdelivr.net/npm/redoc@2/bundles/redoc.standalone.js",
+        API_SPEC_OPTIONS={"info": {"description": _spec_description()}},
     )
     if overrides:
         app.config.update(overrides)
@@ -38,3 +39,22 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     celery_init_app(app)
     register_api(app)
     return app
+
+
+def _spec_description() -> str:
+    from app.exceptions import ERROR_CODES
+
+    rows = "\n".join(
+        f"| {status} | `{code}` | `{kind}` |"
+        for code, (status, kind) in sorted(
+            ERROR_CODES.items(), key=lambda item: (item[1][0], item[0])
+        )
+    )
+    return (
+        "Flopex routes each inference request to the provider that wins the live quotes for your "
+        "performance profile and charges your prepaid wallet exactly.\n\n"
+        "Authenticate with `Authorization: Bearer <key>`. Every response carries `X-Request-ID` "
+        "(send your own to correlate). Rate-limited requests get 429 with `Retry-After`.\n\n"
+        'Every error is `{"error": {"type", "code", "message", "param"}}`:\n\n'
+        "| status | code | type |\n|---|---|---|\n" + rows
+    )

@@ -43,6 +43,11 @@ def make_celery(settings: Settings | None = None) -> Celery:
                 "schedule": settings.sweep_interval_s,
                 "options": {"queue": "fast", "expires": settings.sweep_interval_s},
             },
+            "probe-providers": {
+                "task": "flopex.probe_providers",
+                "schedule": settings.probe_interval_s,
+                "options": {"queue": "fast", "expires": settings.probe_interval_s},
+            },
             "purge-idempotency-keys": {
                 "task": "flopex.purge_idempotency",
                 "schedule": 600.0,

@@ -28,13 +28,15 @@ class Quote:
     # Share of recent executions that succeeded, as a decimal string; None without history.
     success_rate: str | None = None
     error: str | None = None
+    # The provider's circuit breaker is open: it is skipped whatever its price.
+    circuit_open: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Quote:
-        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,19 @@ def select(
         decision.reason = "no enabled provider offers this model"
         return decision
 
-    priced = []
+    available = []
     for q in quotes:
+        if q.circuit_open:
+            decision.dropped.append({"provider": q.provider, "reason": "circuit_open"})
+        else:
+            available.append(q)
+    if not available:
+        decision.error_code = "no_provider_available"
+        decision.reason = "every provider's circuit breaker is open"
+        return decision
+
+    priced = []
+    for q in available:
         if max_price_micros is not None and q.estimated_charge_micros > max_price_micros:
             decision.dropped.append({"provider": q.provider, "reason": "over_max_price"})
         else:
@@ -125,7 +138,7 @@ def select(
             eligible.append(q)
     if not eligible:
         decision.error_code = "max_price_exceeded" if not priced else "max_latency_exceeded"
-        decision.reason = f"all {len(quotes)} quotes dropped"
+        decision.reason = f"all {len(available)} quotes dropped"
         return decision
 
     scores: dict[str, Decimal] = {}

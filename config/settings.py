@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.providers.breaker import BreakerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ("economy", "balanced", "fast")
@@ -63,8 +67,18 @@ class Settings:
     idempotency_ttl_s: int
     max_wait_s: float
     rate_limit_per_min: int
+    breaker_threshold: int
+    breaker_window_s: float
+    breaker_cooldown_s: float
+    probe_interval_s: float
     rate_limit_burst: int
     profiles: dict[str, ProfilePolicy] = field(default_factory=dict)
+
+    @property
+    def breaker(self) -> BreakerConfig:
+        from app.providers.breaker import BreakerConfig
+
+        return BreakerConfig(self.breaker_threshold, self.breaker_window_s, self.breaker_cooldown_s)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -99,6 +113,10 @@ class Settings:
             max_wait_s=_float("FLOPEX_MAX_WAIT_S", 60.0),
             rate_limit_per_min=_int("FLOPEX_RATE_LIMIT_PER_MIN", 6000),
             rate_limit_burst=_int("FLOPEX_RATE_LIMIT_BURST", 200),
+            breaker_threshold=_int("FLOPEX_BREAKER_THRESHOLD", 5),
+            breaker_window_s=_float("FLOPEX_BREAKER_WINDOW_S", 60.0),
+            breaker_cooldown_s=_float("FLOPEX_BREAKER_COOLDOWN_S", 30.0),
+            probe_interval_s=_float("FLOPEX_PROBE_INTERVAL_S", 10.0),
             profiles={
                 "fast": ProfilePolicy(_int("FLOPEX_QUOTE_DEADLINE_MS_FAST", 300), "fast", 0),
                 "balanced": ProfilePolicy(

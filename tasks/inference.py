@@ -14,6 +14,7 @@ from app.db import session_factory
 from app.jobs.execution import Outcome, RouteAndExecute
 from app.jobs.quoting import make_quote, store_quote
 from app.logs import task_headers
+from app.providers.breaker import Breaker
 from app.redis_client import get_redis
 from config.settings import get_settings
 
@@ -26,7 +27,9 @@ def quote(
 ) -> None:
     settings = get_settings()
     client = get_redis()
-    q = make_quote(client, option, deadline_at, settings.health_window_s)
+    q = make_quote(
+        client, option, deadline_at, settings.health_window_s, Breaker(client, settings.breaker)
+    )
     if store_quote(client, job_id, q) >= expected:
         # The last quote in closes the join; a late duplicate finds the job already routed.
         current_app.send_task(

@@ -7,6 +7,8 @@ from celery import current_app, shared_task
 from app import idempotency
 from app.db import session_scope
 from app.jobs.recovery import sweep
+from app.providers.breaker import Breaker
+from app.providers.probe import probe_all
 from app.redis_client import get_redis
 from config.settings import get_settings
 
@@ -22,3 +24,18 @@ def sweep_stuck_jobs() -> dict[str, list[str]]:
 def purge_idempotency_keys() -> int:
     with session_scope() as session:
         return idempotency.purge_expired(session)
+
+
+@shared_task(name="flopex.probe_providers")
+def probe_providers() -> dict[str, bool]:
+    settings = get_settings()
+    client = get_redis()
+    with session_scope() as session:
+        results = probe_all(
+            session,
+            client,
+            Breaker(client, settings.breaker),
+            timeout_s=min(2.0, settings.probe_interval_s),
+            health_window_s=settings.health_window_s,
+        )
+    return {r.provider: r.live for r in results}

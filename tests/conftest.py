@@ -79,6 +79,9 @@ os.environ.update(
     FLOPEX_PROVIDER_CONNECT_TIMEOUT_S="1",
     FLOPEX_PROVIDER_RETRIES="1",
     PROMETHEUS_MULTIPROC_DIR=str(_TMP / "prometheus"),
+    # Small pools: the test process, its workers and anything else on the machine share one
+    # PostgreSQL with a limited number of connections.
+    FLOPEX_DB_POOL_SIZE="4",
 )
 
 from sqlalchemy import create_engine, text  # noqa: E402
@@ -91,9 +94,9 @@ get_settings.cache_clear()
 # Prices (USD per million, input/output) and latencies chosen so that every profile picks a
 # different provider: alpha is cheapest and slowest, bravo dearest and fastest, charlie between.
 PROVIDERS: dict[str, dict[str, Any]] = {
-    "alpha": {"latency_ms": 80, "price": ("0.05", "0.08")},
+    "alpha": {"latency_ms": 200, "price": ("0.05", "0.08")},
     "bravo": {"latency_ms": 0, "price": ("0.18", "0.20")},
-    "charlie": {"latency_ms": 10, "price": ("0.10", "0.12")},
+    "charlie": {"latency_ms": 20, "price": ("0.10", "0.12")},
 }
 MODEL_IDS = {
     "alpha": {"llama-3.1-8b": "alpha/llama-3.1-8b", "qwen-7b": "alpha/qwen-7b"},
@@ -296,8 +299,9 @@ def pipeline(
         for name, provider in sandboxes.items():
             provider.reset()
             provider.configure(latency_ms=PROVIDERS[name]["latency_ms"])
-        for key in redis_client.scan_iter("flopex:health:*"):
-            redis_client.delete(key)
+        for pattern in ("flopex:health:*", "flopex:breaker:*", "flopex:probe:*"):
+            for key in redis_client.scan_iter(pattern):
+                redis_client.delete(key)
 
     reset()
     yield sandboxes

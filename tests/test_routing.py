@@ -268,6 +268,7 @@ def test_quote_dict_round_trip_through_json():
         "estimated_latency_ms": 12,
         "success_rate": "0.9500",
         "error": None,
+        "circuit_open": False,
     }
     assert Quote.from_dict(data) == original
     assert Quote.from_dict(json.loads(json.dumps(data))) == original
@@ -357,3 +358,19 @@ def test_winner_is_eligible_and_ranking_is_a_permutation_of_eligible_quotes(
             assert decision.error_code == "max_price_exceeded"
         else:
             assert decision.error_code == "max_latency_exceeded"
+
+
+def test_open_circuit_quotes_are_dropped_before_any_rule():
+    import dataclasses
+
+    tripped = [dataclasses.replace(TRIO[0], circuit_open=True, live=False), *TRIO[1:]]
+    decision = run(tripped, "economy")
+    assert order(decision) == ["charlie", "bravo"]
+    assert decision.dropped == [{"provider": "alpha", "reason": "circuit_open"}]
+
+
+def test_every_circuit_open_is_no_provider_available():
+    import dataclasses
+
+    decision = run([dataclasses.replace(q, circuit_open=True) for q in TRIO], "fast")
+    assert decision.error_code == "no_provider_available" and decision.winner is None

@@ -6,6 +6,7 @@ from flask import Flask
 from flask_smorest import Api
 
 from app.api import errors
+from app.api.catalog import blp as catalog_blp
 from app.api.health import blp as health_blp
 from app.api.inference import blp as inference_blp
 from app.api.observability import init_observability
@@ -21,6 +22,7 @@ def register_api(app: Flask) -> Api:
     api.register_blueprint(health_blp)
     api.register_blueprint(inference_blp)
     api.register_blueprint(wallet_blp)
+    api.register_blueprint(catalog_blp)
     init_session(app)
     init_observability(app)
     errors.register(app)

@@ -221,3 +221,45 @@ class JobGetQuerySchema(Schema):
             "description": "Long-poll: wait up to this many seconds (capped) for the job to finish"
         },
     )
+
+
+class PriceRangeSchema(Schema):
+    min = fields.Decimal(as_string=False)
+    max = fields.Decimal(as_string=False)
+
+
+class ModelPricingSchema(Schema):
+    input_usd_per_million = fields.Nested(PriceRangeSchema)
+    output_usd_per_million = fields.Nested(PriceRangeSchema)
+
+
+class ModelSchema(Schema):
+    id = fields.String(metadata={"example": "llama-3.1-8b"})
+    object = fields.String(metadata={"example": "model"})
+    max_output_tokens = fields.Integer()
+    context_length = fields.Integer()
+    providers = fields.Integer(metadata={"description": "providers serving it now"})
+    pricing = fields.Nested(ModelPricingSchema, allow_none=True)
+
+
+class ModelListSchema(Schema):
+    object = fields.String()
+    data = fields.List(fields.Nested(ModelSchema))
+
+
+class ProviderSchema(Schema):
+    id = fields.String()
+    object = fields.String(metadata={"example": "provider"})
+    models = fields.List(fields.String())
+    live = fields.Boolean(allow_none=True, metadata={"description": "last health probe answered"})
+    latency_ms = fields.Integer(allow_none=True, metadata={"description": "last probe round trip"})
+    checked_at = fields.Float(
+        allow_none=True, metadata={"description": "Unix time of the last probe"}
+    )
+    success_rate = fields.Decimal(as_string=False, allow_none=True)
+    circuit = fields.String(metadata={"description": "closed, open or half_open"})
+
+
+class ProviderListSchema(Schema):
+    object = fields.String()
+    data = fields.List(fields.Nested(ProviderSchema))

@@ -37,6 +37,7 @@ from app.metrics import (
 from app.models import Job, utcnow
 from app.money import ceil_micros, customer_charge, provider_cost
 from app.providers import health
+from app.providers.breaker import Breaker
 from app.providers.openai_compat import Completion, ProviderFailure, complete, resolve_api_key
 from app.routing import Decision, Quote, select
 from config.settings import Settings
@@ -81,6 +82,7 @@ class RouteAndExecute:
         self.session = session
         self.redis = client
         self.settings = settings
+        self.breaker = Breaker(client, settings.breaker)
 
     # -- entry points ---------------------------------------------------------------------
 
@@ -206,6 +208,7 @@ class RouteAndExecute:
                 outcome="success", latency_ms=int((time.perf_counter() - started) * 1000)
             )
             health.record_outcome(self.redis, quote.provider, True, self.settings.health_window_s)
+            self.breaker.record_success(quote.provider)
             PROVIDER_LATENCY.labels(quote.provider, "success").observe(
                 time.perf_counter() - started
             )

@@ -12,6 +12,7 @@ import redis
 
 from app.metrics import QUOTE_LATENCY
 from app.providers import health
+from app.providers.breaker import Breaker
 from app.providers.openai_compat import ProviderFailure, ping, resolve_api_key
 from app.routing import Quote
 
@@ -23,12 +24,19 @@ def _key(job_id: str) -> str:
 
 
 def make_quote(
-    client: redis.Redis, option: dict[str, Any], deadline_at: float, health_window_s: int
+    client: redis.Redis,
+    option: dict[str, Any],
+    deadline_at: float,
+    health_window_s: int,
+    breaker: Breaker,
 ) -> Quote:
     remaining = deadline_at - time.time()
     live, latency, error = False, None, None
     started = time.perf_counter()
-    if remaining <= 0.005:
+    circuit_open = not breaker.allow(option["provider"])
+    if circuit_open:
+        error = "circuit_open"
+    elif remaining <= 0.005:
         error = "deadline_passed"
     else:
         try:
@@ -51,6 +59,7 @@ def make_quote(
         estimated_latency_ms=latency,
         success_rate=None if rate is None else str(rate),
         error=error,
+        circuit_open=circuit_open,
     )
 
 

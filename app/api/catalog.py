@@ -1,0 +1,124 @@
+"""GET /v1/models and GET /v1/providers: what can be routed, and how the providers are doing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask.views import MethodView
+from flask_smorest import Blueprint
+from sqlalchemy import select
+
+from app.api.auth import authenticate_and_limit
+from app.api.schemas import ModelListSchema, ProviderListSchema
+from app.api.session import db
+from app.models import ModelAlias, Offering, Provider
+from app.money import micros_to_usd
+from app.providers import health
+from app.providers.breaker import Breaker
+from app.providers.probe import last_probe
+from app.redis_client import get_redis
+from config.settings import get_settings
+
+blp = Blueprint("catalog", __name__, url_prefix="/v1", description="Models and providers")
+blp.before_request(authenticate_and_limit)
+
+
+@blp.route("/models")
+class Models(MethodView):
+    @blp.response(200, ModelListSchema)
+    @blp.doc(security=[{"bearerAuth": []}])
+    def get(self) -> Any:
+        """Every model alias with its caps and the price range across the providers serving it."""
+        rows = (
+            db()
+            .execute(
+                select(ModelAlias, Offering)
+                .outerjoin(Offering, (Offering.alias_id == ModelAlias.id) & Offering.enabled)
+                .outerjoin(Provider, (Provider.id == Offering.provider_id))
+                .where(ModelAlias.enabled, (Offering.id.is_(None)) | Provider.enabled)
+                .order_by(ModelAlias.alias)
+            )
+            .all()
+        )
+        models: dict[str, dict[str, Any]] = {}
+        for alias, offering in rows:
+            entry = models.setdefault(
+                alias.alias,
+                {
+                    "id": alias.alias,
+                    "object": "model",
+                    "max_output_tokens": alias.max_output_tokens,
+                    "context_length": alias.context_length,
+                    "providers": 0,
+                    "_in": [],
+                    "_out": [],
+                },
+            )
+            if offering is not None:
+                entry["providers"] += 1
+                entry["_in"].append(offering.input_price_micros_per_m)
+                entry["_out"].append(offering.output_price_micros_per_m)
+        data = []
+        for entry in models.values():
+            prices_in, prices_out = entry.pop("_in"), entry.pop("_out")
+            entry["pricing"] = (
+                {
+                    "input_usd_per_million": {
+                        "min": micros_to_usd(min(prices_in)),
+                        "max": micros_to_usd(max(prices_in)),
+                    },
+                    "output_usd_per_million": {
+                        "min": micros_to_usd(min(prices_out)),
+                        "max": micros_to_usd(max(prices_out)),
+                    },
+                }
+                if prices_in
+                else None
+            )
+            data.append(entry)
+        return {"object": "list", "data": data}
+
+
+@blp.route("/providers")
+class Providers(MethodView):
+    @blp.response(200, ProviderListSchema)
+    @blp.doc(security=[{"bearerAuth": []}])
+    def get(self) -> Any:
+        """Each enabled provider's live state from the health probe, its recent latency and
+        success rate, and its circuit breaker."""
+        settings = get_settings()
+        client = get_redis()
+        breaker = Breaker(client, settings.breaker)
+        rows = (
+            db()
+            .execute(
+                select(Provider.name, ModelAlias.alias)
+                .outerjoin(Offering, (Offering.provider_id == Provider.id) & Offering.enabled)
+                .outerjoin(ModelAlias, ModelAlias.id == Offering.alias_id)
+                .where(Provider.enabled)
+                .order_by(Provider.name, ModelAlias.alias)
+            )
+            .all()
+        )
+        served: dict[str, list[str]] = {}
+        for name, alias in rows:
+            served.setdefault(name, [])
+            if alias:
+                served[name].append(alias)
+        data = []
+        for name, aliases in served.items():
+            probe = last_probe(client, name)
+            rate = health.success_rate(client, name, settings.health_window_s)
+            data.append(
+                {
+                    "id": name,
+                    "object": "provider",
+                    "models": aliases,
+                    "live": probe["live"] if probe else None,
+                    "latency_ms": probe["latency_ms"] if probe else None,
+                    "checked_at": probe["checked_at"] if probe else None,
+                    "success_rate": rate,
+                    "circuit": breaker.state(name),
+                }
+            )
+        return {"object": "list", "data": data}

@@ -1,0 +1,101 @@
+"""GET /v1/models, GET /v1/providers and the health probe feeding routing."""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+
+from app.db import session_scope
+from app.providers.breaker import Breaker
+from app.providers.probe import probe_all
+from config.settings import get_settings
+from tests.conftest import decimal_json
+
+
+def probe(redis_client, now=None):
+    settings = get_settings()
+    with session_scope() as session:
+        return probe_all(
+            session,
+            redis_client,
+            Breaker(redis_client, settings.breaker),
+            timeout_s=0.5,
+            health_window_s=settings.health_window_s,
+            now=now,
+        )
+
+
+def test_models_lists_caps_and_price_ranges(client, catalog, make_account):
+    account = make_account()
+    body = decimal_json(client.get("/v1/models", headers=account.headers).data)
+    models = {m["id"]: m for m in body["data"]}
+    llama = models["llama-3.1-8b"]
+    assert llama["max_output_tokens"] == 4096 and llama["context_length"] == 16384
+    assert llama["providers"] == 3
+    assert llama["pricing"]["input_usd_per_million"] == {
+        "min": Decimal("0.05"),
+        "max": Decimal("0.18"),
+    }
+    assert llama["pricing"]["output_usd_per_million"] == {
+        "min": Decimal("0.08"),
+        "max": Decimal("0.2"),
+    }
+    assert models["orphan-1b"]["providers"] == 0 and models["orphan-1b"]["pricing"] is None
+    assert client.get("/v1/models").status_code == 401
+
+
+def test_providers_show_probe_state_and_breaker(client, pipeline, make_account, redis_client):
+    account = make_account()
+    probe(redis_client)
+    data = {
+        p["id"]: p for p in client.get("/v1/providers", headers=account.headers).get_json()["data"]
+    }
+    assert set(data) == {"alpha", "bravo", "charlie"}
+    alpha = data["alpha"]
+    assert alpha["live"] is True and alpha["latency_ms"] >= 80 and alpha["circuit"] == "closed"
+    assert alpha["models"] == ["llama-3.1-8b", "qwen-7b"]
+
+
+def test_a_killed_provider_is_marked_down_avoided_and_recovers(
+    client, pipeline, make_account, redis_client
+):
+    from sandbox import SandboxProvider
+
+    settings = get_settings()
+    account = make_account()
+    body = {
+        "model": "llama-3.1-8b",
+        "input": "route around",
+        "max_output_tokens": 16,
+        "performance_profile": "economy",
+    }
+    alpha = pipeline["alpha"]
+    port, config = alpha.port, alpha.config
+    alpha.stop()
+    try:
+        for _ in range(settings.breaker_threshold):
+            results = {r.provider: r for r in probe(redis_client)}
+            assert results["alpha"].live is False
+        providers = {
+            p["id"]: p
+            for p in client.get("/v1/providers", headers=account.headers).get_json()["data"]
+        }
+        assert providers["alpha"]["live"] is False and providers["alpha"]["circuit"] == "open"
+
+        # Cheapest is alpha, but its breaker is open: every strategy routes around it.
+        data = client.post("/v1/inference", json=body, headers=account.headers).get_json()
+        assert data["provider"] == "charlie"
+        assert {"provider": "alpha", "reason": "circuit_open"} in data["routing"]["dropped"]
+        assert [a["provider"] for a in data["routing"]["attempts"]] == ["charlie"]
+    finally:
+        pipeline["alpha"] = SandboxProvider(config, port=port).start()
+
+    # After the cool-down the breaker is half-open; the next successful probe closes it.
+    later = time.time() + settings.breaker_cooldown_s + 1
+    assert {r.provider: r.live for r in probe(redis_client, now=later)}["alpha"] is True
+    providers = {
+        p["id"]: p for p in client.get("/v1/providers", headers=account.headers).get_json()["data"]
+    }
+    assert providers["alpha"]["circuit"] == "closed"
+    data = client.post("/v1/inference", json=body, headers=account.headers).get_json()
+    assert data["provider"] == "alpha"
