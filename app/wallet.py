@@ -114,8 +114,9 @@ def settle(
 ) -> WalletState:
     """Capture ``charge_micros`` of a job's hold and release the rest, in one UPDATE.
 
-    The partial unique indexes on ledger_entries make a second capture or release for the same
-    job fail, so a settle that somehow runs twice cannot charge twice.
+    Every settlement writes exactly one ``release`` entry (zero when the charge used the whole
+    hold) and at most one ``capture``; the partial unique indexes on ledger_entries then make any
+    second settlement of the same job fail, whatever its amounts: no job is charged twice.
     """
     if not 0 <= charge_micros <= held_micros:
         raise ValueError(f"capture {charge_micros} outside hold {held_micros}")
@@ -126,8 +127,7 @@ def settle(
     if charge_micros:
         after_capture = WalletState(state.balance_micros, state.held_micros + released)
         _entry(session, wallet_id, job_id, "capture", -charge_micros, -charge_micros, after_capture)
-    if released:
-        _entry(session, wallet_id, job_id, "release", 0, -released, state)
+    _entry(session, wallet_id, job_id, "release", 0, -released, state)
     return state
 
 

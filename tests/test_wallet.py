@@ -98,14 +98,31 @@ def test_top_up_hold_settle_ledger_and_after_balances(db_session):
     assert memo == "invoice 1"
 
 
-def test_settle_for_the_full_hold_writes_no_release(db_session):
+def test_settle_for_the_full_hold_writes_a_zero_release_marker(db_session):
     account_id, wid = make_wallet(db_session)
     job = make_job(db_session, account_id, wid)
     wallet.top_up(db_session, wid, 500)
     wallet.hold(db_session, wid, job, 200)
     assert wallet.settle(db_session, wid, job, 200, 200) == WalletState(300, 0)
-    assert [e[0] for e in entries(db_session, wid)] == ["topup", "hold", "capture"]
+    assert [e[0] for e in entries(db_session, wid)] == ["topup", "hold", "capture", "release"]
+    assert entries(db_session, wid)[-1] == ("release", job, 0, 0, 300, 0)
     assert_invariants(db_session, wid)
+
+
+def test_a_settled_job_cannot_be_settled_again_with_other_amounts(db_session):
+    from sqlalchemy.exc import IntegrityError
+
+    account_id, wid = make_wallet(db_session)
+    job, other = make_job(db_session, account_id, wid), make_job(db_session, account_id, wid)
+    wallet.top_up(db_session, wid, 500)
+    wallet.hold(db_session, wid, job, 100)
+    wallet.hold(db_session, wid, other, 100)
+    wallet.settle(db_session, wid, job, 100, 0)  # cancelled: all released
+    before = entries(db_session, wid)
+    with pytest.raises(IntegrityError), db_session.begin_nested():
+        wallet.settle(db_session, wid, job, 100, 100)  # a capture after the release
+        db_session.flush()
+    assert entries(db_session, wid) == before
 
 
 def test_settle_for_nothing_releases_the_whole_hold(db_session):

@@ -10,12 +10,18 @@ from app.api.catalog import blp as catalog_blp
 from app.api.health import blp as health_blp
 from app.api.inference import blp as inference_blp
 from app.api.observability import init_observability
+from app.api.schemas import ApiErrorSchema
 from app.api.session import init_session
 from app.api.wallet import blp as wallet_blp
 
 
+class FlopexApi(Api):
+    # Every documented operation's `default` response is our one error shape.
+    ERROR_SCHEMA = ApiErrorSchema
+
+
 def register_api(app: Flask) -> Api:
-    api = Api(app, spec_kwargs={"components": {"securitySchemes": {}}})
+    api = FlopexApi(app)
     api.spec.components.security_scheme(
         "bearerAuth", {"type": "http", "scheme": "bearer", "description": "Flopex API key"}
     )

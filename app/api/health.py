@@ -9,6 +9,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 from sqlalchemy import text
 
+from app.api.schemas import HealthSchema, ReadySchema
 from app.api.session import db
 from app.metrics import render
 from app.redis_client import get_redis
@@ -18,6 +19,7 @@ blp = Blueprint("health", __name__, description="Process health")
 
 @blp.route("/healthz")
 class Healthz(MethodView):
+    @blp.response(200, HealthSchema)
     def get(self) -> Any:
         """The process is up."""
         return {"status": "ok"}
@@ -38,6 +40,8 @@ class Metrics(MethodView):
 
 @blp.route("/readyz")
 class Readyz(MethodView):
+    @blp.response(200, ReadySchema)
+    @blp.alt_response(503, schema=ReadySchema, description="a dependency is unreachable")
     def get(self) -> Any:
         """The database and the broker are reachable."""
         checks: dict[str, str] = {}

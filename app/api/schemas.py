@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC
 from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
@@ -67,6 +68,13 @@ class InferenceRequestSchema(Schema):
     @validates_schema
     def _bounds(self, data: dict[str, Any], **_: Any) -> None:
         settings = get_settings()
+        for name in ("model", "input", "prompt", "customer_ref"):
+            if "\x00" in (data.get(name) or ""):
+                raise ValidationError("Must not contain NUL characters.", name)
+        if data.get("metadata") is not None and "\\u0000" in json.dumps(
+            data["metadata"], default=str
+        ):
+            raise ValidationError("Must not contain NUL characters.", "metadata")
         text_input, prompt = data.get("input") or "", data.get("prompt") or ""
         if not text_input and not prompt:
             raise ValidationError("Provide input (or the legacy prompt).", "input")
@@ -189,6 +197,17 @@ class JobObjectSchema(InferenceResponseSchema):
     finished_at = fields.String()
 
 
+class UtcDateTime(fields.AwareDateTime):
+    """An ISO 8601 time with a zone, normalised to UTC (databases reject exotic offsets)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        parsed = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return parsed.astimezone(UTC)
+        except (OverflowError, ValueError):
+            raise ValidationError("Out of range.") from None
+
+
 class JobListQuerySchema(Schema):
     class Meta:
         unknown = RAISE
@@ -197,8 +216,8 @@ class JobListQuerySchema(Schema):
         validate=validate.OneOf(["queued", "running", "success", "failed", "cancelled"])
     )
     customer_ref = fields.String(validate=validate.Length(min=1, max=255))
-    created_after = fields.AwareDateTime(metadata={"description": "ISO 8601 with a time zone"})
-    created_before = fields.AwareDateTime(metadata={"description": "ISO 8601 with a time zone"})
+    created_after = UtcDateTime(metadata={"description": "ISO 8601 with a time zone"})
+    created_before = UtcDateTime(metadata={"description": "ISO 8601 with a time zone"})
     limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
     starting_after = fields.UUID(metadata={"description": "a job id: the page after it"})
 
@@ -263,3 +282,12 @@ class ProviderSchema(Schema):
 class ProviderListSchema(Schema):
     object = fields.String()
     data = fields.List(fields.Nested(ProviderSchema))
+
+
+class HealthSchema(Schema):
+    status = fields.String(metadata={"example": "ok"})
+
+
+class ReadySchema(Schema):
+    status = fields.String(metadata={"description": "ok or unavailable"})
+    checks = fields.Dict(keys=fields.String(), values=fields.String())

@@ -80,6 +80,9 @@ def reject(
         ({"metadata": "text"}, "metadata"),
         ({"metadata": {"blob": "x" * 20_000}}, "metadata"),
         ({"temperature": 0.2}, "temperature"),
+        ({"input": "a\u0000b"}, "input"),
+        ({"customer_ref": "ref\u0000"}, "customer_ref"),
+        ({"metadata": {"k": "v\u0000"}}, "metadata"),
     ],
 )
 def test_invalid_parameters_are_400_invalid_request(client, account, changes, param):
