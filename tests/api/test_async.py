@@ -204,3 +204,37 @@ def test_bad_prefer_wait_is_400(client, pipeline, make_account):
     account = make_account()
     resp = submit(client, account, Prefer="wait=soon")
     assert resp.status_code == 400 and resp.get_json()["error"]["param"] == "Prefer"
+
+
+def test_a_job_accepted_while_the_broker_is_down_completes_via_the_sweeper(
+    client, pipeline, make_account, monkeypatch, celery_app, redis_client
+):
+    from kombu.exceptions import OperationalError
+
+    from app.api import inference
+    from app.jobs.recovery import sweep
+    from config.settings import get_settings
+
+    account = make_account()
+
+    def broker_down(*_args, **_kwargs):
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(inference, "dispatch_quotes", broker_down)
+    resp = submit(client, account, **{"Idempotency-Key": "broker-down"})
+    assert resp.status_code == 202  # durable: accepted, not lost
+    job = resp.get_json()
+    assert job["status"] == "queued" and sum(chat_calls(pipeline).values()) == 0
+    monkeypatch.undo()
+
+    with session_scope() as session:
+        later = datetime.now(UTC) + timedelta(minutes=10)
+        report = sweep(session, celery_app, redis_client, get_settings(), grace_s=0, now=later)
+    assert job["id"] in report.requoted
+    final = client.get(f"/v1/inference/{job['id']}?wait=30", headers=account.headers).get_json()
+    assert final["status"] == "success"
+    assert kinds(account).count("capture") == 1
+    # The key stayed with the job: a retry waits for and replays its outcome.
+    replay = submit(client, account, **{"Idempotency-Key": "broker-down"})
+    assert replay.status_code == 200 and replay.get_json()["id"] == job["id"]
+    assert sum(chat_calls(pipeline).values()) == 1

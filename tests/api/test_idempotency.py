@@ -169,3 +169,36 @@ def test_fifty_concurrent_requests_with_one_key_execute_once(flask_app, pipeline
             select(IdempotencyKey).where(IdempotencyKey.key == "key-concurrent")
         ).all()
         assert len(rows) == 1 and rows[0].response_status == 200
+
+
+def test_expired_keys_are_purged_and_can_be_used_anew(client, pipeline, make_account):
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from app import idempotency
+
+    account = make_account()
+    first = post(client, account, BODY, "key-expiring")
+    with session_scope() as session:
+        session.execute(
+            update(IdempotencyKey)
+            .where(IdempotencyKey.key == "key-expiring")
+            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+    # An expired record no longer binds the key, even before the purge ran.
+    other = post(client, account, {**BODY, "input": "A new request."}, "key-expiring")
+    assert other.status_code == 200 and "Idempotent-Replayed" not in other.headers
+    assert other.get_json()["id"] != first.get_json()["id"]
+    with session_scope() as session:
+        session.execute(
+            update(IdempotencyKey)
+            .where(IdempotencyKey.key == "key-expiring")
+            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+    with session_scope() as session:
+        assert idempotency.purge_expired(session) >= 1
+        assert (
+            session.scalar(select(IdempotencyKey).where(IdempotencyKey.key == "key-expiring"))
+            is None
+        )
