@@ -63,6 +63,7 @@ class Settings:
     health_window_s: int
     db_pool_size: int
     sweep_grace_s: float
+    sweep_quoting_grace_s: float
     sweep_interval_s: float
     idempotency_ttl_s: int
     max_wait_s: float
@@ -108,6 +109,7 @@ class Settings:
             health_window_s=_int("FLOPEX_HEALTH_WINDOW_S", 300),
             db_pool_size=_int("FLOPEX_DB_POOL_SIZE", 10),
             sweep_grace_s=_float("FLOPEX_SWEEP_GRACE_S", 15.0),
+            sweep_quoting_grace_s=_float("FLOPEX_SWEEP_QUOTING_GRACE_S", 3.0),
             sweep_interval_s=_float("FLOPEX_SWEEP_INTERVAL_S", 5.0),
             idempotency_ttl_s=_int("FLOPEX_IDEMPOTENCY_TTL_S", 86_400),
             max_wait_s=_float("FLOPEX_MAX_WAIT_S", 60.0),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from celery import Celery
@@ -11,12 +10,12 @@ from app.jobs.submit import Accepted
 from app.logs import task_headers
 from config.settings import Settings
 
-# Headroom past the quote deadline before the backstop routes with the quotes it has.
-_BACKSTOP_GRACE_S = 0.25
-
 
 def send_quotes(celery: Celery, job: Any, deadline_at: float, queue: str) -> None:
-    """One quote task per option on the job, plus the backstop route at the deadline."""
+    """One quote task per option on the job, in one producer connection. The last quote to
+    arrive sends the route task; a quote lost with a crashed worker is covered by the sweeper
+    (app/jobs/recovery.py), not by a per-job timer: a timer task would cost every job a message
+    and a task execution to cover a rare crash."""
     job_id = str(job.id)
     headers = task_headers(job_id)
     options = [o for o in job.quotes or [] if "base_url" in o]
@@ -29,14 +28,6 @@ def send_quotes(celery: Celery, job: Any, deadline_at: float, queue: str) -> Non
                 producer=producer,
                 headers=headers,
             )
-        celery.send_task(
-            "flopex.route",
-            args=[job_id],
-            queue=queue,
-            headers=headers,
-            countdown=max(0.0, deadline_at - time.time()) + _BACKSTOP_GRACE_S,
-            producer=producer,
-        )
 
 
 _OPTION_FIELDS = (

@@ -1,6 +1,7 @@
 """One quote: ping the provider live, attach its price and recent reliability, and hand it to the
-join. Quotes travel through a Redis hash per job; the last quote to arrive triggers routing, and a
-backstop task scheduled at submission routes with whatever arrived by the deadline."""
+join. Quotes travel through a Redis hash per job; the last quote to arrive triggers routing. A
+ping never outlives the quote deadline, so every quote task finishes by then; one lost with a
+crashed worker is covered by the sweeper, which quotes the job again."""
 
 from __future__ import annotations
 

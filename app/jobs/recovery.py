@@ -5,7 +5,7 @@ its current step can take:
 
 | status | stuck after | action |
 |---|---|---|
-| quoting | quote deadline + grace | quote again (the messages were lost: broker flush, crash) |
+| quoting | quote deadline + quoting grace (3 s) | quote again (the messages were lost: broker flush, crash) |
 | routing | grace | back to quoting, quote again (no provider was called yet) |
 | executing | (connect + read timeout) * (retries + 1) + grace | resume: see below |
 | settling | grace | resume: settle from the recorded answer |
@@ -55,7 +55,8 @@ def stuck_jobs(
 ) -> list[Job]:
     longest_deadline_s = max(p.quote_deadline_ms for p in settings.profiles.values()) / 1000
     cutoff = {
-        states.QUOTING: now - timedelta(seconds=longest_deadline_s + grace_s),
+        states.QUOTING: now
+        - timedelta(seconds=longest_deadline_s + min(grace_s, settings.sweep_quoting_grace_s)),
         states.ROUTING: now - timedelta(seconds=grace_s),
         states.EXECUTING: now - timedelta(seconds=_executing_budget_s(settings) + grace_s),
         states.SETTLING: now - timedelta(seconds=grace_s),
