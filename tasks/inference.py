@@ -7,13 +7,12 @@ import logging
 import uuid
 from typing import Any
 
-from celery import current_app, shared_task
+from celery import shared_task
 from sqlalchemy.orm.exc import StaleDataError
 
 from app.db import session_factory
 from app.jobs.execution import Outcome, RouteAndExecute
 from app.jobs.quoting import make_quote, store_quote
-from app.logs import task_headers
 from app.providers.breaker import Breaker
 from app.redis_client import get_redis
 from config.settings import get_settings
@@ -25,16 +24,15 @@ log = logging.getLogger(__name__)
 def quote(
     job_id: str, option: dict[str, Any], deadline_at: float, expected: int, queue: str
 ) -> None:
+    """One provider's quote. ``queue`` is the job's profile queue (kept for messages in flight)."""
     settings = get_settings()
     client = get_redis()
-    q = make_quote(
-        client, option, deadline_at, settings.health_window_s, Breaker(client, settings.breaker)
-    )
+    breaker = Breaker(client, settings.breaker)
+    q = make_quote(client, option, deadline_at, settings.health_window_s, breaker)
     if store_quote(client, job_id, q) >= expected:
-        # The last quote in closes the join; a late duplicate finds the job already routed.
-        current_app.send_task(
-            "flopex.route", args=[job_id], queue=queue, headers=task_headers(job_id)
-        )
+        # The last quote in closes the join and routes the job right here: one queue hop less on
+        # every request. A redelivered or duplicate quote finds the job already claimed.
+        _run(job_id, resume=False)
 
 
 def _run(job_id: str, resume: bool) -> str | None:
