@@ -49,6 +49,18 @@ def make_quote(
         time.perf_counter() - started
     )
     rate = health.success_rate(client, option["provider"], health_window_s)
+    return _quote(
+        option,
+        live=live,
+        estimated_latency_ms=latency,
+        success_rate=None if rate is None else str(rate),
+        error=error,
+        circuit_open=circuit_open,
+    )
+
+
+def _quote(option: dict[str, Any], **observed: Any) -> Quote:
+    """An option's catalog facts (price, estimate) with what was observed about it now."""
     return Quote(
         provider=option["provider"],
         offering_id=option["offering_id"],
@@ -56,11 +68,7 @@ def make_quote(
         input_price_micros_per_m=option["input_price_micros_per_m"],
         output_price_micros_per_m=option["output_price_micros_per_m"],
         estimated_charge_micros=option["estimated_charge_micros"],
-        live=live,
-        estimated_latency_ms=latency,
-        success_rate=None if rate is None else str(rate),
-        error=error,
-        circuit_open=circuit_open,
+        **observed,
     )
 
 
@@ -84,17 +92,7 @@ def collect_quotes(client: redis.Redis, job_id: str, options: list[dict[str, Any
             quotes.append(Quote.from_dict(json.loads(raw)))
         else:
             quotes.append(
-                Quote(
-                    provider=option["provider"],
-                    offering_id=option["offering_id"],
-                    provider_model_id=option["provider_model_id"],
-                    input_price_micros_per_m=option["input_price_micros_per_m"],
-                    output_price_micros_per_m=option["output_price_micros_per_m"],
-                    estimated_charge_micros=option["estimated_charge_micros"],
-                    live=False,
-                    estimated_latency_ms=None,
-                    error="no_quote_by_deadline",
-                )
+                _quote(option, live=False, estimated_latency_ms=None, error="no_quote_by_deadline")
             )
     return quotes
 
