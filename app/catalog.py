@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,34 @@ class ModelEntry:
     max_output_tokens: int
     context_length: int
     options: tuple[RouteOption, ...]
+
+
+class ModelCache:
+    """A few seconds of memory for find_model: the catalog changes on deploys, not per request,
+    and this lookup is the heaviest query of a submission. PostgreSQL stays the truth: an entry
+    lives ``ttl_s`` (FLOPEX_CATALOG_CACHE_S; 0 disables), so a catalog load is seen by every
+    process within that time."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[float, ModelEntry | None]] = {}
+
+    def get(self, session: Session, alias: str) -> ModelEntry | None:
+        if self.ttl_s <= 0:
+            return find_model(session, alias)
+        now = time.monotonic()
+        hit = self._entries.get(alias)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        entry = find_model(session, alias)
+        if (
+            entry is not None or len(self._entries) < 1024
+        ):  # unknown aliases cannot grow it unbounded
+            self._entries[alias] = (now + self.ttl_s, entry)
+        return entry
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 def find_model(session: Session, alias: str) -> ModelEntry | None:

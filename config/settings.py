@@ -72,6 +72,7 @@ class Settings:
     breaker_window_s: float
     breaker_cooldown_s: float
     probe_interval_s: float
+    catalog_cache_s: float
     rate_limit_burst: int
     profiles: dict[str, ProfilePolicy] = field(default_factory=dict)
 
@@ -119,6 +120,7 @@ class Settings:
             breaker_window_s=_float("FLOPEX_BREAKER_WINDOW_S", 60.0),
             breaker_cooldown_s=_float("FLOPEX_BREAKER_COOLDOWN_S", 30.0),
             probe_interval_s=_float("FLOPEX_PROBE_INTERVAL_S", 10.0),
+            catalog_cache_s=_float("FLOPEX_CATALOG_CACHE_S", 5.0),
             profiles={
                 "fast": ProfilePolicy(_int("FLOPEX_QUOTE_DEADLINE_MS_FAST", 300), "fast", 0),
                 "balanced": ProfilePolicy(

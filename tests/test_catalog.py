@@ -319,3 +319,28 @@ def test_non_positive_model_caps_are_rejected(db_session, tmp_path, tag, max_out
     path = write(tmp_path, model_toml(f"m-{tag}", max_out, context))
     with pytest.raises(ValueError, match="caps must be positive"):
         load_catalog(db_session, path)
+
+
+def test_model_cache_serves_repeats_from_memory_until_its_ttl(db_session, monkeypatch):
+    from app import catalog as catalog_module
+    from app.catalog import ModelCache
+
+    calls = []
+    real = catalog_module.find_model
+
+    def counting(session, alias):
+        calls.append(alias)
+        return real(session, alias)
+
+    monkeypatch.setattr(catalog_module, "find_model", counting)
+    clock = [100.0]
+    monkeypatch.setattr(catalog_module.time, "monotonic", lambda: clock[0])
+    cache = ModelCache(ttl_s=5)
+    first = cache.get(db_session, "no-such-model")
+    assert first is None and cache.get(db_session, "no-such-model") is None
+    assert calls == ["no-such-model"]
+    clock[0] += 6
+    cache.get(db_session, "no-such-model")
+    assert calls == ["no-such-model", "no-such-model"]
+    ModelCache(ttl_s=0).get(db_session, "no-such-model")
+    assert len(calls) == 3

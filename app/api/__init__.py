@@ -13,6 +13,8 @@ from app.api.observability import init_observability
 from app.api.schemas import ApiErrorSchema
 from app.api.session import init_session
 from app.api.wallet import blp as wallet_blp
+from app.catalog import ModelCache
+from config.settings import get_settings
 
 
 class FlopexApi(Api):
@@ -33,4 +35,5 @@ def register_api(app: Flask) -> Api:
     init_observability(app)
     errors.register(app)
     app.extensions["flopex_api"] = api
+    app.extensions["flopex_models"] = ModelCache(get_settings().catalog_cache_s)
     return api

@@ -7,7 +7,7 @@ import logging
 import uuid
 from typing import Any
 
-from flask import current_app, request
+from flask import current_app, g, request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 from kombu.exceptions import OperationalError
@@ -179,7 +179,8 @@ class InferenceCollection(MethodView):
             principal,
             _to_request(args),
             settings,
-            request_id=request.headers.get("X-Request-ID"),
+            request_id=g.get("request_id"),
+            models=current_app.extensions["flopex_models"],
         ).run()
         job = accepted.job
         accepted_body = None

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from app import wallet
 from app.accounts import Principal
-from app.catalog import RouteOption, find_model
+from app.catalog import ModelCache, RouteOption, find_model
 from app.exceptions import FlopexError
 from app.jobs import states
 from app.models import Job
@@ -70,7 +70,9 @@ class SubmitInference:
         request: InferenceRequest,
         settings: Settings,
         request_id: str | None = None,
+        models: ModelCache | None = None,
     ) -> None:
+        self.models = models
         self.session = session
         self.principal = principal
         self.request = request
@@ -84,7 +86,11 @@ class SubmitInference:
 
     def validate(self) -> None:
         req = self.request
-        model = find_model(self.session, req.model)
+        model = (
+            self.models.get(self.session, req.model)
+            if self.models
+            else find_model(self.session, req.model)
+        )
         if model is None:
             raise FlopexError(
                 "model_not_found", f"The model '{req.model}' does not exist.", "model"
