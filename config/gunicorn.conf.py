@@ -14,6 +14,8 @@ threads = int(os.environ.get("WEB_THREADS", "32"))
 timeout = int(float(os.environ.get("FLOPEX_SYNC_TIMEOUT_S", "60"))) + 30
 graceful_timeout = 30
 keepalive = 5
+# Each worker accepts on its own socket: the kernel spreads connections evenly between them.
+reuse_port = True
 max_requests = int(os.environ.get("WEB_MAX_REQUESTS", "0"))
 max_requests_jitter = 100
 accesslog = os.environ.get("WEB_ACCESS_LOG") or None

@@ -35,6 +35,8 @@ def http_session() -> requests.Session:
         with _lock:
             if _session is None or _session_pid != os.getpid():
                 session = requests.Session()
+                # No proxy/netrc lookups from the environment on every call.
+                session.trust_env = False
                 adapter = HTTPAdapter(pool_connections=64, pool_maxsize=128, max_retries=0)
                 session.mount("http://", adapter)
                 session.mount("https://", adapter)
