@@ -91,6 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--accounts", type=int, default=1, help="spread the load over this many accounts (1)"
     )
     p.add_argument("--log-level", default="warning", help="LOG_LEVEL of web and worker")
+    p.add_argument(
+        "--quote-source",
+        choices=("live", "probe"),
+        default="live",
+        help="FLOPEX_QUOTE_SOURCE: live pings per request (default) or the beat probe's results",
+    )
     p.add_argument("--sync-timeout", type=float, default=30.0, help="FLOPEX_SYNC_TIMEOUT_S")
     p.add_argument("--wallet-procs", type=int, default=4, help="hot wallet processes (4)")
     p.add_argument("--wallet-threads", type=int, default=8, help="threads per process (8)")
@@ -139,12 +145,15 @@ def configure_environment(args: argparse.Namespace, db_url: str, tmp: Path) -> N
         FLOPEX_CATALOG=str(tmp / "catalog.toml"),
         FLOPEX_SYNC_TIMEOUT_S=str(args.sync_timeout),
         # The benchmark measures the exchange, not the per-account throttle.
-        FLOPEX_RATE_LIMIT_PER_S="1000000",
+        FLOPEX_RATE_LIMIT_PER_MIN="100000000",
         FLOPEX_RATE_LIMIT_BURST="1000000",
         WEB_CONCURRENCY=str(args.web_workers),
         WEB_THREADS=str(args.web_threads),
         WEB_MAX_REQUESTS="0",
         LOG_LEVEL=args.log_level.upper(),
+        FLOPEX_QUOTE_SOURCE=args.quote_source,
+        # In probe mode the probe runs every 2 s so quotes stay fresh through the scenarios.
+        FLOPEX_PROBE_INTERVAL_S="2" if args.quote_source == "probe" else "10",
         PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
         PYTHONUNBUFFERED="1",
         PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),

@@ -339,8 +339,11 @@ def start_web(port: int, tmp: Path) -> Child:
     return spawn("web", [*argv, "app:create_app()"], tmp / "web.log")
 
 
-def start_worker(node_name: str, concurrency: int, log_level: str, tmp: Path) -> Child:
-    """One Celery worker process (thread pool); its log is <tmp>/<node_name>.log."""
+def start_worker(
+    node_name: str, concurrency: int, log_level: str, tmp: Path, beat: bool = False
+) -> Child:
+    """One Celery worker process (thread pool); its log is <tmp>/<node_name>.log. With ``beat``
+    it also runs celery beat (the provider probe feeds FLOPEX_QUOTE_SOURCE=probe)."""
     argv = [
         str(BIN / "celery"), "-A", "workers.main", "worker",
         "--pool", "threads", "--concurrency", str(concurrency),
@@ -349,6 +352,8 @@ def start_worker(node_name: str, concurrency: int, log_level: str, tmp: Path) ->
         "-n", f"{node_name}@%h",
         "-l", log_level,
     ]  # fmt: skip
+    if beat:
+        argv += ["-B", "-s", str(tmp / f"{node_name}-beat-schedule")]
     return spawn(node_name, argv, tmp / f"{node_name}.log")
 
 
@@ -431,7 +436,8 @@ class Stack:
     def start_services(self, worker_procs: int, worker_concurrency: int, log_level: str) -> None:
         for i in range(worker_procs):
             node = f"bench{i + 1}-{os.getpid()}"
-            self.workers.append(start_worker(node, worker_concurrency, log_level, self.tmp))
+            beat = i == 0 and os.environ.get("FLOPEX_QUOTE_SOURCE") == "probe"
+            self.workers.append(start_worker(node, worker_concurrency, log_level, self.tmp, beat))
         port = free_port()
         self.web = start_web(port, self.tmp)
         self.base_url = f"http://127.0.0.1:{port}"

@@ -73,6 +73,7 @@ class Settings:
     breaker_cooldown_s: float
     probe_interval_s: float
     catalog_cache_s: float
+    quote_source: str
     rate_limit_burst: int
     profiles: dict[str, ProfilePolicy] = field(default_factory=dict)
 
@@ -88,6 +89,8 @@ class Settings:
         weights = tuple(
             Decimal(w.strip()) for w in _env("FLOPEX_BALANCED_WEIGHTS", "0.4,0.4,0.2").split(",")
         )
+        if _env("FLOPEX_QUOTE_SOURCE", "live") not in ("live", "probe"):
+            raise ValueError("FLOPEX_QUOTE_SOURCE is live or probe")
         if len(weights) != 3:
             raise ValueError(
                 "FLOPEX_BALANCED_WEIGHTS needs three numbers: cost,latency,reliability"
@@ -121,6 +124,7 @@ class Settings:
             breaker_cooldown_s=_float("FLOPEX_BREAKER_COOLDOWN_S", 30.0),
             probe_interval_s=_float("FLOPEX_PROBE_INTERVAL_S", 10.0),
             catalog_cache_s=_float("FLOPEX_CATALOG_CACHE_S", 5.0),
+            quote_source=_env("FLOPEX_QUOTE_SOURCE", "live"),
             profiles={
                 "fast": ProfilePolicy(_int("FLOPEX_QUOTE_DEADLINE_MS_FAST", 300), "fast", 0),
                 "balanced": ProfilePolicy(

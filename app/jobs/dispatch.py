@@ -6,8 +6,11 @@ from typing import Any
 
 from celery import Celery
 
+from app.jobs.quoting import quotes_from_probes, store_quotes
 from app.jobs.submit import Accepted
 from app.logs import task_headers
+from app.providers.breaker import Breaker
+from app.redis_client import get_redis
 from config.settings import Settings
 
 
@@ -48,4 +51,28 @@ def _option_message(option: dict[str, Any]) -> dict[str, Any]:
 
 def dispatch_quotes(celery: Celery, accepted: Accepted, settings: Settings) -> None:
     policy = settings.profiles[accepted.job.performance_profile]
+    if settings.quote_source == "probe" and _route_on_probes(
+        celery, accepted.job, settings, policy.queue
+    ):
+        return
     send_quotes(celery, accepted.job, accepted.quote_deadline_at, policy.queue)
+
+
+def _route_on_probes(celery: Celery, job: Any, settings: Settings, queue: str) -> bool:
+    """Quote from the health probe's fresh results and send one route task; False when the
+    probes are missing or stale (the job is then quoted live)."""
+    client = get_redis()
+    options = [o for o in job.quotes or [] if "base_url" in o]
+    quotes = quotes_from_probes(
+        client,
+        options,
+        Breaker(client, settings.breaker),
+        max_age_s=settings.probe_interval_s * 3,
+        health_window_s=settings.health_window_s,
+    )
+    if quotes is None:
+        return False
+    job_id = str(job.id)
+    store_quotes(client, job_id, quotes)
+    celery.send_task("flopex.route", args=[job_id], queue=queue, headers=task_headers(job_id))
+    return True

@@ -99,3 +99,46 @@ def collect_quotes(client: redis.Redis, job_id: str, options: list[dict[str, Any
 
 def discard_quotes(client: redis.Redis, job_id: str) -> None:
     client.delete(_key(job_id))
+
+
+def quotes_from_probes(
+    client: redis.Redis,
+    options: list[dict[str, Any]],
+    breaker: Breaker,
+    *,
+    max_age_s: float,
+    health_window_s: int,
+    now: float | None = None,
+) -> list[Quote] | None:
+    """Quotes from the beat probe's latest results instead of a live ping per request
+    (FLOPEX_QUOTE_SOURCE=probe): no quote tasks, no wait on provider round trips. None when any
+    option lacks a probe younger than ``max_age_s``: the caller then quotes live."""
+    now = now or time.time()
+    raws = client.mget([f"flopex:probe:{o['provider']}" for o in options])
+    quotes = []
+    for option, raw in zip(options, raws, strict=True):
+        probe = json.loads(raw) if raw else None
+        if probe is None or now - probe["checked_at"] > max_age_s:
+            return None
+        circuit_open = not breaker.allow(option["provider"], now)
+        rate = health.success_rate(client, option["provider"], health_window_s)
+        quotes.append(
+            _quote(
+                option,
+                live=probe["live"] and not circuit_open,
+                estimated_latency_ms=probe["latency_ms"] if probe["live"] else None,
+                success_rate=None if rate is None else str(rate),
+                error="circuit_open"
+                if circuit_open
+                else (None if probe["live"] else probe["error"]),
+                circuit_open=circuit_open,
+            )
+        )
+    return quotes
+
+
+def store_quotes(client: redis.Redis, job_id: str, quotes: list[Quote]) -> None:
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(_key(job_id), mapping={q.provider: json.dumps(q.to_dict()) for q in quotes})
+    pipe.expire(_key(job_id), _TTL_S)
+    pipe.execute()
