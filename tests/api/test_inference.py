@@ -14,19 +14,8 @@ from app import wallet
 from app.db import session_scope
 from app.models import Job, LedgerEntry, Provider
 from app.money import customer_charge, micros_to_usd
+from tests.api_document import DOC_REQUEST
 from tests.conftest import PROVIDERS, chat_calls, decimal_json
-
-DOC_REQUEST = {
-    "model": "llama-3.1-8b",
-    "input": "Summarize inference routing in two sentences.",
-    "max_output_tokens": 256,
-    "performance_profile": "balanced",
-    "routing_strategy": "lowest_cost",
-    "customer_ref": "order-9921",
-    "max_price_usd": 0.02,
-    "max_latency_ms": 800,
-    "metadata": {"env": "staging"},
-}
 
 
 def post(client: Any, account: Any, body: dict[str, Any]) -> Any:

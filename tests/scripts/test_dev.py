@@ -24,23 +24,15 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.api_document import DOC_REQUEST
+
 ROOT = Path(__file__).resolve().parents[2]
 DEV_SCRIPT = ROOT / "scripts" / "dev.py"
 READY_PREFIX = "flopex ready on "
 READY_TIMEOUT_S = 90.0
 EXIT_TIMEOUT_S = 30.0
 DEMO_KEY = "fpx_demotest1_" + "AbCdEfGh12345678IjKlMnOp"
-DOCUMENTED_REQUEST = {
-    "model": "llama-3.1-8b",
-    "input": "Summarize inference routing in two sentences.",
-    "max_output_tokens": 256,
-    "performance_profile": "balanced",
-    "routing_strategy": "lowest_cost",
-    "customer_ref": "order-9921",
-    "max_price_usd": 0.02,
-    "max_latency_ms": 800,
-    "metadata": {"env": "staging"},
-}
+DOCUMENTED_REQUEST = DOC_REQUEST
 # Variables that would point the launcher at real services instead of its embedded defaults.
 _SCRUBBED = ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "FLOPEX_CATALOG", "PORT")
 
