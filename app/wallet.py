@@ -15,6 +15,8 @@ from sqlalchemy.orm import Session
 
 from app.models import LedgerEntry, Wallet, utcnow
 
+_WALLETS = Wallet.__table__
+
 
 @dataclass(frozen=True)
 class WalletState:
@@ -41,20 +43,22 @@ def _apply(
     *,
     require_available: int | None = None,
 ) -> WalletState | None:
+    # A Core statement on the table: no ORM bookkeeping while the wallet row is locked.
+    w = _WALLETS.c
     stmt = (
-        update(Wallet)
-        .where(Wallet.id == wallet_id)
+        update(_WALLETS)
+        .where(w.id == wallet_id)
         .values(
-            balance_micros=Wallet.balance_micros + amount,
-            held_micros=Wallet.held_micros + held_delta,
+            balance_micros=w.balance_micros + amount,
+            held_micros=w.held_micros + held_delta,
             updated_at=utcnow(),
         )
-        .returning(Wallet.balance_micros, Wallet.held_micros)
+        .returning(w.balance_micros, w.held_micros)
     )
     if require_available is not None:
         # The check and the write are one statement: two concurrent holds can never both see
         # the same available amount.
-        stmt = stmt.where(Wallet.balance_micros - Wallet.held_micros >= require_available)
+        stmt = stmt.where(w.balance_micros - w.held_micros >= require_available)
     row = session.execute(stmt).first()
     return None if row is None else WalletState(row[0], row[1])
 

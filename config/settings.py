@@ -73,6 +73,7 @@ class Settings:
     breaker_cooldown_s: float
     probe_interval_s: float
     catalog_cache_s: float
+    auth_cache_s: float
     quote_source: str
     rate_limit_burst: int
     profiles: dict[str, ProfilePolicy] = field(default_factory=dict)
@@ -124,6 +125,7 @@ class Settings:
             breaker_cooldown_s=_float("FLOPEX_BREAKER_COOLDOWN_S", 30.0),
             probe_interval_s=_float("FLOPEX_PROBE_INTERVAL_S", 10.0),
             catalog_cache_s=_float("FLOPEX_CATALOG_CACHE_S", 5.0),
+            auth_cache_s=_float("FLOPEX_AUTH_CACHE_S", 2.0),
             quote_source=_env("FLOPEX_QUOTE_SOURCE", "live"),
             profiles={
                 "fast": ProfilePolicy(_int("FLOPEX_QUOTE_DEADLINE_MS_FAST", 300), "fast", 0),

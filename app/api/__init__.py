@@ -6,6 +6,7 @@ from flask import Flask
 from flask_smorest import Api
 
 from app.api import errors
+from app.api.auth import PrincipalCache
 from app.api.catalog import blp as catalog_blp
 from app.api.health import blp as health_blp
 from app.api.inference import blp as inference_blp
@@ -36,4 +37,5 @@ def register_api(app: Flask) -> Api:
     errors.register(app)
     app.extensions["flopex_api"] = api
     app.extensions["flopex_models"] = ModelCache(get_settings().catalog_cache_s)
+    app.extensions["flopex_principals"] = PrincipalCache(get_settings().auth_cache_s)
     return api

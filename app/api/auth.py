@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from flask import g, request
+import time
 
-from app.accounts import Principal, authenticate
+from flask import current_app, g, request
+
+from app.accounts import Principal, authenticate, hash_key
 from app.api.session import db
 from app.exceptions import FlopexError
 from app.ratelimit import RateLimiter
@@ -18,6 +20,30 @@ class RateLimited(FlopexError):
         self.retry_after_s = retry_after_s
 
 
+class PrincipalCache:
+    """Seconds of memory for key lookups (FLOPEX_AUTH_CACHE_S; 0 disables): the lookup is a
+    query on every request. Keyed by the key's hash, never the key. A revoked key, or a changed
+    rate limit, takes effect within the TTL."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[float, Principal]] = {}
+
+    def get(self, raw_key: str) -> Principal | None:
+        if self.ttl_s <= 0:
+            return authenticate(db(), raw_key)
+        digest, now = hash_key(raw_key), time.monotonic()
+        hit = self._entries.get(digest)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        principal = authenticate(db(), raw_key)
+        if principal is not None:  # failures are not cached: a new key works at once
+            if len(self._entries) > 10_000:
+                self._entries.clear()
+            self._entries[digest] = (now + self.ttl_s, principal)
+        return principal
+
+
 def require_principal() -> Principal:
     """Authenticates once per request (cached on ``g``)."""
     principal = g.get("principal")
@@ -28,7 +54,7 @@ def require_principal() -> Principal:
     raw = raw.strip()
     if scheme.lower() != "bearer" or not raw:
         raise FlopexError("invalid_api_key", "Send your API key as 'Authorization: Bearer <key>'.")
-    principal = authenticate(db(), raw)
+    principal = current_app.extensions["flopex_principals"].get(raw)
     if principal is None:
         raise FlopexError("invalid_api_key", "The API key is invalid or revoked.")
     g.principal = principal
