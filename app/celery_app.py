@@ -36,7 +36,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
             "visibility_timeout": 3600,
         },
         worker_hijack_root_logger=False,
-        include=["tasks.inference", "tasks.maintenance"],
+        include=["tasks.inference", "tasks.maintenance", "tasks.webhooks"],
         beat_schedule={
             "sweep-stuck-jobs": {
                 "task": "flopex.sweep",

@@ -9,6 +9,11 @@ import simplejson
 from flask.json.provider import DefaultJSONProvider
 
 
+def dumps_exact(obj: Any) -> str:
+    """Compact JSON with Decimals written digit for digit (outside a Flask app too)."""
+    return simplejson.dumps(obj, use_decimal=True, separators=(",", ":"), default=str)
+
+
 class FlopexJSONProvider(DefaultJSONProvider):
     def dumps(self, obj: Any, **kwargs: Any) -> str:
         kwargs.pop("default", None)

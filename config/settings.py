@@ -74,6 +74,9 @@ class Settings:
     probe_interval_s: float
     catalog_cache_s: float
     auth_cache_s: float
+    webhook_secret: str
+    webhook_allow_private: bool
+    webhook_backoff_s: float
     quote_source: str
     rate_limit_burst: int
     profiles: dict[str, ProfilePolicy] = field(default_factory=dict)
@@ -126,6 +129,9 @@ class Settings:
             probe_interval_s=_float("FLOPEX_PROBE_INTERVAL_S", 10.0),
             catalog_cache_s=_float("FLOPEX_CATALOG_CACHE_S", 5.0),
             auth_cache_s=_float("FLOPEX_AUTH_CACHE_S", 2.0),
+            webhook_secret=_env("FLOPEX_WEBHOOK_SECRET", "dev-only-webhook-secret"),
+            webhook_allow_private=_env("FLOPEX_WEBHOOK_ALLOW_PRIVATE", "0") == "1",
+            webhook_backoff_s=_float("FLOPEX_WEBHOOK_BACKOFF_S", 1.0),
             quote_source=_env("FLOPEX_QUOTE_SOURCE", "live"),
             profiles={
                 "fast": ProfilePolicy(_int("FLOPEX_QUOTE_DEADLINE_MS_FAST", 300), "fast", 0),

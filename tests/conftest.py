@@ -82,6 +82,9 @@ os.environ.update(
     # Small pools: the test process, its workers and anything else on the machine share one
     # PostgreSQL with a limited number of connections.
     FLOPEX_DB_POOL_SIZE="4",
+    # Webhook receivers in tests listen on loopback; retries back off from 0.1 s.
+    FLOPEX_WEBHOOK_ALLOW_PRIVATE="1",
+    FLOPEX_WEBHOOK_BACKOFF_S="0.1",
 )
 
 from sqlalchemy import create_engine, text  # noqa: E402

@@ -82,6 +82,7 @@ def _to_request(args: dict[str, Any]) -> InferenceRequest:
         max_price_usd=args.get("max_price_usd"),
         max_latency_ms=args.get("max_latency_ms"),
         metadata=args.get("metadata"),
+        callback_url=args.get("callback_url"),
     )
 
 

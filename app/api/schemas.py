@@ -9,6 +9,7 @@ from typing import Any
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from app.routing import PROFILES, STRATEGIES
+from app.webhooks import valid_url
 from config.settings import get_settings
 
 MAX_OUTPUT_TOKENS_LIMIT = 128_000
@@ -64,6 +65,15 @@ class InferenceRequestSchema(Schema):
         load_default=None, allow_none=True, validate=validate.Range(min=1, max=600_000)
     )
     metadata = fields.Dict(load_default=None, allow_none=True)
+    callback_url = fields.String(
+        load_default=None,
+        allow_none=True,
+        validate=validate.Length(max=2048),
+        metadata={
+            "description": "Flopex POSTs the finished job here, signed (Flopex-Signature; see "
+            "GET /v1/webhook_secret). An extension of the API document."
+        },
+    )
 
     @validates_schema
     def _bounds(self, data: dict[str, Any], **_: Any) -> None:
@@ -85,6 +95,9 @@ class InferenceRequestSchema(Schema):
                 f"Longer than {settings.max_input_chars} characters.",
                 "input" if text_input else "prompt",
             )
+        callback = data.get("callback_url")
+        if callback is not None and not valid_url(callback):
+            raise ValidationError("Must be an http or https URL.", "callback_url")
         ref = data.get("customer_ref")
         if ref is not None and not 1 <= len(ref) <= settings.max_customer_ref_len:
             raise ValidationError(
@@ -291,3 +304,8 @@ class HealthSchema(Schema):
 class ReadySchema(Schema):
     status = fields.String(metadata={"description": "ok or unavailable"})
     checks = fields.Dict(keys=fields.String(), values=fields.String())
+
+
+class WebhookSecretSchema(Schema):
+    object = fields.String(metadata={"example": "webhook_secret"})
+    secret = fields.String(metadata={"description": "HMAC-SHA256 key of Flopex-Signature"})

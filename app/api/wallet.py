@@ -11,10 +11,12 @@ from sqlalchemy import select
 from app import wallet
 from app.api.auth import authenticate_and_limit, require_principal
 from app.api.parser import FlopexParser
-from app.api.schemas import LedgerPageSchema, LedgerQuerySchema, WalletSchema
+from app.api.schemas import LedgerPageSchema, LedgerQuerySchema, WalletSchema, WebhookSecretSchema
 from app.api.session import db
 from app.models import LedgerEntry
 from app.money import micros_to_usd
+from app.webhooks import webhook_secret
+from config.settings import get_settings
 
 blp = Blueprint("wallet", __name__, url_prefix="/v1", description="Your prepaid wallet")
 blp.ARGUMENTS_PARSER = FlopexParser()
@@ -76,4 +78,18 @@ class LedgerView(MethodView):
             "data": [_entry(e) for e in rows],
             "has_more": has_more,
             "next_cursor": str(rows[-1].id) if has_more and rows else None,
+        }
+
+
+@blp.route("/webhook_secret")
+class WebhookSecret(MethodView):
+    @blp.response(200, WebhookSecretSchema)
+    @blp.doc(security=[{"bearerAuth": []}])
+    def get(self) -> Any:
+        """The key that signs your webhooks (Flopex-Signature: t=<unix>,v1=<HMAC-SHA256 of
+        "<t>.<body>">)."""
+        principal = require_principal()
+        return {
+            "object": "webhook_secret",
+            "secret": webhook_secret(get_settings().webhook_secret, principal.account_id),
         }

@@ -20,6 +20,7 @@ from decimal import Decimal
 from typing import Any
 
 import redis
+from celery import current_app as current_celery
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
@@ -285,6 +286,8 @@ class RouteAndExecute:
         )
         discard_quotes(self.redis, str(job.id))
         signal_done(self.redis, job.id)
+        if (job.request or {}).get("callback_url"):
+            current_celery.send_task("flopex.webhook", args=[str(job.id)], queue="economy")
         return Outcome(job.id, job.status, job.error_code)
 
 

@@ -35,6 +35,7 @@ class InferenceRequest:
     max_price_usd: Decimal | None = None
     max_latency_ms: int | None = None
     metadata: dict[str, Any] | None = None
+    callback_url: str | None = None
 
     def canonical(self) -> dict[str, Any]:
         """JSON-safe form stored on the job (and, later, fingerprinted for idempotency)."""
@@ -48,6 +49,7 @@ class InferenceRequest:
             "max_price_usd": None if self.max_price_usd is None else str(self.max_price_usd),
             "max_latency_ms": self.max_latency_ms,
             "metadata": self.metadata,
+            "callback_url": self.callback_url,
         }
 
 

@@ -1,0 +1,86 @@
+"""Completion webhooks for jobs submitted with ``callback_url``.
+
+When a job ends (success or failure), its job object (the body GET /v1/inference/{id} returns) is
+POSTed to the URL, signed like Stripe's: ``Flopex-Signature: t=<unix>,v1=<hex HMAC-SHA256 of
+"<t>.<body>">`` with the account's webhook secret (``GET /v1/webhook_secret``). Delivery is at
+least once (retried with exponential backoff on errors and non-2xx answers); receivers dedupe on
+``Flopex-Delivery`` or the job id.
+
+The secret is derived from FLOPEX_WEBHOOK_SECRET and the account id, so nothing secret is stored
+per account (rotating the deployment secret rotates every account's).
+
+URLs resolving to private, loopback or link-local addresses are refused (an exchange must not be
+a way into its own network) unless FLOPEX_WEBHOOK_ALLOW_PRIVATE is set (development and tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import socket
+import time
+import uuid
+from typing import Any
+from urllib.parse import urlsplit
+
+MAX_URL_LENGTH = 2048
+
+
+def webhook_secret(master: str, account_id: uuid.UUID) -> str:
+    digest = hmac.new(master.encode(), f"webhook:{account_id}".encode(), hashlib.sha256).hexdigest()
+    return f"whsec_{digest}"
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
+
+
+def verify(
+    secret: str, header: str, body: bytes, tolerance_s: int = 300, now: float | None = None
+) -> bool:
+    """What a receiver does (documented and tested here)."""
+    parts = dict(item.split("=", 1) for item in header.split(",") if "=" in item)
+    try:
+        timestamp = int(parts["t"])
+    except (KeyError, ValueError):
+        return False
+    if abs((now or time.time()) - timestamp) > tolerance_s:
+        return False
+    expected = sign(secret, timestamp, body).split("v1=", 1)[1]
+    return hmac.compare_digest(expected, parts.get("v1", ""))
+
+
+def valid_url(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and len(url) <= MAX_URL_LENGTH
+
+
+def public_destination(url: str) -> bool:
+    """False when the host resolves to an address inside a private network."""
+    host = urlsplit(url).hostname or ""
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        if (
+            address.is_private
+            or address.is_loopback
+            or address.is_link_local
+            or address.is_reserved
+        ):
+            return False
+    return True
+
+
+def headers_for(secret: str, body: bytes, event: str, delivery_id: str) -> dict[str, Any]:
+    return {
+        "Content-Type": "application/json",
+        "User-Agent": "Flopex-Webhooks/1",
+        "Flopex-Event": event,
+        "Flopex-Delivery": delivery_id,
+        "Flopex-Signature": sign(secret, int(time.time()), body),
+    }
