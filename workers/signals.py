@@ -22,8 +22,8 @@ from app.redis_client import reset_redis
 
 @setup_logging.connect
 def _logging(loglevel: Any = None, **_: Any) -> None:
-    level = loglevel if isinstance(loglevel, str) else os.environ.get("LOG_LEVEL", "INFO")
-    configure_logging(level)
+    # Celery passes the -l level (as a number or a name); LOG_LEVEL applies when it passes none.
+    configure_logging(loglevel if loglevel else os.environ.get("LOG_LEVEL", "INFO"))
 
 
 @worker_process_init.connect
