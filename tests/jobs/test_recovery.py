@@ -199,3 +199,29 @@ def test_sweeper_leaves_fresh_jobs_alone(pipeline, make_account, redis_client, c
     assert str(job_id) in report.requoted
     assert wait_done(redis_client, job_id, 30)
     assert load(job_id).status == "success"
+
+
+def test_a_job_claimed_by_a_router_that_died_is_quoted_again(
+    pipeline, make_account, redis_client, celery_app
+):
+    """`routing` means claimed but no provider called yet: the sweeper puts it back to quoting."""
+    from sqlalchemy import update
+
+    account = make_account()
+    with session_scope() as session:
+        principal = accounts.authenticate(session, account.api_key)
+        request = InferenceRequest(model="qwen-7b", prompt="orphaned claim", max_output_tokens=8)
+        job_id = SubmitInference(session, principal, request, get_settings()).run().job.id
+    with session_scope() as session:
+        session.execute(
+            update(Job).where(Job.id == job_id).values(status="routing", version=Job.version + 1)
+        )
+    with session_scope() as session:
+        later = datetime.now(UTC) + timedelta(minutes=10)
+        report = sweep(session, celery_app, redis_client, get_settings(), grace_s=0, now=later)
+    assert str(job_id) in report.requoted
+    assert wait_done(redis_client, job_id, 30)
+    job = load(job_id)
+    assert job.status == "success" and sum(chat_calls(pipeline).values()) == 1
+    assert ledger_kinds(account).count("capture") == 1
+    assert_books_balance(account)
