@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -36,6 +37,10 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
         from app.logs import configure_logging
 
         configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
+        if "FLOPEX_WEBHOOK_SECRET" not in os.environ:
+            logging.getLogger(__name__).warning(
+                "FLOPEX_WEBHOOK_SECRET is not set: webhooks are signed with a development secret"
+            )
     celery_init_app(app)
     register_api(app)
     return app
