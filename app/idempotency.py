@@ -132,10 +132,6 @@ def forget(session: Session, record_id: int) -> None:
     session.execute(delete(IdempotencyKey).where(IdempotencyKey.id == record_id))
 
 
-def record_id_for_job(session: Session, job_id: uuid.UUID) -> int | None:
-    return session.scalar(select(IdempotencyKey.id).where(IdempotencyKey.job_id == job_id))
-
-
 def purge_expired(session: Session, now: datetime | None = None) -> int:
     result = session.execute(
         delete(IdempotencyKey).where(IdempotencyKey.expires_at <= (now or datetime.now(UTC)))

@@ -9,7 +9,7 @@ smaller than the charge it covers, and no usage is ever billed as zero.
 
 from __future__ import annotations
 
-from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Context, Decimal, InvalidOperation, localcontext
+from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation, localcontext
 from fractions import Fraction
 
 MICROS_PER_USD = 1_000_000
@@ -85,7 +85,3 @@ def blended_rate_usd_per_million(charge_micros: int, total_tokens: int) -> Decim
     return (Decimal(charge_micros) / Decimal(total_tokens)).quantize(
         _SIX_PLACES, rounding=ROUND_HALF_EVEN
     )
-
-
-def round_up_micros(value: Decimal) -> int:
-    return int(value.to_integral_value(rounding=ROUND_CEILING))

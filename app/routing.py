@@ -5,6 +5,7 @@ same rules in prose; keep the two in step).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -110,32 +111,35 @@ def select(
         decision.reason = "no enabled provider offers this model"
         return decision
 
-    available = []
-    for q in quotes:
-        if q.circuit_open:
-            decision.dropped.append({"provider": q.provider, "reason": "circuit_open"})
-        else:
-            available.append(q)
+    def keep(candidates: list[Quote], reason_to_drop: Callable[[Quote], str | None]) -> list[Quote]:
+        kept = []
+        for q in candidates:
+            reason = reason_to_drop(q)
+            if reason is None:
+                kept.append(q)
+            else:
+                decision.dropped.append({"provider": q.provider, "reason": reason})
+        return kept
+
+    available = keep(quotes, lambda q: "circuit_open" if q.circuit_open else None)
     if not available:
         decision.error_code = "no_provider_available"
         decision.reason = "every provider's circuit breaker is open"
         return decision
 
-    priced = []
-    for q in available:
-        if max_price_micros is not None and q.estimated_charge_micros > max_price_micros:
-            decision.dropped.append({"provider": q.provider, "reason": "over_max_price"})
-        else:
-            priced.append(q)
-    eligible = []
-    for q in priced:
-        if max_latency_ms is not None and (
-            q.estimated_latency_ms is None or q.estimated_latency_ms > max_latency_ms
-        ):
-            reason = "latency_unknown" if q.estimated_latency_ms is None else "over_max_latency"
-            decision.dropped.append({"provider": q.provider, "reason": reason})
-        else:
-            eligible.append(q)
+    def price_reason(q: Quote) -> str | None:
+        over = max_price_micros is not None and q.estimated_charge_micros > max_price_micros
+        return "over_max_price" if over else None
+
+    def latency_reason(q: Quote) -> str | None:
+        if max_latency_ms is None:
+            return None
+        if q.estimated_latency_ms is None:
+            return "latency_unknown"
+        return "over_max_latency" if q.estimated_latency_ms > max_latency_ms else None
+
+    priced = keep(available, price_reason)
+    eligible = keep(priced, latency_reason)
     if not eligible:
         decision.error_code = "max_price_exceeded" if not priced else "max_latency_exceeded"
         decision.reason = f"all {len(available)} quotes dropped"

@@ -21,10 +21,7 @@ log = logging.getLogger(__name__)
 
 
 @shared_task(name="flopex.quote")
-def quote(
-    job_id: str, option: dict[str, Any], deadline_at: float, expected: int, queue: str
-) -> None:
-    """One provider's quote. ``queue`` is the job's profile queue (kept for messages in flight)."""
+def quote(job_id: str, option: dict[str, Any], deadline_at: float, expected: int) -> None:
     settings = get_settings()
     client = get_redis()
     breaker = Breaker(client, settings.breaker)

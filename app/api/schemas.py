@@ -8,6 +8,7 @@ from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
+from app.jobs import states
 from app.routing import PROFILES, STRATEGIES
 from app.webhooks import valid_url
 from config.settings import get_settings
@@ -225,9 +226,7 @@ class JobListQuerySchema(Schema):
     class Meta:
         unknown = RAISE
 
-    status = fields.String(
-        validate=validate.OneOf(["queued", "running", "success", "failed", "cancelled"])
-    )
+    status = fields.String(validate=validate.OneOf(list(states.INTERNAL)))
     customer_ref = fields.String(validate=validate.Length(min=1, max=255))
     created_after = UtcDateTime(metadata={"description": "ISO 8601 with a time zone"})
     created_before = UtcDateTime(metadata={"description": "ISO 8601 with a time zone"})

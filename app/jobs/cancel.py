@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from app import wallet
 from app.exceptions import FlopexError
 from app.jobs import states
-from app.jobs.execution import finish
-from app.models import Job, utcnow
+from app.jobs.execution import close_unserved
+from app.models import Job
 
 
 def cancel(session: Session, job: Job) -> Job:
@@ -22,9 +21,5 @@ def cancel(session: Session, job: Job) -> Job:
         raise FlopexError(
             "job_not_cancellable", "The job is already running and can no longer be cancelled."
         )
-    if job.hold_micros:
-        state = wallet.settle(session, job.wallet_id, job.id, job.hold_micros, 0)
-        job.balance_after_micros = state.balance_micros
-    job.settled_at = utcnow()
-    finish(job, states.CANCELLED)
+    close_unserved(session, job, states.CANCELLED)
     return job

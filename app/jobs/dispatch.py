@@ -14,19 +14,24 @@ from app.redis_client import get_redis
 from config.settings import Settings
 
 
+def quote_options(job: Any) -> list[dict[str, Any]]:
+    """The providers to quote, as stored on the job (each carries its endpoint)."""
+    return [o for o in job.quotes or [] if "base_url" in o]
+
+
 def send_quotes(celery: Celery, job: Any, deadline_at: float, queue: str) -> None:
     """One quote task per option on the job, in one producer connection. The last quote to
-    arrive sends the route task; a quote lost with a crashed worker is covered by the sweeper
+    arrive routes the job in its own task; a quote lost with a crashed worker is covered by the sweeper
     (app/jobs/recovery.py), not by a per-job timer: a timer task would cost every job a message
     and a task execution to cover a rare crash."""
     job_id = str(job.id)
     headers = task_headers(job_id)
-    options = [o for o in job.quotes or [] if "base_url" in o]
+    options = quote_options(job)
     with celery.producer_or_acquire() as producer:
         for option in options:
             celery.send_task(
                 "flopex.quote",
-                args=[job_id, _option_message(option), deadline_at, len(options), queue],
+                args=[job_id, _option_message(option), deadline_at, len(options)],
                 queue=queue,
                 producer=producer,
                 headers=headers,
@@ -62,7 +67,7 @@ def _route_on_probes(celery: Celery, job: Any, settings: Settings, queue: str) -
     """Quote from the health probe's fresh results and send one route task; False when the
     probes are missing or stale (the job is then quoted live)."""
     client = get_redis()
-    options = [o for o in job.quotes or [] if "base_url" in o]
+    options = quote_options(job)
     quotes = quotes_from_probes(
         client,
         options,

@@ -300,16 +300,21 @@ def finish(job: Job, status: str) -> None:
     job.latency_ms = int((now - created).total_seconds() * 1000)
 
 
-def close_failed(
-    session: Session, job: Job, code: str, message: str, param: str | None = None
-) -> None:
-    """No provider served the job: release the whole hold, charge nothing (caller commits)."""
+def close_unserved(session: Session, job: Job, status: str) -> None:
+    """The job ends without a provider's answer: release the whole hold, charge nothing
+    (caller commits)."""
     if job.hold_micros:
         state = wallet.settle(session, job.wallet_id, job.id, job.hold_micros, 0)
         job.balance_after_micros = state.balance_micros
     job.settled_at = utcnow()
+    finish(job, status)
+
+
+def close_failed(
+    session: Session, job: Job, code: str, message: str, param: str | None = None
+) -> None:
     job.error_code, job.error_message, job.error_param = code, message, param
-    finish(job, states.FAILED)
+    close_unserved(session, job, states.FAILED)
 
 
 def _no_route_message(decision: Decision, job: Job) -> str:
