@@ -364,3 +364,47 @@ def decimal_json(text_body: str | bytes) -> Any:
 
 def chat_calls(sandboxes: dict[str, Any]) -> dict[str, int]:
     return {name: p.chat_calls for name, p in sandboxes.items()}
+
+
+def ledger_kinds(account: Any) -> list[str]:
+    """The kinds of an account's ledger entries, oldest first."""
+    from sqlalchemy import select
+
+    from app.db import session_scope
+    from app.models import LedgerEntry
+
+    with session_scope() as session:
+        return list(
+            session.scalars(
+                select(LedgerEntry.kind)
+                .where(LedgerEntry.wallet_id == account.wallet_id)
+                .order_by(LedgerEntry.id)
+            )
+        )
+
+
+def run_together(tasks: list[Any], timeout_s: float = 120) -> list[Any]:
+    """Runs every task on its own thread, released at once by a barrier; returns their results
+    in order and re-raises the first failure."""
+    import threading
+
+    barrier = threading.Barrier(len(tasks))
+    results: list[Any] = [None] * len(tasks)
+    errors: list[BaseException] = []
+
+    def runner(i: int) -> None:
+        try:
+            barrier.wait(timeout=60)
+            results[i] = tasks[i]()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=runner, args=(i,)) for i in range(len(tasks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout_s)
+    assert not any(t.is_alive() for t in threads), "a thread did not finish"
+    if errors:
+        raise errors[0]
+    return results

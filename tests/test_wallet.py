@@ -7,7 +7,6 @@ separate connections and transactions, committed to the test database.
 from __future__ import annotations
 
 import random
-import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +20,7 @@ from app import accounts, wallet
 from app.db import session_scope
 from app.models import Job, LedgerEntry, Wallet
 from app.wallet import WalletState
+from tests.conftest import run_together
 
 USD = 1_000_000
 
@@ -267,30 +267,6 @@ def test_a_capture_above_the_balance_is_refused_by_the_database(db_session):
 
 
 # -- concurrency on real connections -----------------------------------------------
-
-
-def run_together(tasks: list[Callable[[], Any]]) -> list[Any]:
-    """Run every task in its own thread, released at once by a barrier; re-raise failures."""
-    barrier = threading.Barrier(len(tasks))
-    results: list[Any] = [None] * len(tasks)
-    errors: list[BaseException] = []
-
-    def runner(i: int, task: Callable[[], Any]) -> None:
-        try:
-            barrier.wait(timeout=30)
-            results[i] = task()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=runner, args=(i, t)) for i, t in enumerate(tasks)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads), "a worker thread did not finish"
-    if errors:
-        raise errors[0]
-    return results
 
 
 def test_concurrent_holds_never_over_commit_and_concurrent_settles_stay_exact(make_account):

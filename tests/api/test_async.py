@@ -7,12 +7,9 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import select
-
 from app import wallet
 from app.db import session_scope
-from app.models import LedgerEntry
-from tests.conftest import chat_calls, decimal_json
+from tests.conftest import chat_calls, decimal_json, ledger_kinds
 
 BODY = {
     "model": "qwen-7b",
@@ -26,17 +23,6 @@ ASYNC = {"Prefer": "respond-async"}
 
 def submit(client: Any, account: Any, body: dict[str, Any] | None = None, **headers: str) -> Any:
     return client.post("/v1/inference", json=body or BODY, headers={**account.headers, **headers})
-
-
-def kinds(account: Any) -> list[str]:
-    with session_scope() as session:
-        return list(
-            session.scalars(
-                select(LedgerEntry.kind)
-                .where(LedgerEntry.wallet_id == account.wallet_id)
-                .order_by(LedgerEntry.id)
-            )
-        )
 
 
 def test_async_submit_then_long_poll_to_the_exact_final_body(client, pipeline, make_account):
@@ -62,7 +48,7 @@ def test_async_submit_then_long_poll_to_the_exact_final_body(client, pipeline, m
     # Polling again gives the same bytes; the job was charged once.
     again = client.get(resp.headers["Location"], headers=account.headers)
     assert again.data == final.data
-    entries = kinds(account)
+    entries = ledger_kinds(account)
     assert entries[:3] == ["topup", "hold", "capture"] and entries.count("capture") == 1
     # Nothing is released when the charge used the whole hold.
     assert entries[3:] in ([], ["release"])
@@ -81,7 +67,7 @@ def test_sync_call_past_its_wait_answers_202_and_the_job_completes(client, pipel
     assert job["status"] in ("queued", "running")
     final = client.get(f"/v1/inference/{job['id']}?wait=30", headers=account.headers).get_json()
     assert final["status"] == "success"
-    assert kinds(account).count("capture") == 1
+    assert ledger_kinds(account).count("capture") == 1
 
 
 def test_long_poll_returns_when_the_job_finishes(client, pipeline, make_account):
@@ -150,7 +136,7 @@ def test_cancel_before_execution_releases_the_hold(client, pipeline, make_accoun
     assert resp.status_code == 200, resp.text
     body = resp.get_json()
     assert body["status"] == "cancelled" and body["error"]["code"] == "job_cancelled"
-    assert kinds(account) == ["topup", "hold", "release"]
+    assert ledger_kinds(account) == ["topup", "hold", "release"]
     with session_scope() as session:
         state = wallet.get_state(session, account.wallet_id)
         assert state.held_micros == 0 and state.balance_micros == 10 * 10**6
@@ -233,7 +219,7 @@ def test_a_job_accepted_while_the_broker_is_down_completes_via_the_sweeper(
     assert job["id"] in report.requoted
     final = client.get(f"/v1/inference/{job['id']}?wait=30", headers=account.headers).get_json()
     assert final["status"] == "success"
-    assert kinds(account).count("capture") == 1
+    assert ledger_kinds(account).count("capture") == 1
     # The key stayed with the job: a retry waits for and replays its outcome.
     replay = submit(client, account, **{"Idempotency-Key": "broker-down"})
     assert replay.status_code == 200 and replay.get_json()["id"] == job["id"]

@@ -10,7 +10,6 @@ import random
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -27,7 +26,7 @@ from app.models import Job, LedgerEntry
 from app.money import micros_to_usd
 from app.pricing import estimate_input_tokens, estimated_charge
 from config.settings import get_settings
-from tests.conftest import MODEL_IDS, PROVIDERS, decimal_json
+from tests.conftest import MODEL_IDS, PROVIDERS, decimal_json, run_together
 
 MICROS = 1_000_000
 MODEL_CAPS = {"llama-3.1-8b": 4096, "qwen-7b": 2048}
@@ -70,30 +69,6 @@ def admission_hold(account: Any, body: dict[str, Any]) -> int:
     finally:
         session.rollback()
         session.close()
-
-
-def run_together(n: int, work: Callable[[int], Any]) -> list[Any]:
-    """Runs ``work(i)`` on n threads released at once; re-raises the first failure."""
-    barrier = threading.Barrier(n)
-    results: list[Any] = [None] * n
-    errors: list[BaseException] = []
-
-    def one(i: int) -> None:
-        try:
-            barrier.wait(timeout=60)
-            results[i] = work(i)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "a request thread hung"
-    if errors:
-        raise errors[0]
-    return results
 
 
 def books(account: Any) -> tuple[wallet.WalletState, list[LedgerEntry], dict[uuid.UUID, Job]]:
@@ -145,7 +120,7 @@ def test_forty_concurrent_requests_on_ten_holds_admit_at_most_ten(
         )
         return resp.status_code, decimal_json(resp.data)
 
-    results = run_together(40, post)
+    results = run_together([lambda i=i: post(i) for i in range(40)])
 
     statuses = Counter(status for status, _ in results)
     assert set(statuses) <= {200, 402}, results
@@ -197,7 +172,7 @@ def test_forty_concurrent_admissions_on_ten_holds_admit_exactly_ten(make_account
         finally:
             session.close()
 
-    results = run_together(40, submit)
+    results = run_together([lambda i=i: submit(i) for i in range(40)])
 
     admitted = [r for r in results if isinstance(r, uuid.UUID)]
     assert len(admitted) == 10
@@ -349,7 +324,7 @@ def test_hundreds_of_mixed_requests_keep_every_wallet_exact(flask_app, pipeline,
                 if spec.key is not None and job_id is not None:
                     record.keys.setdefault(spec.key, set()).add(job_id)
 
-    run_together(THREADS, drain)
+    run_together([lambda i=i: drain(i) for i in range(THREADS)])
 
     total = Counter()
     for account, start, record in zip(accts, initial, seen, strict=True):

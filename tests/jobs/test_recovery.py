@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import select
 
 from app import accounts, wallet
 from app.celery_app import make_celery
@@ -20,9 +19,15 @@ from app.jobs.dispatch import dispatch_quotes
 from app.jobs.notify import wait_done
 from app.jobs.recovery import sweep
 from app.jobs.submit import InferenceRequest, SubmitInference
-from app.models import Job, LedgerEntry
+from app.models import Job
 from config.settings import get_settings
-from tests.conftest import TEST_REDIS_URL, _wait_for_worker, chat_calls, start_worker
+from tests.conftest import (
+    TEST_REDIS_URL,
+    _wait_for_worker,
+    chat_calls,
+    ledger_kinds,
+    start_worker,
+)
 
 CRASH_REDIS_URL = TEST_REDIS_URL.rsplit("/", 1)[0] + "/14"
 
@@ -76,17 +81,6 @@ def submit(account: Any, settings: Any, celery: Any, **overrides: Any) -> uuid.U
 def load(job_id: uuid.UUID) -> Job:
     with session_scope() as session:
         return session.get(Job, job_id)
-
-
-def ledger_kinds(account: Any) -> list[str]:
-    with session_scope() as session:
-        return list(
-            session.scalars(
-                select(LedgerEntry.kind)
-                .where(LedgerEntry.wallet_id == account.wallet_id)
-                .order_by(LedgerEntry.id)
-            )
-        )
 
 
 def assert_books_balance(account: Any) -> None:
