@@ -6,7 +6,9 @@ thread with its own session (and PostgreSQL connection):
 1. setup (not timed): an account whose wallet gets a large top-up, and `jobs` job rows;
 2. holds: each job's hold in its own transaction (``wallet.hold``, as the web does on submit);
 3. settles: each job's capture and release plus the job's final UPDATE in one transaction
-   (``wallet.settle``, as the worker's ``RouteAndExecute._settle`` does).
+   (``wallet.settle``, as the worker's ``RouteAndExecute._settle`` does), committed without
+   waiting for the fsync, then made durable by ``app.db.make_durable`` as the worker does before
+   it signals the outcome.
 
 Several processes, not just threads: the exchange settles from several processes too (web and
 worker), and one process's GIL would otherwise stretch how long each transaction holds the wallet
@@ -47,31 +49,44 @@ class Plan:
 
 def _hold_one(session: Any, plan: Plan, i: int) -> None:
     from app import wallet
+    from app.db import defer_durability
 
+    # As a synchronous submit: the commit does not wait for its fsync (the worker's settlement
+    # makes it durable before the customer hears anything).
+    defer_durability(session)
     if wallet.hold(session, plan.wallet_id, plan.job_ids[i], plan.holds[i]) is None:
         raise RuntimeError("hold refused: the wallet should cover every job")
+    session.commit()
 
 
 def _settle_one(session: Any, plan: Plan, i: int) -> None:
-    from sqlalchemy import update
-
     from app import wallet
-    from app.models import Job
+    from app.db import defer_durability, make_durable
 
-    wallet.settle(session, plan.wallet_id, plan.job_ids[i], plan.holds[i], plan.charges[i])
+    # As RouteAndExecute._settle: capture, release and the job's final write in one statement,
+    # committed without waiting for the fsync (the wallet row is unlocked sooner), then made
+    # durable by a barrier, as the worker does before it signals the outcome.
+    defer_durability(session)
     stamp = datetime.now(UTC)
-    session.execute(
-        update(Job)
-        .where(Job.id == plan.job_ids[i])
-        .values(
-            status="success",
-            charge_micros=plan.charges[i],
-            settled_at=stamp,
-            finished_at=stamp,
-            updated_at=stamp,
-            version=Job.version + 1,
-        )
+    wallet.settle(
+        session,
+        plan.wallet_id,
+        plan.job_ids[i],
+        plan.holds[i],
+        plan.charges[i],
+        job=(
+            1,
+            {
+                "status": "success",
+                "charge_micros": plan.charges[i],
+                "settled_at": stamp,
+                "finished_at": stamp,
+                "updated_at": stamp,
+            },
+        ),
     )
+    session.commit()
+    make_durable(session)
 
 
 _OPS = {"hold": _hold_one, "settle": _settle_one}

@@ -40,9 +40,9 @@ from sqlalchemy.orm.exc import StaleDataError
 from app import accounts, wallet
 from app.db import session_factory, session_scope
 from app.exceptions import FlopexError
-from app.jobs import states
+from app.jobs import rows, states
 from app.jobs.cancel import cancel
-from app.jobs.execution import RouteAndExecute, close_failed, finish
+from app.jobs.execution import RouteAndExecute, close_failed, finish_values
 from app.jobs.submit import InferenceRequest, SubmitInference
 from app.models import Job, LedgerEntry, utcnow
 from app.pricing import estimate_input_tokens
@@ -362,9 +362,7 @@ class WalletMachine(RuleBasedStateMachine):
             charge = data.draw(st.integers(0, job.hold_micros), "charge")
             wallet.settle(session, job.wallet_id, job.id, job.hold_micros, charge)
             if flush:
-                job.charge_micros = charge
-                finish(job, states.SUCCESS)
-                session.flush()
+                rows.write(session, job, charge_micros=charge, **finish_values(job, states.SUCCESS))
             session.rollback()
         finally:
             session.close()
@@ -406,9 +404,13 @@ class WalletMachine(RuleBasedStateMachine):
             # the unique capture/release index, or the job's version check at commit.
             with pytest.raises((StaleDataError, IntegrityError)):
                 wallet.settle(stale, job.wallet_id, job.id, job.hold_micros, charge)
-                job.charge_micros = charge
-                job.settled_at = utcnow()
-                finish(job, states.SUCCESS)
+                rows.write(
+                    stale,
+                    job,
+                    charge_micros=charge,
+                    settled_at=utcnow(),
+                    **finish_values(job, states.SUCCESS),
+                )
                 stale.commit()
             stale.rollback()
         finally:

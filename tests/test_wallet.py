@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
 
 from app import accounts, wallet
 from app.db import session_scope
@@ -324,3 +325,37 @@ def test_concurrent_holds_never_over_commit_and_concurrent_settles_stay_exact(ma
             )
         ).all()
         assert sorted(-c for c in captured) == sorted(c for c in charges.values() if c)
+
+
+def test_settle_finishes_the_job_in_the_same_statement(db_session):
+    account_id, wallet_id = make_wallet(db_session)
+    wallet.top_up(db_session, wallet_id, 10 * USD)
+    job_id = make_job(db_session, account_id, wallet_id)
+    wallet.hold(db_session, wallet_id, job_id, 3 * USD)
+    version = db_session.scalar(select(Job.version).where(Job.id == job_id))
+    state = wallet.settle(
+        db_session, wallet_id, job_id, 3 * USD, USD, job=(version, {"status": "success"})
+    )
+    assert state == WalletState(9 * USD, 0)
+    row = db_session.execute(
+        select(
+            Job.__table__.c.status, Job.__table__.c.version, Job.__table__.c.balance_after_micros
+        ).where(Job.__table__.c.id == job_id)
+    ).one()
+    assert tuple(row) == ("success", version + 1, 9 * USD)
+    assert [e[0] for e in entries(db_session, wallet_id)] == ["topup", "hold", "capture", "release"]
+
+
+def test_settle_of_a_job_whose_version_moved_raises_and_rolls_back(db_session):
+    account_id, wallet_id = make_wallet(db_session)
+    wallet.top_up(db_session, wallet_id, 10 * USD)
+    job_id = make_job(db_session, account_id, wallet_id)
+    wallet.hold(db_session, wallet_id, job_id, 3 * USD)
+    before = entries(db_session, wallet_id)
+    stale = db_session.scalar(select(Job.version).where(Job.id == job_id)) - 1
+    savepoint = db_session.begin_nested()
+    with pytest.raises(StaleDataError):
+        wallet.settle(db_session, wallet_id, job_id, 3 * USD, USD, job=(stale, {"status": "x"}))
+    savepoint.rollback()
+    assert entries(db_session, wallet_id) == before
+    assert wallet.get_state(db_session, wallet_id) == WalletState(10 * USD, 3 * USD)

@@ -28,6 +28,7 @@ from app.api.schemas import (
     JobObjectSchema,
 )
 from app.api.session import db
+from app.db import defer_durability, make_durable
 from app.exceptions import FlopexError, InvalidRequest
 from app.jobs import states
 from app.jobs.cancel import cancel
@@ -175,6 +176,10 @@ class InferenceCollection(MethodView):
             record_id = claim.record_id
 
         # The claim, the job and its hold commit together; a rejection rolls all three back.
+        # The commit does not wait for its fsync (the wallet row is unlocked sooner); whoever
+        # answers first makes it durable: this request before a 202, the worker before the
+        # outcome it signals.
+        defer_durability(session)
         accepted = SubmitInference(
             session,
             principal,
@@ -199,6 +204,7 @@ class InferenceCollection(MethodView):
             log.exception("broker unreachable; job %s left for the sweeper", job.id)
             prefer = dataclasses.replace(prefer, respond_async=True)
         if prefer.respond_async:
+            make_durable(session)
             response = _json_response(
                 accepted_body or current_app.json.dumps(render_job(job)), 202, job_id=job.id
             )
@@ -295,6 +301,7 @@ def _await_outcome(
                 "A request with this Idempotency-Key is still running; retry later.",
             )
         # Degrade to async: the job carries on and is settled when it completes.
+        make_durable(session)
         return _json_response(current_app.json.dumps(render_job(job)), 202, job_id=job.id)
     body, status = render_final(job)
     text = current_app.json.dumps(body)

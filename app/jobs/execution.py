@@ -21,12 +21,12 @@ from typing import Any
 
 import redis
 from celery import current_app as current_celery
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from app import wallet
+from app.db import defer_durability, make_durable
 from app.failpoints import failpoint
-from app.jobs import states
+from app.jobs import rows, states
 from app.jobs.notify import signal_done
 from app.jobs.quoting import collect_quotes, discard_quotes
 from app.metrics import (
@@ -89,42 +89,43 @@ class RouteAndExecute:
 
     def run(self, job_id: uuid.UUID) -> Outcome | None:
         """Route a quoted job. None when another task already claimed it."""
-        job = self.session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == states.QUOTING)
-            .values(
-                status=states.ROUTING,
-                version=Job.version + 1,
-                updated_at=utcnow(),
-                started_at=utcnow(),
-            )
-            .returning(Job)
-        ).scalar_one_or_none()
+        now = utcnow()
+        job = rows.claim(
+            self.session,
+            job_id,
+            states.QUOTING,
+            status=states.ROUTING,
+            updated_at=now,
+            started_at=now,
+        )
         if job is None:
             self.session.rollback()
             return None
         options = {o["provider"]: o for o in job.quotes or []}
         quotes = collect_quotes(self.redis, str(job.id), list(options.values()))
         decision = self._decide(job, quotes)
-        # Keep each option's endpoint with its quote: resume() needs it after a crash.
-        job.quotes = [
-            {
-                **q.to_dict(),
-                "base_url": options[q.provider]["base_url"],
-                "api_key_env": options[q.provider]["api_key_env"],
-            }
-            for q in quotes
-        ]
-        job.routing = decision.to_dict()
-        job.attempts = []
+        route = {
+            # Keep each option's endpoint with its quote: resume() needs it after a crash.
+            "quotes": [
+                {
+                    **q.to_dict(),
+                    "base_url": options[q.provider]["base_url"],
+                    "api_key_env": options[q.provider]["api_key_env"],
+                }
+                for q in quotes
+            ],
+            "routing": decision.to_dict(),
+        }
         if decision.error_code:
             return self._fail(
                 job,
                 decision.error_code,
                 _no_route_message(decision, job),
                 _NO_ROUTE_PARAM.get(decision.error_code),
+                attempts=[],
+                **route,
             )
-        return self._execute(job, decision)
+        return self._execute(job, decision, [], route["quotes"], route)
 
     def resume(self, job_id: uuid.UUID) -> Outcome | None:
         """Continue a job whose worker died (called by the sweeper's recovery task)."""
@@ -140,9 +141,8 @@ class RouteAndExecute:
         for attempt in attempts:
             if "outcome" not in attempt and "failure" not in attempt:
                 attempt["failure"] = "interrupted"
-        job.attempts = attempts
         decision = self._decide(job, [Quote.from_dict(q) for q in job.quotes or []])
-        return self._execute(job, decision)
+        return self._execute(job, decision, attempts, job.quotes or [], {"attempts": attempts})
 
     # -- steps ----------------------------------------------------------------------------
 
@@ -156,10 +156,18 @@ class RouteAndExecute:
             weights=self.settings.balanced_weights,
         )
 
-    def _execute(self, job: Job, decision: Decision) -> Outcome:
-        attempts = [dict(a) for a in job.attempts or []]
+    def _execute(
+        self,
+        job: Job,
+        decision: Decision,
+        attempts: list[dict[str, Any]],
+        quotes: list[dict[str, Any]],
+        pending: dict[str, Any],
+    ) -> Outcome:
+        """Try the ranked quotes in order. ``pending`` holds what the caller decided and has not
+        written yet: it goes into the first write of the job."""
         tried = {a["provider"] for a in attempts}
-        endpoints = {q["provider"]: q for q in job.quotes or []}
+        endpoints = {q["provider"]: q for q in quotes}
         for ranked in decision.ranked:
             quote = ranked.quote
             if quote.provider in tried:
@@ -172,9 +180,12 @@ class RouteAndExecute:
                 "started_at": utcnow().isoformat(),
             }
             attempts.append(attempt)
-            job.status = states.EXECUTING
-            job.attempts = [dict(a) for a in attempts]
-            job.updated_at = utcnow()
+            rows.write(
+                self.session,
+                job,
+                **{**pending, "status": states.EXECUTING, "attempts": [dict(a) for a in attempts]},
+            )
+            pending = {}
             # Recovery point: the attempt is durable before the provider is called.
             self.session.commit()
             failpoint("before_provider_call")
@@ -217,9 +228,8 @@ class RouteAndExecute:
             failpoint("after_result_recorded")
             return self._settle(job)
 
-        job.attempts = attempts
         code = failure_code(attempts)
-        return self._fail(job, code, _FAILURE_MESSAGES[code])
+        return self._fail(job, code, _FAILURE_MESSAGES[code], **{**pending, "attempts": attempts})
 
     def _record_result(
         self, job: Job, quote: Quote, result: Completion, attempts: list[dict[str, Any]]
@@ -233,46 +243,55 @@ class RouteAndExecute:
             quote.output_price_micros_per_m,
             Decimal(job.markup),
         )
-        job.status = states.SETTLING
-        job.attempts = attempts
-        job.provider_name = quote.provider
-        job.provider_model_id = quote.provider_model_id
-        job.output_text = result.text
-        job.finish_reason = result.finish_reason
-        job.input_tokens = result.input_tokens
-        job.output_tokens = result.output_tokens
-        # The hold is the binding ceiling (max_price_usd and the wallet): a provider that
-        # counts more input tokens than estimated is absorbed by us, not the customer.
-        job.charge_micros = min(exact_charge, job.hold_micros)
-        job.provider_cost_micros = ceil_micros(
-            provider_cost(
-                result.input_tokens,
-                result.output_tokens,
-                quote.input_price_micros_per_m,
-                quote.output_price_micros_per_m,
-            )
+        rows.write(
+            self.session,
+            job,
+            status=states.SETTLING,
+            attempts=attempts,
+            provider_name=quote.provider,
+            provider_model_id=quote.provider_model_id,
+            output_text=result.text,
+            finish_reason=result.finish_reason,
+            input_tokens=result.input_tokens,
+            output_tokens=result.output_tokens,
+            # The hold is the binding ceiling (max_price_usd and the wallet): a provider that
+            # counts more input tokens than estimated is absorbed by us, not the customer.
+            charge_micros=min(exact_charge, job.hold_micros),
+            provider_cost_micros=ceil_micros(
+                provider_cost(
+                    result.input_tokens,
+                    result.output_tokens,
+                    quote.input_price_micros_per_m,
+                    quote.output_price_micros_per_m,
+                )
+            ),
         )
-        job.updated_at = utcnow()
         self.session.commit()
 
     def _settle(self, job: Job) -> Outcome:
-        charge = job.charge_micros or 0
-        state = wallet.settle(self.session, job.wallet_id, job.id, job.hold_micros, charge)
-        job.balance_after_micros = state.balance_micros
-        job.settled_at = utcnow()
-        self._finish(job, states.SUCCESS)
+        # The wallet's transaction: its row stays locked until the commit returns, so the
+        # commit does not wait for its fsync; it is made durable before anyone is told
+        # (_commit_and_signal).
+        defer_durability(self.session)
+        now = utcnow()
+        settle(
+            self.session,
+            job,
+            job.charge_micros or 0,
+            {"settled_at": now, **finish_values(job, states.SUCCESS, now)},
+        )
         return self._commit_and_signal(job)
 
-    def _fail(self, job: Job, code: str, message: str, param: str | None = None) -> Outcome:
-        close_failed(self.session, job, code, message, param)
+    def _fail(
+        self, job: Job, code: str, message: str, param: str | None = None, **pending: Any
+    ) -> Outcome:
+        defer_durability(self.session)
+        close_failed(self.session, job, code, message, param, **pending)
         return self._commit_and_signal(job)
-
-    @staticmethod
-    def _finish(job: Job, status: str) -> None:
-        finish(job, status)
 
     def _commit_and_signal(self, job: Job) -> Outcome:
         self.session.commit()
+        make_durable(self.session)
         JOBS_FINISHED.labels(job.status, job.error_code or "").inc()
         if job.status == states.SUCCESS and job.charge_micros:
             WALLET_CAPTURES.inc()
@@ -291,30 +310,54 @@ class RouteAndExecute:
         return Outcome(job.id, job.status, job.error_code)
 
 
-def finish(job: Job, status: str) -> None:
-    now = _now()
-    job.status = status
-    job.finished_at = now
-    job.updated_at = now
+def finish_values(job: Job, status: str, now: datetime | None = None) -> dict[str, Any]:
+    now = now or _now()
     created = job.created_at if job.created_at.tzinfo else job.created_at.replace(tzinfo=UTC)
-    job.latency_ms = int((now - created).total_seconds() * 1000)
+    return {
+        "status": status,
+        "finished_at": now,
+        "updated_at": now,
+        "latency_ms": int((now - created).total_seconds() * 1000),
+    }
 
 
-def close_unserved(session: Session, job: Job, status: str) -> None:
-    """The job ends without a provider's answer: release the whole hold, charge nothing
-    (caller commits)."""
+def settle(session: Session, job: Job, charge_micros: int, values: dict[str, Any]) -> None:
+    """Capture ``charge_micros`` of the job's hold, release the rest, and write ``values`` to the
+    job with its ``balance_after_micros``: one fenced write, one statement on PostgreSQL."""
+    state = wallet.settle(
+        session,
+        job.wallet_id,
+        job.id,
+        job.hold_micros,
+        charge_micros,
+        job=(job.version, rows.columns(values)),
+    )
+    rows.mirror(job, {**values, "balance_after_micros": state.balance_micros})
+
+
+def close_unserved(session: Session, job: Job, status: str, **pending: Any) -> None:
+    """The job ends without a provider's answer: release the whole hold, charge nothing, in
+    one fenced write of the job (caller commits)."""
+    now = _now()
+    values = {"settled_at": now, **pending, **finish_values(job, status, now)}
     if job.hold_micros:
-        state = wallet.settle(session, job.wallet_id, job.id, job.hold_micros, 0)
-        job.balance_after_micros = state.balance_micros
-    job.settled_at = utcnow()
-    finish(job, status)
+        settle(session, job, 0, values)
+    else:
+        rows.write(session, job, **values)
 
 
 def close_failed(
-    session: Session, job: Job, code: str, message: str, param: str | None = None
+    session: Session, job: Job, code: str, message: str, param: str | None = None, **pending: Any
 ) -> None:
-    job.error_code, job.error_message, job.error_param = code, message, param
-    close_unserved(session, job, states.FAILED)
+    close_unserved(
+        session,
+        job,
+        states.FAILED,
+        error_code=code,
+        error_message=message,
+        error_param=param,
+        **pending,
+    )
 
 
 def _no_route_message(decision: Decision, job: Job) -> str:

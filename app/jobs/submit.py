@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from sqlalchemy import insert, update
 from sqlalchemy.orm import Session
 
 from app import wallet
@@ -16,7 +17,7 @@ from app.accounts import Principal
 from app.catalog import ModelCache, RouteOption, find_model
 from app.exceptions import FlopexError
 from app.jobs import states
-from app.models import Job
+from app.models import Job, utcnow
 from app.money import display_usd, usd_to_micros_floor
 from app.pricing import estimate_input_tokens, estimated_charge
 from config.settings import Settings
@@ -147,8 +148,13 @@ class SubmitInference:
         self._hold_choices = sorted({max(affordable), min(affordable)}, reverse=True)
 
     def _place_hold(self, job_id: uuid.UUID) -> int:
+        """The largest hold the wallet covers (the job row, already written, says the first)."""
         for amount in self._hold_choices:
             if wallet.hold(self.session, self.principal.wallet_id, job_id, amount) is not None:
+                if amount != self._hold_choices[0]:
+                    self.session.execute(
+                        update(_JOBS).where(_JOBS.c.id == job_id).values(hold_micros=amount)
+                    )
                 return amount
         available = wallet.get_state(self.session, self.principal.wallet_id).available_micros
         raise FlopexError(
@@ -161,38 +167,47 @@ class SubmitInference:
         self.validate()
         req = self.request
         policy = self.settings.profiles[req.performance_profile]
-        job_id = uuid.uuid4()
-        hold_micros = self._place_hold(job_id)
-        job = Job(
-            id=job_id,
-            account_id=self.principal.account_id,
-            api_key_id=self.principal.api_key_id,
-            wallet_id=self.principal.wallet_id,
-            status=states.QUOTING,
-            model=req.model,
-            request=req.canonical(),
-            performance_profile=req.performance_profile,
-            routing_strategy=req.routing_strategy,
-            max_output_tokens=req.max_output_tokens,
-            max_price_micros=self._max_price_micros,
-            max_latency_ms=req.max_latency_ms,
-            customer_ref=req.customer_ref,
-            metadata_=req.metadata,
-            request_id=self.request_id,
-            markup=str(self.settings.markup),
-            estimated_input_tokens=self._estimated_input,
-            expected_quotes=len(self._options),
+        now = utcnow()
+        values: dict[str, Any] = {
+            "id": uuid.uuid4(),
+            "account_id": self.principal.account_id,
+            "api_key_id": self.principal.api_key_id,
+            "wallet_id": self.principal.wallet_id,
+            "status": states.QUOTING,
+            "version": 1,
+            "model": req.model,
+            "request": req.canonical(),
+            "performance_profile": req.performance_profile,
+            "routing_strategy": req.routing_strategy,
+            "max_output_tokens": req.max_output_tokens,
+            "max_price_micros": self._max_price_micros,
+            "max_latency_ms": req.max_latency_ms,
+            "customer_ref": req.customer_ref,
+            "metadata": req.metadata,
+            "request_id": self.request_id,
+            "markup": str(self.settings.markup),
+            "estimated_input_tokens": self._estimated_input,
+            "expected_quotes": len(self._options),
             # Until the route step replaces them with quotes, these are the options asked.
-            quotes=[
+            "quotes": [
                 {**o.as_message(), "estimated_charge_micros": self._estimates[o.offering_id]}
                 for o in self._options
             ],
-            hold_micros=hold_micros,
-        )
-        self.session.add(job)
-        self.session.flush()
+            "hold_micros": self._hold_choices[0],
+            "created_at": now,
+            "updated_at": now,
+        }
+        # The row goes in before the hold (the ledger entry refers to it), as a Core INSERT:
+        # the wallet row is then locked only for the hold's UPDATE, its entry and the commit.
+        self.session.execute(insert(_JOBS), values)
+        values["hold_micros"] = self._place_hold(values["id"])
+        values["metadata_"] = values.pop("metadata")
         return Accepted(
-            job=job,
+            # Detached: the caller renders and dispatches it; the row is the source of truth.
+            job=Job(**values),
             options=self._options,
             quote_deadline_at=time.time() + policy.quote_deadline_ms / 1000,
         )
+
+
+_JOBS = Job.__table__

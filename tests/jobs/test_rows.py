@@ -1,0 +1,66 @@
+"""app/jobs/rows.py: fenced Core writes of a job row, and claims that only one task wins."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
+
+from app.jobs import rows, states
+from app.models import Job
+from tests.test_wallet import make_job, make_wallet
+
+
+def _job(session: Session, status: str = states.EXECUTING) -> Job:
+    account_id, wallet_id = make_wallet(session)
+    job = session.get(Job, make_job(session, account_id, wallet_id))
+    assert job is not None
+    if job.status != status:
+        rows.write(session, job, status=status)
+    return job
+
+
+def _row(session: Session, job: Job) -> tuple[str, int, str | None]:
+    return session.execute(
+        select(
+            Job.__table__.c.status, Job.__table__.c.version, Job.__table__.c.provider_name
+        ).where(Job.__table__.c.id == job.id)
+    ).one()
+
+
+def test_write_updates_the_row_bumps_the_version_and_mirrors_the_object(db_session):
+    job = _job(db_session)
+    version = job.version
+    rows.write(db_session, job, status=states.SETTLING, provider_name="alpha")
+    assert _row(db_session, job) == (states.SETTLING, version + 1, "alpha")
+    assert (job.status, job.version, job.provider_name) == (states.SETTLING, version + 1, "alpha")
+    # Nothing is left for the ORM to write a second time.
+    assert not db_session.dirty
+
+
+def test_write_with_a_stale_version_raises_and_changes_nothing(db_session):
+    job = _job(db_session)
+    rows.write(db_session, job, status=states.SETTLING)
+    before = _row(db_session, job)
+    job.__dict__["version"] -= 1  # what a worker that lost its claim still believes
+    with pytest.raises(StaleDataError):
+        rows.write(db_session, job, status=states.SUCCESS, provider_name="late")
+    assert _row(db_session, job) == before
+
+
+def test_write_maps_attribute_names_to_columns(db_session):
+    job = _job(db_session)
+    rows.write(db_session, job, metadata_={"k": "v"})
+    stored = db_session.execute(
+        select(Job.__table__.c.metadata).where(Job.__table__.c.id == job.id)
+    ).scalar_one()
+    assert stored == {"k": "v"}
+
+
+def test_only_the_first_claim_of_a_status_wins(db_session):
+    job = _job(db_session, states.QUOTING)
+    won = rows.claim(db_session, job.id, states.QUOTING, status=states.ROUTING)
+    assert won is not None and won.status == states.ROUTING
+    assert rows.claim(db_session, job.id, states.QUOTING, status=states.ROUTING) is None
+    assert _row(db_session, job)[0] == states.ROUTING

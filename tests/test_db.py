@@ -1,0 +1,49 @@
+"""app/db.py: a transaction may commit without waiting for its fsync, and make_durable() waits
+for every such commit before anything outside the database acts on it."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+
+from app.db import defer_durability, make_durable, session_factory
+
+
+def _synchronous_commit(session) -> str:  # type: ignore[no-untyped-def]
+    return session.execute(text("SHOW synchronous_commit")).scalar_one()
+
+
+def test_deferred_durability_applies_to_one_transaction_only(database):
+    session = session_factory()()
+    try:
+        assert _synchronous_commit(session) == "on"
+        defer_durability(session)
+        assert _synchronous_commit(session) == "off"
+        session.commit()
+        # A pooled connection must not carry the setting into the next transaction.
+        assert _synchronous_commit(session) == "on"
+        session.rollback()
+    finally:
+        session.close()
+
+
+def test_make_durable_flushes_the_wal_past_a_deferred_commit(database):
+    session = session_factory()()
+    try:
+        defer_durability(session)
+        first = session.execute(text("SELECT pg_current_xact_id()::text::bigint")).scalar_one()
+        session.commit()
+        written = session.execute(text("SELECT pg_current_wal_insert_lsn()::text")).scalar_one()
+        session.commit()
+        make_durable(session)
+        # The barrier took a transaction id of its own (so its commit flushed the WAL), left no
+        # transaction open, and the deferred commit is now on disk.
+        assert not session.in_transaction()
+        after = session.execute(text("SELECT pg_current_xact_id()::text::bigint")).scalar_one()
+        assert after >= first + 2
+        flushed = session.execute(
+            text("SELECT pg_current_wal_flush_lsn() >= CAST(:lsn AS pg_lsn)"), {"lsn": written}
+        ).scalar_one()
+        assert flushed is True
+        session.rollback()
+    finally:
+        session.close()

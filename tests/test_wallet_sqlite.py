@@ -1,0 +1,70 @@
+"""app/wallet.py on SQLite (the embedded default of `make run`): the same movements as on
+PostgreSQL, written statement by statement instead of as one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
+
+from app import wallet
+from app.db import build_engine
+from app.models import Base, Job, LedgerEntry
+from tests.test_wallet import make_job, make_wallet
+
+
+@pytest.fixture
+def sqlite_session(tmp_path) -> Iterator[Session]:  # type: ignore[no-untyped-def]
+    engine = build_engine(f"sqlite:///{tmp_path / 'wallet.db'}")
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        yield session
+    engine.dispose()
+
+
+def test_hold_settle_and_finish_the_job_in_order(sqlite_session):
+    s = sqlite_session
+    account_id, wallet_id = make_wallet(s)
+    wallet.top_up(s, wallet_id, 1_000)
+    job_id = make_job(s, account_id, wallet_id)
+    assert wallet.hold(s, wallet_id, job_id, 5_000) is None  # more than is available
+    assert wallet.hold(s, wallet_id, job_id, 400) == wallet.WalletState(1_000, 400)
+    state = wallet.settle(s, wallet_id, job_id, 400, 150, job=(1, {"status": "success"}))
+    assert state == wallet.WalletState(850, 0)
+    entries = s.execute(
+        select(
+            LedgerEntry.kind,
+            LedgerEntry.amount_micros,
+            LedgerEntry.held_delta_micros,
+            LedgerEntry.balance_after_micros,
+            LedgerEntry.held_after_micros,
+        )
+        .where(LedgerEntry.wallet_id == wallet_id)
+        .order_by(LedgerEntry.id)
+    ).all()
+    assert [tuple(e) for e in entries] == [
+        ("topup", 1_000, 0, 1_000, 0),
+        ("hold", 0, 400, 1_000, 400),
+        ("capture", -150, -150, 850, 250),
+        ("release", 0, -250, 850, 0),
+    ]
+    job = s.execute(
+        select(
+            Job.__table__.c.status, Job.__table__.c.version, Job.__table__.c.balance_after_micros
+        ).where(Job.__table__.c.id == job_id)
+    ).one()
+    assert tuple(job) == ("success", 2, 850)
+    assert wallet.ledger_sums(s, wallet_id) == wallet.get_state(s, wallet_id)
+
+
+def test_a_stale_job_version_refuses_the_settlement(sqlite_session):
+    s = sqlite_session
+    account_id, wallet_id = make_wallet(s)
+    wallet.top_up(s, wallet_id, 1_000)
+    job_id = make_job(s, account_id, wallet_id)
+    wallet.hold(s, wallet_id, job_id, 400)
+    with pytest.raises(StaleDataError):
+        wallet.settle(s, wallet_id, job_id, 400, 150, job=(7, {"status": "success"}))
