@@ -85,8 +85,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fanout", default="1,3,10", help="provider counts of the fan-out test")
     p.add_argument("--web-workers", type=int, default=2, help="WEB_CONCURRENCY (2)")
     p.add_argument("--web-threads", type=int, default=32, help="WEB_THREADS (32)")
-    p.add_argument("--worker-concurrency", type=int, default=32, help="Celery threads (32)")
-    p.add_argument("--worker-procs", type=int, default=1, help="Celery worker processes (1)")
+    p.add_argument(
+        "--worker-concurrency", type=int, default=16, help="Celery threads per process (16)"
+    )
+    p.add_argument(
+        "--worker-procs",
+        type=int,
+        default=2,
+        help="Celery worker processes (2: one per core, as docs/operations.md recommends)",
+    )
     p.add_argument(
         "--accounts", type=int, default=1, help="spread the load over this many accounts (1)"
     )

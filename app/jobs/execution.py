@@ -27,7 +27,7 @@ from app import wallet
 from app.db import defer_durability, make_durable
 from app.failpoints import failpoint
 from app.jobs import rows, states
-from app.jobs.notify import signal_done
+from app.jobs.notify import queue_signal
 from app.jobs.quoting import collect_quotes, discard_quotes
 from app.metrics import (
     JOBS_FINISHED,
@@ -102,7 +102,9 @@ class RouteAndExecute:
             self.session.rollback()
             return None
         options = {o["provider"]: o for o in job.quotes or []}
-        quotes = collect_quotes(self.redis, str(job.id), list(options.values()))
+        quotes = collect_quotes(
+            self.redis, str(job.id), list(options.values()), self.settings.health_window_s
+        )
         decision = self._decide(job, quotes)
         route = {
             # Keep each option's endpoint with its quote: resume() needs it after a crash.
@@ -219,8 +221,10 @@ class RouteAndExecute:
             attempt.update(
                 outcome="success", latency_ms=int((time.perf_counter() - started) * 1000)
             )
-            health.record_outcome(self.redis, quote.provider, True, self.settings.health_window_s)
-            self.breaker.record_success(quote.provider)
+            pipe = self.redis.pipeline(transaction=False)
+            health.queue_outcome(pipe, quote.provider, True, self.settings.health_window_s)
+            self.breaker.record_success(quote.provider, pipe)
+            pipe.execute()
             PROVIDER_LATENCY.labels(quote.provider, "success").observe(
                 time.perf_counter() - started
             )
@@ -303,8 +307,10 @@ class RouteAndExecute:
             job.provider_name or "-",
             extra={"status": job.status, "provider": job.provider_name},
         )
-        discard_quotes(self.redis, str(job.id))
-        signal_done(self.redis, job.id)
+        pipe = self.redis.pipeline(transaction=False)
+        discard_quotes(pipe, str(job.id))
+        queue_signal(pipe, job.id)
+        pipe.execute()
         if (job.request or {}).get("callback_url"):
             current_celery.send_task("flopex.webhook", args=[str(job.id)], queue="economy")
         return Outcome(job.id, job.status, job.error_code)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 
 import redis
+from redis.client import Pipeline
 
 _TTL_S = 300
 
@@ -20,9 +21,14 @@ def _key(job_id: uuid.UUID | str) -> str:
 
 def signal_done(client: redis.Redis, job_id: uuid.UUID | str) -> None:
     pipe = client.pipeline(transaction=False)
+    queue_signal(pipe, job_id)
+    pipe.execute()
+
+
+def queue_signal(pipe: Pipeline, job_id: uuid.UUID | str) -> None:
+    """signal_done's commands, added to the caller's pipeline."""
     pipe.lpush(_key(job_id), "1")
     pipe.expire(_key(job_id), _TTL_S)
-    pipe.execute()
 
 
 def wait_done(client: redis.Redis, job_id: uuid.UUID | str, timeout_s: float) -> bool:

@@ -1,5 +1,6 @@
-"""One quote: ping the provider live, attach its price and recent reliability, and hand it to the
-join. Quotes travel through a Redis hash per job; the last quote to arrive triggers routing. A
+"""One quote: ping the provider live, attach its price, and hand it to the join. Quotes travel
+through a Redis hash per job; the last quote to arrive triggers routing, which reads every
+quoted provider's recent reliability along with the quotes, in the same round trip. A
 ping never outlives the quote deadline, so every quote task finishes by then; one lost with a
 crashed worker is covered by the sweeper, which quotes the job again."""
 
@@ -10,6 +11,7 @@ import time
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from app.metrics import QUOTE_LATENCY
 from app.providers import health
@@ -48,12 +50,10 @@ def make_quote(
     QUOTE_LATENCY.labels(option["provider"], "live" if live else error).observe(
         time.perf_counter() - started
     )
-    rate = health.success_rate(client, option["provider"], health_window_s)
     return _quote(
         option,
         live=live,
         estimated_latency_ms=latency,
-        success_rate=None if rate is None else str(rate),
         error=error,
         circuit_open=circuit_open,
     )
@@ -81,23 +81,38 @@ def store_quote(client: redis.Redis, job_id: str, quote: Quote) -> int:
     return int(pipe.execute()[1])
 
 
-def collect_quotes(client: redis.Redis, job_id: str, options: list[dict[str, Any]]) -> list[Quote]:
+def collect_quotes(
+    client: redis.Redis, job_id: str, options: list[dict[str, Any]], health_window_s: int
+) -> list[Quote]:
     """Every option gets a quote: the one its task stored, or a not-live one when its task did
-    not report by the deadline (it stays rankable by price, as `lowest_cost` promises)."""
-    stored = client.hgetall(_key(job_id))
+    not report by the deadline (it stays rankable by price, as `lowest_cost` promises); each
+    with its provider's success rate over the health window."""
+    pipe = client.pipeline(transaction=False)
+    pipe.hgetall(_key(job_id))
+    read_rates = health.queue_success_rates(pipe, [o["provider"] for o in options], health_window_s)
+    results = pipe.execute()
+    stored, rates = results[0], read_rates(results)
     quotes = []
     for option in options:
         raw = stored.get(option["provider"])
+        rate = rates[option["provider"]]
+        observed = {"success_rate": None if rate is None else str(rate)}
         if raw is not None:
-            quotes.append(Quote.from_dict(json.loads(raw)))
+            quotes.append(Quote.from_dict({**json.loads(raw), **observed}))
         else:
             quotes.append(
-                _quote(option, live=False, estimated_latency_ms=None, error="no_quote_by_deadline")
+                _quote(
+                    option,
+                    live=False,
+                    estimated_latency_ms=None,
+                    error="no_quote_by_deadline",
+                    **observed,
+                )
             )
     return quotes
 
 
-def discard_quotes(client: redis.Redis, job_id: str) -> None:
+def discard_quotes(client: redis.Redis | Pipeline, job_id: str) -> None:
     client.delete(_key(job_id))
 
 
@@ -114,14 +129,18 @@ def quotes_from_probes(
     (FLOPEX_QUOTE_SOURCE=probe): no quote tasks, no wait on provider round trips. None when any
     option lacks a probe younger than ``max_age_s``: the caller then quotes live."""
     now = now or time.time()
-    raws = client.mget([f"flopex:probe:{o['provider']}" for o in options])
+    pipe = client.pipeline(transaction=False)
+    pipe.mget([f"flopex:probe:{o['provider']}" for o in options])
+    read_rates = health.queue_success_rates(pipe, [o["provider"] for o in options], health_window_s)
+    results = pipe.execute()
+    raws, rates = results[0], read_rates(results)
     quotes = []
     for option, raw in zip(options, raws, strict=True):
         probe = json.loads(raw) if raw else None
         if probe is None or now - probe["checked_at"] > max_age_s:
             return None
         circuit_open = not breaker.allow(option["provider"], now)
-        rate = health.success_rate(client, option["provider"], health_window_s)
+        rate = rates[option["provider"]]
         quotes.append(
             _quote(
                 option,

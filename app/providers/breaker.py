@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 import redis
+from redis.client import Pipeline
 
 _FAIL = """
 local now, window, threshold, cooldown = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -74,8 +75,9 @@ class Breaker:
             keys=[_key(provider)], args=[now or time.time(), c.window_s, c.threshold, c.cooldown_s]
         )
 
-    def record_success(self, provider: str) -> None:
-        self.client.delete(_key(provider))
+    def record_success(self, provider: str, pipe: Pipeline | None = None) -> None:
+        """Closes the breaker; with ``pipe``, as one more command of the caller's pipeline."""
+        (pipe if pipe is not None else self.client).delete(_key(provider))
 
     def allow(self, provider: str, now: float | None = None) -> bool:
         """May this provider be used now? Takes the single half-open trial when there is one."""
