@@ -176,10 +176,12 @@ class InferenceCollection(MethodView):
             record_id = claim.record_id
 
         # The claim, the job and its hold commit together; a rejection rolls all three back.
-        # The commit does not wait for its fsync (the wallet row is unlocked sooner); whoever
-        # answers first makes it durable: this request before a 202, the worker before the
-        # outcome it signals.
-        defer_durability(session)
+        # A synchronous call's commit does not wait for its fsync (the wallet row is unlocked
+        # sooner): the worker makes it durable before it signals the outcome, and this request
+        # does before any 202. An async call answers at once, so its commit simply waits.
+        deferred = not prefer.respond_async
+        if deferred:
+            defer_durability(session)
         accepted = SubmitInference(
             session,
             principal,
@@ -204,7 +206,8 @@ class InferenceCollection(MethodView):
             log.exception("broker unreachable; job %s left for the sweeper", job.id)
             prefer = dataclasses.replace(prefer, respond_async=True)
         if prefer.respond_async:
-            make_durable(session)
+            if deferred:  # the broker was unreachable: no worker will make it durable soon
+                make_durable(session)
             response = _json_response(
                 accepted_body or current_app.json.dumps(render_job(job)), 202, job_id=job.id
             )
