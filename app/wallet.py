@@ -297,8 +297,9 @@ def settle(
     second settlement of the same job fail, whatever its amounts: no job is charged twice.
 
     ``job``: the job's version as the caller read it and the columns that finish it; they are
-    written with the settlement, fenced on that version (``StaleDataError`` if it moved), with
-    the wallet's new balance as ``balance_after_micros``.
+    written with the settlement, fenced on that version, with the wallet's new balance as
+    ``balance_after_micros``. If the version moved, ``StaleDataError`` is raised and the caller
+    must roll back: the wallet and ledger writes made before the check go with it.
     """
     if not 0 <= charge_micros <= held_micros:
         raise ValueError(f"capture {charge_micros} outside hold {held_micros}")

@@ -23,6 +23,8 @@ TARGETS = {
     "hot_wallet_captures_per_s": 1000.0,
     "web_rss_mb": 120.0,
     "worker_rss_mb": 120.0,
+    # "No growth over a 10-minute soak": within 5 MB, the allocator's noise (--soak 600).
+    "soak_rss_growth_mb": 5.0,
 }
 
 
@@ -175,6 +177,10 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
     worker_peak = (mem.get("worker") or {}).get("peak_mb")
     wallet = results.get("hot_wallet") or {}
     asyn = results.get("async") or {}
+    soak = results.get("soak") or {}
+    soak_growth = None
+    if soak.get("growth_mb") and None not in soak["growth_mb"].values():
+        soak_growth = max(soak["growth_mb"].values())
 
     def get(scenario: dict[str, Any] | None, *path: str) -> Any:
         value: Any = scenario
@@ -197,6 +203,7 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
         ("hot wallet captures/s (invariants ok)", captures, ">=", "hot_wallet_captures_per_s"),
         ("web peak RSS per process (MB)", web_peak, "<=", "web_rss_mb"),
         ("worker peak RSS (MB)", worker_peak, "<=", "worker_rss_mb"),
+        ("RSS growth over the soak (MB, --soak)", soak_growth, "<=", "soak_rss_growth_mb"),
     ]  # fmt: skip
     out = []
     for label, value, op, key in checks:

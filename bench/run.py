@@ -109,6 +109,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wallet-threads", type=int, default=8, help="threads per process (8)")
     p.add_argument("--wallet-jobs", type=int, default=None, help="jobs settled (3000; quick 1000)")
     p.add_argument("--profile", action="store_true", help="py-spy the web and worker at c64")
+    p.add_argument(
+        "--soak",
+        type=float,
+        default=0.0,
+        help="also run a soak of this many seconds at c16 (600 for the 10-minute target; 0 = no)",
+    )
     p.add_argument("--skip", default="", help="comma list of: sync,fanout,async,census,wallet")
     p.add_argument(
         "--wait-idle",
@@ -372,6 +378,66 @@ def profile_scenario(
     }
 
 
+def soak_scenario(stack: Stack, api_key: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """A long closed loop at c16 (sandbox 0 ms) while the resident memory (VmRSS) of every web
+    and worker process is sampled every 30 s. Growth is the last sample minus the sample taken
+    after the first minute (start-up, caches and pools filling up are not growth)."""
+    say(f"bench: soak, sandbox 0 ms, concurrency 16, {args.soak:.0f} s")
+    settle_between(stack)
+    box: dict[str, Any] = {}
+
+    def drive() -> None:
+        box["result"] = closed_loop(
+            stack.base_url,
+            api_key,
+            model="llama-3.1-8b",
+            concurrency=16,
+            duration_s=args.soak,
+            tag_prefix="soak",
+            timeout_s=args.sync_timeout + 15,
+        )
+
+    loop = threading.Thread(target=drive, daemon=True)
+    started = time.monotonic()
+    loop.start()
+    samples: list[dict[str, Any]] = []
+    while loop.is_alive():
+        mem = stack.memory()
+        samples.append(
+            {
+                "t_s": round(time.monotonic() - started, 1),
+                "web": [m["rss_mb"] for m in mem.get("web_workers", [])],
+                "worker": [m["rss_mb"] for m in mem.get("worker_processes", [])],
+            }
+        )
+        loop.join(timeout=30.0)
+    stack.check_alive()
+    result = box["result"]
+    baseline = next((x for x in samples if x["t_s"] >= 60), samples[0])
+    last = samples[-1]
+
+    def growth(kind: str) -> float | None:
+        pairs = list(zip(baseline[kind], last[kind], strict=False))
+        if not pairs or any(a is None or b is None for a, b in pairs):
+            return None
+        return round(max(b - a for a, b in pairs), 1)
+
+    return {
+        "duration_s": args.soak,
+        "requests": len(result.samples),
+        "ok": sum(1 for x in result.samples if x.status == 200),
+        "errors": count_errors(result.samples, 200),
+        "rps": round(throughput(result, 200), 1),
+        "rss_samples": samples,
+        "baseline_t_s": baseline["t_s"],
+        "growth_mb": {"web": growth("web"), "worker": growth("worker")},
+        "max_rss_mb": {
+            "web": max((v for x in samples for v in x["web"] if v is not None), default=None),
+            "worker": max((v for x in samples for v in x["worker"] if v is not None), default=None),
+        },
+    }
+
+
 def load_wallet_invariants(wallet_ids: list[uuid.UUID]) -> dict[str, Any]:
     """End to end: the load accounts' wallets (one, by default: a hot wallet) took every capture
     of every scenario; the ledger must still add up."""
@@ -469,6 +535,14 @@ def print_report(results: dict[str, Any]) -> None:
             f"settle p50 {w['settle_latency_ms']['p50']} ms / p99 {w['settle_latency_ms']['p99']} ms, "
             f"invariants {'OK' if w['invariants_ok'] else 'BROKEN ' + str(w['invariants'])}"
         )
+    if results.get("soak"):
+        k = results["soak"]
+        say(
+            f"Soak ({k['duration_s']:.0f} s at c16): {k['rps']} req/s, {k['ok']} ok, errors "
+            f"{sum(k['errors'].values())}; RSS growth after the first minute (MB, largest "
+            f"process): web {k['growth_mb']['web']}, worker {k['growth_mb']['worker']}; "
+            f"max RSS web {k['max_rss_mb']['web']}, worker {k['max_rss_mb']['worker']}"
+        )
     if results.get("load_wallet"):
         lw = results["load_wallet"]
         say(
@@ -551,6 +625,8 @@ def run(args: argparse.Namespace, stack: Stack, results: dict[str, Any], stamp: 
         results["async"] = async_scenario(stack, keys[0], args)
     if "census" not in args.skip_set:
         results["census"] = census_scenario(stack, keys[0], args)
+    if args.soak > 0:
+        results["soak"] = soak_scenario(stack, keys, args)
     if args.profile:
         results["profile"] = profile_scenario(stack, keys, args, args.output / f"{stamp}-profile")
     settle_between(stack)
