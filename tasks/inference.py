@@ -22,10 +22,8 @@ log = logging.getLogger(__name__)
 
 @shared_task(name="flopex.quote")
 def quote(job_id: str, option: dict[str, Any], deadline_at: float, expected: int) -> None:
-    settings = get_settings()
     client = get_redis()
-    breaker = Breaker(client, settings.breaker)
-    q = make_quote(client, option, deadline_at, settings.health_window_s, breaker)
+    q = make_quote(option, deadline_at, Breaker(client, get_settings().breaker))
     if store_quote(client, job_id, q) >= expected:
         # The last quote in closes the join and routes the job right here: one queue hop less on
         # every request. A redelivered or duplicate quote finds the job already claimed.

@@ -73,7 +73,6 @@ def _route_on_probes(celery: Celery, job: Any, settings: Settings, queue: str) -
         options,
         Breaker(client, settings.breaker),
         max_age_s=settings.probe_interval_s * 3,
-        health_window_s=settings.health_window_s,
     )
     if quotes is None:
         return False

@@ -74,10 +74,6 @@ def failure_code(attempts: list[dict[str, Any]]) -> str:
     return "provider_error"
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 class RouteAndExecute:
     def __init__(self, session: Session, client: redis.Redis, settings: Settings) -> None:
         self.session = session
@@ -317,7 +313,7 @@ class RouteAndExecute:
 
 
 def finish_values(job: Job, status: str, now: datetime | None = None) -> dict[str, Any]:
-    now = now or _now()
+    now = now or utcnow()
     created = job.created_at if job.created_at.tzinfo else job.created_at.replace(tzinfo=UTC)
     return {
         "status": status,
@@ -344,7 +340,7 @@ def settle(session: Session, job: Job, charge_micros: int, values: dict[str, Any
 def close_unserved(session: Session, job: Job, status: str, **pending: Any) -> None:
     """The job ends without a provider's answer: release the whole hold, charge nothing, in
     one fenced write of the job (caller commits)."""
-    now = _now()
+    now = utcnow()
     values = {"settled_at": now, **pending, **finish_values(job, status, now)}
     if job.hold_micros:
         settle(session, job, 0, values)

@@ -26,13 +26,7 @@ def _key(job_id: str) -> str:
     return f"flopex:quotes:{job_id}"
 
 
-def make_quote(
-    client: redis.Redis,
-    option: dict[str, Any],
-    deadline_at: float,
-    health_window_s: int,
-    breaker: Breaker,
-) -> Quote:
+def make_quote(option: dict[str, Any], deadline_at: float, breaker: Breaker) -> Quote:
     remaining = deadline_at - time.time()
     live, latency, error = False, None, None
     started = time.perf_counter()
@@ -122,31 +116,25 @@ def quotes_from_probes(
     breaker: Breaker,
     *,
     max_age_s: float,
-    health_window_s: int,
     now: float | None = None,
 ) -> list[Quote] | None:
     """Quotes from the beat probe's latest results instead of a live ping per request
     (FLOPEX_QUOTE_SOURCE=probe): no quote tasks, no wait on provider round trips. None when any
-    option lacks a probe younger than ``max_age_s``: the caller then quotes live."""
+    option lacks a probe younger than ``max_age_s``: the caller then quotes live. Success rates
+    are added by the route step (collect_quotes), as for live quotes."""
     now = now or time.time()
-    pipe = client.pipeline(transaction=False)
-    pipe.mget([f"flopex:probe:{o['provider']}" for o in options])
-    read_rates = health.queue_success_rates(pipe, [o["provider"] for o in options], health_window_s)
-    results = pipe.execute()
-    raws, rates = results[0], read_rates(results)
+    raws = client.mget([f"flopex:probe:{o['provider']}" for o in options])
     quotes = []
     for option, raw in zip(options, raws, strict=True):
         probe = json.loads(raw) if raw else None
         if probe is None or now - probe["checked_at"] > max_age_s:
             return None
         circuit_open = not breaker.allow(option["provider"], now)
-        rate = rates[option["provider"]]
         quotes.append(
             _quote(
                 option,
                 live=probe["live"] and not circuit_open,
                 estimated_latency_ms=probe["latency_ms"] if probe["live"] else None,
-                success_rate=None if rate is None else str(rate),
                 error="circuit_open"
                 if circuit_open
                 else (None if probe["live"] else probe["error"]),

@@ -36,16 +36,9 @@ def queue_outcome(pipe: Pipeline, provider: str, ok: bool, window_s: int) -> Non
 
 def success_rate(client: redis.Redis, provider: str, window_s: int) -> Decimal | None:
     """ok / (ok + fail) over the window, to four places; None when there is no history."""
-    return success_rates(client, [provider], window_s)[provider]
-
-
-def success_rates(
-    client: redis.Redis, providers: list[str], window_s: int
-) -> dict[str, Decimal | None]:
-    """success_rate of each provider, in one round trip."""
     pipe = client.pipeline(transaction=False)
-    read = queue_success_rates(pipe, providers, window_s)
-    return read(pipe.execute())
+    read = queue_success_rates(pipe, [provider], window_s)
+    return read(pipe.execute())[provider]
 
 
 def queue_success_rates(
