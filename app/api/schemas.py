@@ -197,11 +197,16 @@ class LedgerEntrySchema(Schema):
     created_at = fields.String()
 
 
-class LedgerPageSchema(Schema):
+class _PageSchema(Schema):
+    """The envelope of every paginated list: ``data`` plus a cursor to the next page."""
+
     object = fields.String(metadata={"example": "list"})
-    data = fields.List(fields.Nested(LedgerEntrySchema))
     has_more = fields.Boolean()
     next_cursor = fields.String(allow_none=True)
+
+
+class LedgerPageSchema(_PageSchema):
+    data = fields.List(fields.Nested(LedgerEntrySchema))
 
 
 class JobObjectSchema(InferenceResponseSchema):
@@ -234,11 +239,8 @@ class JobListQuerySchema(Schema):
     starting_after = fields.UUID(metadata={"description": "a job id: the page after it"})
 
 
-class JobListSchema(Schema):
-    object = fields.String(metadata={"example": "list"})
+class JobListSchema(_PageSchema):
     data = fields.List(fields.Nested(JobObjectSchema))
-    has_more = fields.Boolean()
-    next_cursor = fields.String(allow_none=True)
 
 
 class JobGetQuerySchema(Schema):
