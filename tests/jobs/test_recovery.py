@@ -90,6 +90,14 @@ def assert_books_balance(account: Any) -> None:
         assert wallet.ledger_sums(session, account.wallet_id) == state
 
 
+def crash_at(env: dict[str, Any], account: Any, failpoint: str) -> uuid.UUID:
+    """Submits a job to a worker that is killed (SIGKILL) when it reaches ``failpoint``."""
+    dying = env["worker"](failpoint)
+    job_id = submit(account, env["settings"], env["celery"])
+    assert dying.proc.wait(timeout=60) == -9
+    return job_id
+
+
 def recover(env: dict[str, Any], job_id: uuid.UUID) -> Job:
     with session_scope() as session:
         # As seen by a sweeper running well after the worker died.
@@ -102,9 +110,7 @@ def recover(env: dict[str, Any], job_id: uuid.UUID) -> Job:
 
 def test_killed_after_the_answer_is_recorded_settles_once(crash_env, make_account, pipeline):
     account = make_account()
-    dying = crash_env["worker"]("after_result_recorded")
-    job_id = submit(account, crash_env["settings"], crash_env["celery"])
-    assert dying.proc.wait(timeout=60) == -9
+    job_id = crash_at(crash_env, account, "after_result_recorded")
 
     job = load(job_id)
     assert job.status == "settling" and job.charge_micros > 0
@@ -121,9 +127,7 @@ def test_killed_after_the_answer_is_recorded_settles_once(crash_env, make_accoun
 
 def test_killed_before_the_provider_call_still_completes(crash_env, make_account, pipeline):
     account = make_account()
-    dying = crash_env["worker"]("before_provider_call")
-    job_id = submit(account, crash_env["settings"], crash_env["celery"])
-    assert dying.proc.wait(timeout=60) == -9
+    job_id = crash_at(crash_env, account, "before_provider_call")
     job = load(job_id)
     assert job.status == "executing" and [a["provider"] for a in job.attempts] == ["alpha"]
 
