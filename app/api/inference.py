@@ -10,7 +10,6 @@ from typing import Any
 from flask import current_app, g, request
 from flask.views import MethodView
 from flask_smorest import Blueprint
-from kombu.exceptions import OperationalError
 from sqlalchemy import select, tuple_
 
 from app import idempotency
@@ -28,6 +27,7 @@ from app.api.schemas import (
     JobObjectSchema,
 )
 from app.api.session import db
+from app.broker import PUBLISH_ERRORS
 from app.db import defer_durability, make_durable
 from app.exceptions import FlopexError, InvalidRequest
 from app.jobs import states
@@ -201,7 +201,7 @@ class InferenceCollection(MethodView):
         session.commit()
         try:
             dispatch_quotes(current_app.extensions["celery"], accepted, settings)
-        except OperationalError:
+        except PUBLISH_ERRORS:
             # The job is durable: the sweeper quotes it once the broker is back.
             log.exception("broker unreachable; job %s left for the sweeper", job.id)
             prefer = dataclasses.replace(prefer, respond_async=True)

@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import pytest
+
 from app import wallet
 from app.db import session_scope
 from tests.conftest import chat_calls, decimal_json, ledger_kinds
@@ -192,10 +194,17 @@ def test_bad_prefer_wait_is_400(client, pipeline, make_account):
     assert resp.status_code == 400 and resp.get_json()["error"]["param"] == "Prefer"
 
 
+@pytest.mark.parametrize(
+    "failure",
+    [
+        "OperationalError",  # no connection to the broker
+        "BatchPublishError",  # the batch's pipeline failed: delivery uncertain
+    ],
+)
 def test_a_job_accepted_while_the_broker_is_down_completes_via_the_sweeper(
-    client, pipeline, make_account, monkeypatch, celery_app, redis_client
+    client, pipeline, make_account, monkeypatch, celery_app, redis_client, failure
 ):
-    from kombu.exceptions import OperationalError
+    from kombu import exceptions
 
     from app.api import inference
     from app.jobs.recovery import sweep
@@ -204,7 +213,7 @@ def test_a_job_accepted_while_the_broker_is_down_completes_via_the_sweeper(
     account = make_account()
 
     def broker_down(*_args, **_kwargs):
-        raise OperationalError("connection refused")
+        raise getattr(exceptions, failure)("connection refused")
 
     monkeypatch.setattr(inference, "dispatch_quotes", broker_down)
     resp = submit(client, account, **{"Idempotency-Key": "broker-down"})
