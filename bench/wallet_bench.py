@@ -5,10 +5,10 @@ thread with its own session (and PostgreSQL connection):
 
 1. setup (not timed): an account whose wallet gets a large top-up, and `jobs` job rows;
 2. holds: each job's hold in its own transaction (``wallet.hold``, as the web does on submit);
-3. settles: each job's capture and release plus the job's final UPDATE in one transaction
-   (``wallet.settle``, as the worker's ``RouteAndExecute._settle`` does), committed without
-   waiting for the fsync, then made durable by ``app.db.make_durable`` as the worker does before
-   it signals the outcome.
+3. settles: each job's capture and release plus the job's final UPDATE in one statement that is
+   its own transaction (``wallet.settle(..., solo=True)``, as the worker's
+   ``RouteAndExecute._settle`` does), committed without waiting for the fsync, then made durable
+   by ``app.db.make_durable`` as the worker does before it signals the outcome.
 
 Several processes, not just threads: the exchange settles from several processes too (web and
 worker), and one process's GIL would otherwise stretch how long each transaction holds the wallet
@@ -61,12 +61,12 @@ def _hold_one(session: Any, plan: Plan, i: int) -> None:
 
 def _settle_one(session: Any, plan: Plan, i: int) -> None:
     from app import wallet
-    from app.db import defer_durability, make_durable
+    from app.db import make_durable
 
-    # As RouteAndExecute._settle: capture, release and the job's final write in one statement,
-    # committed without waiting for the fsync (the wallet row is unlocked sooner), then made
-    # durable by a barrier, as the worker does before it signals the outcome.
-    defer_durability(session)
+    # As RouteAndExecute._settle: capture, release and the job's final write in one statement
+    # that is its own transaction (solo: the wallet row is locked only while the server runs
+    # it, and its commit does not wait for the fsync), then made durable by a barrier, as the
+    # worker does before it signals the outcome.
     stamp = datetime.now(UTC)
     wallet.settle(
         session,
@@ -84,6 +84,7 @@ def _settle_one(session: Any, plan: Plan, i: int) -> None:
                 "updated_at": stamp,
             },
         ),
+        solo=True,
     )
     session.commit()
     make_durable(session)

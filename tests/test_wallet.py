@@ -270,7 +270,8 @@ def test_a_capture_above_the_balance_is_refused_by_the_database(db_session):
 # -- concurrency on real connections -----------------------------------------------
 
 
-def test_concurrent_holds_never_over_commit_and_concurrent_settles_stay_exact(make_account):
+@pytest.mark.parametrize("solo", [False, True], ids=["in-transaction", "solo"])
+def test_concurrent_holds_never_over_commit_and_concurrent_settles_stay_exact(make_account, solo):
     account = make_account("1.00")
     wid = account.wallet_id
     with session_scope() as session:
@@ -308,7 +309,7 @@ def test_concurrent_holds_never_over_commit_and_concurrent_settles_stay_exact(ma
     def settle(job_id: uuid.UUID) -> Callable[[], WalletState]:
         def task() -> WalletState:
             with session_scope() as session:
-                return wallet.settle(session, wid, job_id, 100_000, charges[job_id])
+                return wallet.settle(session, wid, job_id, 100_000, charges[job_id], solo=solo)
 
         return task
 
@@ -359,3 +360,104 @@ def test_settle_of_a_job_whose_version_moved_raises_and_rolls_back(db_session):
     savepoint.rollback()
     assert entries(db_session, wallet_id) == before
     assert wallet.get_state(db_session, wallet_id) == WalletState(10 * USD, 3 * USD)
+
+
+# -- solo settlements: the statement is its own transaction -------------------------
+
+
+def _held_job(make_account: Any) -> tuple[Any, uuid.UUID, int]:
+    """A committed job with a $3 hold on a $10 wallet; returns (account, job id, version)."""
+    account = make_account("10.00")
+    with session_scope() as session:
+        job_id = make_job(session, account.account_id, account.wallet_id)
+        wallet.hold(session, account.wallet_id, job_id, 3 * USD)
+        version = session.scalar(select(Job.version).where(Job.id == job_id))
+    return account, job_id, version
+
+
+def _committed(account: Any, job_id: uuid.UUID) -> tuple[WalletState, list[str], Any]:
+    """What another connection sees: the wallet, its ledger kinds, the job's status/version."""
+    with session_scope() as other:
+        state = wallet.get_state(other, account.wallet_id)
+        assert wallet.ledger_sums(other, account.wallet_id) == state
+        kinds = [e[0] for e in entries(other, account.wallet_id)]
+        job = other.execute(select(Job.status, Job.version).where(Job.id == job_id)).one()
+    return state, kinds, tuple(job)
+
+
+def test_a_solo_settlement_commits_by_itself(make_account):
+    from app.db import make_durable, session_factory
+
+    account, job_id, version = _held_job(make_account)
+    session = session_factory()()
+    try:
+        state = wallet.settle(
+            session,
+            account.wallet_id,
+            job_id,
+            3 * USD,
+            USD,
+            job=(version, {"status": "success"}),
+            solo=True,
+        )
+        assert state == WalletState(9 * USD, 0)
+        # Committed by the server as the statement ended: visible elsewhere at once, and a
+        # rollback of the session has nothing to undo.
+        session.rollback()
+        assert _committed(account, job_id) == (
+            WalletState(9 * USD, 0),
+            ["topup", "hold", "capture", "release"],
+            ("success", version + 1),
+        )
+        make_durable(session)  # the session goes on as usual, in a normal transaction
+        assert session.scalar(text("SHOW transaction_isolation")) == "read committed"
+    finally:
+        session.close()
+
+
+def test_a_stale_solo_settlement_writes_nothing(make_account):
+    from app.db import session_factory
+
+    account, job_id, version = _held_job(make_account)
+    before = _committed(account, job_id)
+    session = session_factory()()
+    try:
+        with pytest.raises(StaleDataError):
+            wallet.settle(
+                session,
+                account.wallet_id,
+                job_id,
+                3 * USD,
+                USD,
+                job=(version - 1, {"status": "success"}),
+                solo=True,
+            )
+    finally:
+        session.close()
+    # Nothing to roll back, and nothing written: the job's version is checked before the wallet.
+    assert _committed(account, job_id) == before
+    assert before[0] == WalletState(10 * USD, 3 * USD)
+
+
+def test_solo_joins_a_transaction_already_open(make_account):
+    from app.db import session_factory
+
+    account, job_id, version = _held_job(make_account)
+    before = _committed(account, job_id)
+    session = session_factory()()
+    try:
+        session.execute(text("SELECT 1"))  # a transaction is open
+        wallet.settle(
+            session,
+            account.wallet_id,
+            job_id,
+            3 * USD,
+            USD,
+            job=(version, {"status": "success"}),
+            solo=True,
+        )
+        assert _committed(account, job_id) == before  # not committed yet
+        session.rollback()
+    finally:
+        session.close()
+    assert _committed(account, job_id) == before

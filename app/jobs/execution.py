@@ -269,16 +269,17 @@ class RouteAndExecute:
         self.session.commit()
 
     def _settle(self, job: Job) -> Outcome:
-        # The wallet's transaction: its row stays locked until the commit returns, so the
-        # commit does not wait for its fsync; it is made durable before anyone is told
+        # The settlement is one statement and its own transaction (solo): the wallet row, which
+        # every request of the account needs, is locked only while the server runs it, and its
+        # commit does not wait for the fsync; it is made durable before anyone is told
         # (_commit_and_signal).
-        defer_durability(self.session)
         now = utcnow()
         settle(
             self.session,
             job,
             job.charge_micros or 0,
             {"settled_at": now, **finish_values(job, states.SUCCESS, now)},
+            solo=True,
         )
         return self._commit_and_signal(job)
 
@@ -323,9 +324,12 @@ def finish_values(job: Job, status: str, now: datetime | None = None) -> dict[st
     }
 
 
-def settle(session: Session, job: Job, charge_micros: int, values: dict[str, Any]) -> None:
+def settle(
+    session: Session, job: Job, charge_micros: int, values: dict[str, Any], solo: bool = False
+) -> None:
     """Capture ``charge_micros`` of the job's hold, release the rest, and write ``values`` to the
-    job with its ``balance_after_micros``: one fenced write, one statement on PostgreSQL."""
+    job with its ``balance_after_micros``: one fenced write, one statement on PostgreSQL
+    (``solo``: see ``wallet.settle``)."""
     state = wallet.settle(
         session,
         job.wallet_id,
@@ -333,6 +337,7 @@ def settle(session: Session, job: Job, charge_micros: int, values: dict[str, Any
         job.hold_micros,
         charge_micros,
         job=(job.version, rows.columns(values)),
+        solo=solo,
     )
     rows.mirror(job, {**values, "balance_after_micros": state.balance_micros})
 
