@@ -16,6 +16,7 @@ from sqlalchemy import Update, bindparam, exists, func, insert, literal, select,
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
+from app.jobs import rows
 from app.models import Job, LedgerEntry, Wallet, utcnow
 
 _WALLETS = Wallet.__table__
@@ -70,25 +71,13 @@ def _wallet_update(checked: bool) -> Update:
     return stmt
 
 
-def _finish_job(job_columns: tuple[str, ...], balance_after: Any) -> Update:
-    """The job's final write, fenced on the version the caller read and bumping it."""
-    j = _JOBS.c
-    return (
-        update(_JOBS)
-        .where(j.id == _param("job_id", j.id), j.version == _param("job_version", j.version))
-        .values(
-            {
-                **{k: _param(f"job_{k}", j[k]) for k in job_columns},
-                "balance_after_micros": balance_after,
-                "version": j.version + 1,
-            }
-        )
-    )
-
-
 @functools.lru_cache(maxsize=16)
 def _finish_job_alone(job_columns: tuple[str, ...]) -> Update:
-    return _finish_job(job_columns, _param("balance_after", _JOBS.c.balance_after_micros))
+    """The job's final write (app/jobs/rows.py: fenced on its version), for the databases that
+    run a movement's statements one by one."""
+    return rows.fenced_update(
+        job_columns, balance_after_micros=_param("balance_after", _JOBS.c.balance_after_micros)
+    )
 
 
 _ENTRY_COLUMNS = (
@@ -121,7 +110,7 @@ def _one_statement(
         j = _JOBS.c
         fence = (
             select(j.id)
-            .where(j.id == _param("job_id", j.id), j.version == _param("job_version", j.version))
+            .where(j.id == rows.param("id"), j.version == rows.param("version"))
             .with_for_update()
             .cte("fence")
         )
@@ -152,7 +141,7 @@ def _one_statement(
     if job_columns is None:
         return select(moved.c.balance_micros, moved.c.held_micros).add_cte(recorded)
     return (
-        _finish_job(job_columns, moved.c.balance_micros)
+        rows.fenced_update(job_columns, balance_after_micros=moved.c.balance_micros)
         .where(_JOBS.c.wallet_id == moved.c.id)
         .returning(moved.c.balance_micros, moved.c.held_micros)
         .add_cte(recorded)
@@ -216,8 +205,8 @@ def _move(
     checked = require_available is not None
     job_columns = None
     if job is not None:
-        params["p_job_version"] = job[0]
-        params.update({f"p_job_{k}": v for k, v in job[1].items()})
+        assert job_id is not None
+        params.update(rows.params(job_id, job[0], job[1]))
         job_columns = tuple(sorted(job[1]))
 
     if session.get_bind().dialect.name == "postgresql":
