@@ -84,13 +84,28 @@ def defer_durability(session: Session) -> None:
         session.execute(_DEFER)
 
 
+def autocommit(session: Session) -> bool:
+    """Runs the session's next transaction in autocommit (PostgreSQL): each statement is then
+    its own transaction, committed by the server as the statement ends. For a unit of work of
+    one statement this saves psycopg2's separate BEGIN and COMMIT round trips, and no lock the
+    statement takes is held across a round trip to this process. Only when the session has no
+    transaction open (the setting ends with that transaction: the pool resets the connection);
+    returns False and changes nothing otherwise, and on SQLite."""
+    if session.get_bind().dialect.name != "postgresql" or session.in_transaction():
+        return False
+    session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+    return True
+
+
 def make_durable(session: Session) -> None:
     """Returns once every commit made so far on this server is on disk: a transaction that
     writes WAL commits durably, and its flush covers all WAL written before it. The write is a
     transactional logical-decoding message (no table, no row lock, nothing to vacuum); a
     transaction that only took an id would not be flushed. Costs one small transaction;
-    concurrent flushes share one fsync (group commit). A no-op on SQLite."""
+    concurrent flushes share one fsync (group commit): one round trip when the session has no
+    transaction open (autocommit). A no-op on SQLite."""
     if session.get_bind().dialect.name == "postgresql":
+        autocommit(session)
         session.execute(_BARRIER)
         session.commit()
 

@@ -16,6 +16,7 @@ from sqlalchemy import Update, bindparam, exists, func, insert, literal, select,
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
+from app.db import autocommit
 from app.jobs import rows
 from app.models import Job, LedgerEntry, Wallet, utcnow
 
@@ -210,9 +211,7 @@ def _move(
         job_columns = tuple(sorted(job[1]))
 
     if session.get_bind().dialect.name == "postgresql":
-        solo = solo and not session.in_transaction()
-        if solo:
-            session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        solo = solo and autocommit(session)
         row = session.execute(
             _one_statement(len(entries), checked, job_columns, solo), params
         ).first()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-from app.db import defer_durability, make_durable, session_factory
+from app.db import autocommit, defer_durability, make_durable, session_factory
 
 
 def _synchronous_commit(session) -> str:  # type: ignore[no-untyped-def]
@@ -44,6 +44,25 @@ def test_make_durable_flushes_the_wal_past_a_deferred_commit(database):
             text("SELECT pg_current_wal_flush_lsn() >= CAST(:lsn AS pg_lsn)"), {"lsn": written}
         ).scalar_one()
         assert flushed is True
+        session.rollback()
+    finally:
+        session.close()
+
+
+def test_autocommit_makes_each_statement_its_own_transaction_until_the_session_commits(database):
+    session = session_factory()()
+    try:
+        assert autocommit(session) is True
+        first = session.execute(text("SELECT pg_current_xact_id()::text::bigint")).scalar_one()
+        second = session.execute(text("SELECT pg_current_xact_id()::text::bigint")).scalar_one()
+        assert second > first  # no transaction spans the two statements
+        session.commit()
+        # The pooled connection is back to normal transactions.
+        session.execute(text("SELECT 1"))
+        assert autocommit(session) is False  # a transaction is open: nothing changes
+        a = session.execute(text("SELECT pg_current_xact_id()::text::bigint")).scalar_one()
+        b = session.execute(text("SELECT pg_current_xact_id()::text::bigint")).scalar_one()
+        assert a == b
         session.rollback()
     finally:
         session.close()

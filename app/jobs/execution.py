@@ -24,7 +24,7 @@ from celery import current_app as current_celery
 from sqlalchemy.orm import Session
 
 from app import wallet
-from app.db import defer_durability, make_durable
+from app.db import autocommit, defer_durability, make_durable
 from app.failpoints import failpoint
 from app.jobs import rows, states
 from app.jobs.notify import queue_signal
@@ -243,6 +243,7 @@ class RouteAndExecute:
             quote.output_price_micros_per_m,
             Decimal(job.markup),
         )
+        autocommit(self.session)  # one statement: the write is its own (durable) transaction
         rows.write(
             self.session,
             job,
