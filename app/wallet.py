@@ -16,7 +16,7 @@ from sqlalchemy import Update, bindparam, exists, func, insert, literal, select,
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
-from app.db import autocommit
+from app.db import autocommit, defer_durability
 from app.jobs import rows
 from app.models import Job, LedgerEntry, Wallet, utcnow
 
@@ -96,16 +96,23 @@ _ENTRY_COLUMNS = (
 
 @functools.lru_cache(maxsize=64)
 def _one_statement(
-    entries: int, checked: bool, job_columns: tuple[str, ...] | None, solo: bool = False
+    entries: int,
+    checked: bool,
+    job_columns: tuple[str, ...] | None,
+    no_flush: bool = False,
+    new_job_columns: tuple[str, ...] | None = None,
 ) -> Any:
     """The PostgreSQL form of ``_move``: the wallet UPDATE, its ledger entries (the columns of
-    ``_ENTRY_COLUMNS``, in order) and the job's final write as one statement.
+    ``_ENTRY_COLUMNS``, in order) and the job's final write, or the new job's INSERT, as one
+    statement.
 
-    With a job, the job's row is locked first and only if it still has the version the caller
-    read (``fence``); the wallet is touched only then, so a stale settlement writes nothing at
-    all, even when the statement is its own transaction. ``solo``: the statement is run as its
-    own transaction, whose commit does not wait for its WAL flush (``set_config(...,
-    is_local => true)`` applies to that transaction only; see ``settle``)."""
+    With a job to finish, the job's row is locked first and only if it still has the version
+    the caller read (``fence``); the wallet is touched only then, so a stale settlement writes
+    nothing at all, even when the statement is its own transaction. A new job (``p_new_<column
+    key>``) is inserted only if the wallet UPDATE matched: a refused hold writes no job either.
+    ``no_flush``: the statement is its own transaction (autocommit), whose commit does not wait
+    for its WAL flush (``set_config(..., is_local => true)`` lasts until that transaction has
+    committed; see ``settle``)."""
     wallet_update = _wallet_update(checked)
     if job_columns is not None:
         j = _JOBS.c
@@ -116,11 +123,21 @@ def _one_statement(
             .cte("fence")
         )
         wallet_update = wallet_update.where(exists(select(fence.c.id)))
-    if solo:
+    if no_flush:
         wallet_update = wallet_update.where(
             func.set_config(literal("synchronous_commit"), literal("off"), True) == "off"
         )
     moved = wallet_update.cte("moved")
+    ctes = []
+    if new_job_columns is not None:
+        values = [bindparam(f"p_new_{k}", type_=_JOBS.c[k].type) for k in new_job_columns]
+        # Before the ledger entries that refer to it (their foreign key is checked at the end of
+        # the statement, when the row exists).
+        ctes.append(
+            insert(_JOBS)
+            .from_select(new_job_columns, select(*values).select_from(moved))
+            .cte("created")
+        )
     c = _LEDGER.c
     selects = [
         select(
@@ -138,15 +155,24 @@ def _one_statement(
     ]
     # UNION ALL keeps the entries in order, so their ids are in order too.
     source = selects[0] if entries == 1 else union_all(*selects)
-    recorded = insert(_LEDGER).from_select(_ENTRY_COLUMNS, source).cte("recorded")
+    ctes.append(insert(_LEDGER).from_select(_ENTRY_COLUMNS, source).cte("recorded"))
     if job_columns is None:
-        return select(moved.c.balance_micros, moved.c.held_micros).add_cte(recorded)
+        return select(moved.c.balance_micros, moved.c.held_micros).add_cte(*ctes)
     return (
         rows.fenced_update(job_columns, balance_after_micros=moved.c.balance_micros)
         .where(_JOBS.c.wallet_id == moved.c.id)
         .returning(moved.c.balance_micros, moved.c.held_micros)
-        .add_cte(recorded)
+        .add_cte(*ctes)
     )
+
+
+def _own_transaction(session: Session) -> bool:
+    """True when the next statement will be its own transaction: the session had none open (it
+    is switched to autocommit now) or is already in autocommit."""
+    if autocommit(session):
+        return True
+    options = session.connection().get_execution_options()
+    return bool(options.get("isolation_level") == "AUTOCOMMIT")
 
 
 @dataclass(frozen=True)
@@ -172,12 +198,21 @@ def _move(
     require_available: int | None = None,
     memo: str = "",
     job: tuple[int, dict[str, Any]] | None = None,
+    new_job: dict[str, Any] | None = None,
     solo: bool = False,
+    defer: bool = False,
 ) -> WalletState | None:
     """Change the wallet row, append its ledger entries and, with ``job`` (the version the
     caller read, the column values to write), finish the job row, fenced on that version and
-    with the wallet's new balance as ``balance_after_micros``. None when ``require_available``
-    is not available (nothing is written).
+    with the wallet's new balance as ``balance_after_micros``; or, with ``new_job`` (column
+    keys -> values), insert that job row. None when ``require_available`` is not available
+    (nothing is written, not even the new job).
+
+    ``solo``: the movement is its own transaction (autocommit) when the session has none open
+    or is already in autocommit; otherwise it joins the session's transaction. ``defer``: its
+    commit does not wait for the WAL flush (in the statement when solo, else for the session's
+    transaction, ``app.db.defer_durability``); the caller must ``make_durable`` before anyone
+    outside the database hears of it.
 
     On PostgreSQL all of it is one statement (data-modifying CTEs): the wallet row, which every
     request of an account locks, is held for that one statement and the commit instead of a
@@ -209,12 +244,19 @@ def _move(
         assert job_id is not None
         params.update(rows.params(job_id, job[0], job[1]))
         job_columns = tuple(sorted(job[1]))
+    new_job_columns = None
+    if new_job is not None:
+        new_job_columns = tuple(sorted(new_job))
+        params.update({f"p_new_{k}": v for k, v in new_job.items()})
 
     if session.get_bind().dialect.name == "postgresql":
-        solo = solo and autocommit(session)
-        row = session.execute(
-            _one_statement(len(entries), checked, job_columns, solo), params
-        ).first()
+        solo = solo and _own_transaction(session)
+        if defer and not solo:
+            defer_durability(session)
+        statement = _one_statement(
+            len(entries), checked, job_columns, solo and defer, new_job_columns
+        )
+        row = session.execute(statement, params).first()
         if row is None:
             if job is not None:
                 raise StaleDataError(f"job {job_id}: version {job[0]} is no longer current")
@@ -225,6 +267,8 @@ def _move(
     if row is None:
         return None
     state = WalletState(row[0], row[1])
+    if new_job is not None:
+        session.execute(insert(_JOBS), new_job)
     session.execute(
         insert(_LEDGER),
         [
@@ -271,12 +315,28 @@ def top_up(
 
 
 def hold(
-    session: Session, wallet_id: uuid.UUID, job_id: uuid.UUID, amount_micros: int
+    session: Session,
+    wallet_id: uuid.UUID,
+    job_id: uuid.UUID,
+    amount_micros: int,
+    *,
+    new_job: dict[str, Any] | None = None,
+    solo: bool = False,
+    defer: bool = False,
 ) -> WalletState | None:
-    """Reserve ``amount_micros`` of the available balance; None when it is not available."""
+    """Reserve ``amount_micros`` of the available balance; None when it is not available.
+
+    ``new_job`` (column keys -> values): the job row the hold is for, inserted with it, one
+    statement on PostgreSQL, and only if the hold is placed. It must give every column that has
+    a Python-side default (``id``, ``version``, ``created_at``...): PostgreSQL's INSERT ...
+    SELECT does not run them. ``solo`` and ``defer``: see
+    ``_move``; a solo hold is committed when this returns, so the wallet row is locked only
+    while the server runs the statement (the web's synchronous submit, docs/billing.md)."""
     if amount_micros < 0:
         raise ValueError("a hold cannot be negative")
     if amount_micros == 0:
+        if new_job is not None:
+            session.execute(insert(_JOBS), new_job)
         return get_state(session, wallet_id)
     return _move(
         session,
@@ -286,6 +346,9 @@ def hold(
         amount_micros,
         [_Entry("hold", 0, amount_micros)],
         require_available=amount_micros,
+        new_job=new_job,
+        solo=solo,
+        defer=defer,
     )
 
 
@@ -310,14 +373,15 @@ def settle(
     ``balance_after_micros``. If the version moved, ``StaleDataError`` is raised and the caller
     must roll back (nothing was written: the job's row is checked before the wallet's).
 
-    ``solo`` (PostgreSQL, and only when the session has no transaction open): the statement is
-    its own transaction. The server commits it as the statement ends, without waiting for the
-    WAL flush, so the wallet row, which every settlement of the account waits for, is locked
-    only while the server runs the statement: never across a round trip to this process, which
-    may be waiting for its GIL (~800 -> ~1,050 captures/s on one wallet from 32 connections,
-    docs/performance.md). The caller must call ``app.db.make_durable`` before it tells anyone
-    the outcome, and has nothing to roll back: on an error nothing was written. Otherwise
-    (SQLite, or a transaction already open) it runs in the session's transaction as usual.
+    ``solo`` (PostgreSQL, and only when the session has no transaction open or is already in
+    autocommit): the statement is its own transaction. The server commits it as the statement
+    ends, without waiting for the WAL flush, so the wallet row, which every settlement of the
+    account waits for, is locked only while the server runs the statement: never across a
+    round trip to this process, which may be waiting for its GIL (~800 -> ~1,050 captures/s on
+    one wallet from 32 connections, docs/performance.md). The caller must call
+    ``app.db.make_durable`` before it tells anyone the outcome, and has nothing to roll back:
+    on an error nothing was written. Otherwise (SQLite, or a transaction already open) it runs
+    in the session's transaction as usual.
     """
     if not 0 <= charge_micros <= held_micros:
         raise ValueError(f"capture {charge_micros} outside hold {held_micros}")
@@ -326,7 +390,15 @@ def settle(
     if charge_micros:
         entries.insert(0, _Entry("capture", -charge_micros, -charge_micros, released))
     state = _move(
-        session, wallet_id, job_id, -charge_micros, -held_micros, entries, job=job, solo=solo
+        session,
+        wallet_id,
+        job_id,
+        -charge_micros,
+        -held_micros,
+        entries,
+        job=job,
+        solo=solo,
+        defer=solo,
     )
     if state is None:
         raise LookupError(f"wallet {wallet_id} not found")

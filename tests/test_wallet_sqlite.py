@@ -3,6 +3,7 @@ PostgreSQL, written statement by statement instead of as one."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -12,7 +13,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from app import wallet
 from app.db import build_engine
-from app.models import Base, Job, LedgerEntry
+from app.models import Base, Job, LedgerEntry, utcnow
 from tests.test_wallet import make_job, make_wallet
 
 
@@ -68,3 +69,39 @@ def test_a_stale_job_version_refuses_the_settlement(sqlite_session):
     wallet.hold(s, wallet_id, job_id, 400)
     with pytest.raises(StaleDataError):
         wallet.settle(s, wallet_id, job_id, 400, 150, job=(7, {"status": "success"}))
+
+
+@pytest.mark.parametrize("dialect_session", ["sqlite_session", "db_session"])
+def test_a_hold_writes_its_new_job_only_when_it_is_placed(dialect_session, request):
+    s = request.getfixturevalue(dialect_session)
+    account_id, wallet_id = make_wallet(s)
+    wallet.top_up(s, wallet_id, 1_000)
+    job_id = uuid.uuid4()
+    row = {
+        "id": job_id,
+        "account_id": account_id,
+        "wallet_id": wallet_id,
+        "status": "quoting",
+        "version": 1,
+        "model": "llama-3.1-8b",
+        "request": {"input": "hi"},
+        "performance_profile": "economy",
+        "routing_strategy": "lowest_cost",
+        "max_output_tokens": 16,
+        "markup": "0.15",
+        "estimated_input_tokens": 9,
+        "expected_quotes": 1,
+        # As app/jobs/submit.py: every column with a Python-side default is given.
+        "created_at": utcnow(),
+        "updated_at": utcnow(),
+    }
+    refused = wallet.hold(s, wallet_id, job_id, 5_000, new_job={**row, "hold_micros": 5_000})
+    assert refused is None
+    assert s.scalar(select(Job.id).where(Job.id == job_id)) is None
+    placed = wallet.hold(s, wallet_id, job_id, 400, new_job={**row, "hold_micros": 400})
+    assert placed == wallet.WalletState(1_000, 400)
+    assert s.scalar(select(Job.hold_micros).where(Job.id == job_id)) == 400
+    kinds = s.scalars(
+        select(LedgerEntry.kind).where(LedgerEntry.job_id == job_id).order_by(LedgerEntry.id)
+    ).all()
+    assert kinds == ["hold"]

@@ -28,7 +28,7 @@ from app.api.schemas import (
 )
 from app.api.session import db
 from app.broker import PUBLISH_ERRORS
-from app.db import defer_durability, make_durable
+from app.db import make_durable
 from app.exceptions import FlopexError, InvalidRequest
 from app.jobs import states
 from app.jobs.cancel import cancel
@@ -176,12 +176,11 @@ class InferenceCollection(MethodView):
             record_id = claim.record_id
 
         # The claim, the job and its hold commit together; a rejection rolls all three back.
-        # A synchronous call's commit does not wait for its fsync (the wallet row is unlocked
+        # Without a key, the job and its hold are one statement and its own transaction. A
+        # synchronous call's commit does not wait for its fsync (the wallet row is unlocked
         # sooner): the worker makes it durable before it signals the outcome, and this request
         # does before any 202. An async call answers at once, so its commit simply waits.
         deferred = not prefer.respond_async
-        if deferred:
-            defer_durability(session)
         accepted = SubmitInference(
             session,
             principal,
@@ -189,6 +188,7 @@ class InferenceCollection(MethodView):
             settings,
             request_id=g.get("request_id"),
             models=current_app.extensions["flopex_models"],
+            defer=deferred,
         ).run()
         job = accepted.job
         accepted_body = None

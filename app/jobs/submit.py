@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import insert, update
 from sqlalchemy.orm import Session
 
 from app import wallet
@@ -74,8 +73,12 @@ class SubmitInference:
         settings: Settings,
         request_id: str | None = None,
         models: ModelCache | None = None,
+        defer: bool = False,
     ) -> None:
         self.models = models
+        # The hold's commit may skip waiting for its WAL flush (a synchronous submit: the
+        # worker makes it durable before the outcome is announced; docs/billing.md).
+        self.defer = defer
         self.session = session
         self.principal = principal
         self.request = request
@@ -147,14 +150,22 @@ class SubmitInference:
         # providers within the hold.
         self._hold_choices = sorted({max(affordable), min(affordable)}, reverse=True)
 
-    def _place_hold(self, job_id: uuid.UUID) -> int:
-        """The largest hold the wallet covers (the job row, already written, says the first)."""
+    def _place_hold(self, job: dict[str, Any]) -> int:
+        """Writes the job row with the largest hold the wallet covers, in one statement with the
+        hold (PostgreSQL): solo, i.e. its own transaction, unless the caller has one open (an
+        Idempotency-Key's claim commits with the job), so that the wallet row, which every
+        request of the account needs, is never locked across a round trip to this process."""
         for amount in self._hold_choices:
-            if wallet.hold(self.session, self.principal.wallet_id, job_id, amount) is not None:
-                if amount != self._hold_choices[0]:
-                    self.session.execute(
-                        update(_JOBS).where(_JOBS.c.id == job_id).values(hold_micros=amount)
-                    )
+            placed = wallet.hold(
+                self.session,
+                self.principal.wallet_id,
+                job["id"],
+                amount,
+                new_job={**job, "hold_micros": amount},
+                solo=True,
+                defer=self.defer,
+            )
+            if placed is not None:
                 return amount
         available = wallet.get_state(self.session, self.principal.wallet_id).available_micros
         raise FlopexError(
@@ -197,10 +208,7 @@ class SubmitInference:
             "created_at": now,
             "updated_at": now,
         }
-        # The row goes in before the hold (the ledger entry refers to it), as a Core INSERT:
-        # the wallet row is then locked only for the hold's UPDATE, its entry and the commit.
-        self.session.execute(insert(_JOBS), values)
-        values["hold_micros"] = self._place_hold(values["id"])
+        values["hold_micros"] = self._place_hold(values)
         values["metadata_"] = values.pop("metadata")
         return Accepted(
             # Detached: the caller renders and dispatches it; the row is the source of truth.
@@ -208,6 +216,3 @@ class SubmitInference:
             options=self._options,
             quote_deadline_at=time.time() + policy.quote_deadline_ms / 1000,
         )
-
-
-_JOBS = Job.__table__
