@@ -34,10 +34,9 @@ def queue_signal(pipe: Pipeline, job_id: uuid.UUID | str) -> None:
 def wait_done(client: redis.Redis, job_id: uuid.UUID | str, timeout_s: float) -> bool:
     """Blocks up to ``timeout_s``; True when the job signalled completion.
 
-    Several requests may wait on one job (idempotent duplicates, long polls): each one that
-    takes the token puts it back, so the next waiter wakes too.
+    Several requests may wait on one job (idempotent duplicates, long polls): the token is
+    never taken, only rotated within its list (BLMOVE from the list to itself, Redis >= 6.2),
+    so every waiter wakes, in one round trip each.
     """
-    if client.blpop([_key(job_id)], timeout=max(timeout_s, 0.01)) is None:
-        return False
-    signal_done(client, job_id)
-    return True
+    key = _key(job_id)
+    return client.blmove(key, key, max(timeout_s, 0.01), "RIGHT", "LEFT") is not None
