@@ -37,7 +37,15 @@ def build_engine(url: str, pool_size: int = 10) -> Engine:
     # per request in the benchmark). A connection the server dropped fails its first statement
     # instead; SQLAlchemy then invalidates the pool, and the request or task is retried by its
     # caller (clients retry with their Idempotency-Key; Celery tasks are idempotent).
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800)
+    engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800)
+    event.listen(engine, "checkin", _end_autocommit)
+    return engine
+
+
+def _end_autocommit(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    # autocommit() switches the DBAPI connection itself; the pool takes it back as it lent it.
+    if getattr(dbapi_conn, "autocommit", False):
+        dbapi_conn.autocommit = False
 
 
 def get_engine() -> Engine:
@@ -93,8 +101,20 @@ def autocommit(session: Session) -> bool:
     returns False and changes nothing otherwise, and on SQLite."""
     if session.get_bind().dialect.name != "postgresql" or session.in_transaction():
         return False
-    session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+    # The DBAPI connection's own switch (psycopg2 then sends no BEGIN), not SQLAlchemy's
+    # AUTOCOMMIT isolation level: resetting that level when the connection goes back to the
+    # pool costs psycopg2 an extra `SET default_transaction_isolation` round trip later on.
+    # The pool switches it back on checkin (_end_autocommit).
+    session.connection().connection.dbapi_connection.autocommit = True  # type: ignore[union-attr]
     return True
+
+
+def in_autocommit(session: Session) -> bool:
+    """True when the session's transaction is in autocommit (see :func:`autocommit`)."""
+    if not session.in_transaction() or session.get_bind().dialect.name != "postgresql":
+        return False
+    dbapi_connection = session.connection().connection.dbapi_connection
+    return bool(getattr(dbapi_connection, "autocommit", False))
 
 
 def make_durable(session: Session) -> None:

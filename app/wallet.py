@@ -16,7 +16,7 @@ from sqlalchemy import Update, bindparam, exists, func, insert, literal, select,
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
-from app.db import autocommit, defer_durability
+from app.db import autocommit, defer_durability, in_autocommit
 from app.jobs import rows
 from app.models import Job, LedgerEntry, Wallet, utcnow
 
@@ -169,10 +169,7 @@ def _one_statement(
 def _own_transaction(session: Session) -> bool:
     """True when the next statement will be its own transaction: the session had none open (it
     is switched to autocommit now) or is already in autocommit."""
-    if autocommit(session):
-        return True
-    options = session.connection().get_execution_options()
-    return bool(options.get("isolation_level") == "AUTOCOMMIT")
+    return autocommit(session) or in_autocommit(session)
 
 
 @dataclass(frozen=True)
