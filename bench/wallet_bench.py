@@ -4,7 +4,8 @@ It drives ``app.wallet`` as the exchange does, from `procs` processes x `threads
 thread with its own session (and PostgreSQL connection):
 
 1. setup (not timed): an account whose wallet gets a large top-up, and `jobs` job rows;
-2. holds: each job's hold in its own transaction (``wallet.hold``, as the web does on submit);
+2. holds: each job's hold as one statement that is its own transaction (``wallet.hold(...,
+   solo=True, defer=True)``, as the web does on a submit without an Idempotency-Key);
 3. settles: each job's capture and release plus the job's final UPDATE in one statement that is
    its own transaction (``wallet.settle(..., solo=True)``, as the worker's
    ``RouteAndExecute._settle`` does), committed without waiting for the fsync, then made durable
@@ -49,12 +50,15 @@ class Plan:
 
 def _hold_one(session: Any, plan: Plan, i: int) -> None:
     from app import wallet
-    from app.db import defer_durability
 
-    # As a synchronous submit: the commit does not wait for its fsync (the worker's settlement
-    # makes it durable before the customer hears anything).
-    defer_durability(session)
-    if wallet.hold(session, plan.wallet_id, plan.job_ids[i], plan.holds[i]) is None:
+    # As a synchronous submit without an Idempotency-Key: one statement that is its own
+    # transaction (solo) and does not wait for its fsync (the worker's settlement makes it
+    # durable before the customer hears anything). The job rows exist already, so the hold
+    # inserts none (the web's inserts the job in the same statement).
+    placed = wallet.hold(
+        session, plan.wallet_id, plan.job_ids[i], plan.holds[i], solo=True, defer=True
+    )
+    if placed is None:
         raise RuntimeError("hold refused: the wallet should cover every job")
     session.commit()
 
