@@ -326,9 +326,9 @@ def hold(
     ``new_job`` (column keys -> values): the job row the hold is for, inserted with it, one
     statement on PostgreSQL, and only if the hold is placed. It must give every column that has
     a Python-side default (``id``, ``version``, ``created_at``...): PostgreSQL's INSERT ...
-    SELECT does not run them. ``solo`` and ``defer``: see
-    ``_move``; a solo hold is committed when this returns, so the wallet row is locked only
-    while the server runs the statement (the web's synchronous submit, docs/billing.md)."""
+    SELECT does not run them. ``solo`` and ``defer``: see ``_move``; a solo hold is committed
+    when this returns, so the wallet row is locked only while the server runs the statement
+    (the web's submission without an Idempotency-Key, docs/billing.md)."""
     if amount_micros < 0:
         raise ValueError("a hold cannot be negative")
     if amount_micros == 0:
@@ -368,7 +368,8 @@ def settle(
     ``job``: the job's version as the caller read it and the columns that finish it; they are
     written with the settlement, fenced on that version, with the wallet's new balance as
     ``balance_after_micros``. If the version moved, ``StaleDataError`` is raised and the caller
-    must roll back (nothing was written: the job's row is checked before the wallet's).
+    must roll back (on PostgreSQL nothing was written: the job's row is checked before the
+    wallet's).
 
     ``solo`` (PostgreSQL, and only when the session has no transaction open or is already in
     autocommit): the statement is its own transaction. The server commits it as the statement

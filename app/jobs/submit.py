@@ -62,8 +62,10 @@ class Accepted:
 
 class SubmitInference:
     """validate() raises a FlopexError for anything a provider is not needed to decide;
-    run() writes the job row and places the hold (the caller commits, then dispatches). A
-    FlopexError from run() means the caller must roll back: nothing is kept."""
+    run() writes the job row and places the hold, together or not at all (the caller commits,
+    then dispatches; when the session had no transaction open, the two were one statement that
+    committed by itself). A FlopexError from run() means the caller must roll back: nothing is
+    kept."""
 
     def __init__(
         self,
