@@ -95,7 +95,7 @@ def ping(base_url: str, api_key: str | None, timeout_s: float) -> int:
     Sent on the shared session's own urllib3 pool for the provider (the same warm connections
     and TLS settings), without requests' per-call machinery (cookies, hooks, redirects,
     response wrapping): a quote is a ping, and a job pings every provider, so this is most of
-    a quote task's own CPU (0.65 -> 0.27 ms per ping, docs/performance.md). Redirects are not
+    a quote task's own CPU (0.43-0.65 -> 0.27 ms per ping, docs/performance.md). Redirects are not
     followed: a ping that is redirected is not a live endpoint."""
     request = _ping_request(f"{base_url}/models")
     headers = {"Accept": "application/json", **_auth_headers(api_key)}
@@ -115,7 +115,7 @@ def ping(base_url: str, api_key: str | None, timeout_s: float) -> int:
             preload_content=True,
         )
     except urllib3.exceptions.NewConnectionError as exc:  # a subclass of the timeout below
-        raise ProviderFailure("connect", "ping failed: connection refused") from exc
+        raise ProviderFailure("connect", f"ping failed: {type(exc).__name__}") from exc
     except urllib3.exceptions.TimeoutError as exc:
         raise ProviderFailure("timeout", "ping timed out") from exc
     except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
