@@ -37,6 +37,16 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def iso_utc(value: datetime | None) -> str | None:
+    """A stored timestamp as the API shows it: RFC 3339 in UTC with a ``Z``. SQLite (the
+    embedded default) hands timestamps back without a zone; every one we store is UTC."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 class Base(DeclarativeBase):
     pass
 

@@ -13,7 +13,7 @@ from app.api.auth import authenticate_and_limit, require_principal
 from app.api.parser import FlopexParser
 from app.api.schemas import LedgerPageSchema, LedgerQuerySchema, WalletSchema, WebhookSecretSchema
 from app.api.session import db
-from app.models import LedgerEntry
+from app.models import LedgerEntry, iso_utc
 from app.money import micros_to_usd
 from app.webhooks import webhook_secret
 from config.settings import get_settings
@@ -53,7 +53,7 @@ def _entry(e: LedgerEntry) -> dict[str, Any]:
         "held_after_usd": micros_to_usd(e.held_after_micros),
         "job_id": str(e.job_id) if e.job_id else None,
         "memo": e.memo,
-        "created_at": e.created_at.isoformat(),
+        "created_at": iso_utc(e.created_at),
     }
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from app.exceptions import error_body, status_for
 from app.jobs import states
-from app.models import Job
+from app.models import Job, iso_utc
 from app.money import blended_rate_usd_per_million, display_usd, micros_to_usd
 
 
@@ -39,7 +39,7 @@ def render_success(job: Job) -> dict[str, Any]:
         },
         "customer_ref": job.customer_ref,
         "metadata": job.metadata_,
-        "created_at": _iso(job.created_at),
+        "created_at": iso_utc(job.created_at),
         "provider": job.provider_name,
         "routing": routing_summary(job),
     }
@@ -95,10 +95,6 @@ def render_final(job: Job) -> tuple[dict[str, Any], int]:
     return render_failure(job)
 
 
-def _iso(value: Any) -> str | None:
-    return None if value is None else value.isoformat().replace("+00:00", "Z")
-
-
 def render_job(job: Job) -> dict[str, Any]:
     """The job object of the async API: the synchronous body once it succeeded; otherwise its
     state (queued, running) or, once failed or cancelled, the error object."""
@@ -111,11 +107,11 @@ def render_job(job: Job) -> dict[str, Any]:
         "status": states.PUBLIC[job.status],
         "customer_ref": job.customer_ref,
         "metadata": job.metadata_,
-        "created_at": _iso(job.created_at),
+        "created_at": iso_utc(job.created_at),
     }
     if job.status in (states.FAILED, states.CANCELLED):
         body["error"] = _error(job)
-        body["finished_at"] = _iso(job.finished_at)
+        body["finished_at"] = iso_utc(job.finished_at)
         if job.quotes and "live" in job.quotes[0]:
             body["routing"] = routing_summary(job)
     return body

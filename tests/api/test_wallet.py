@@ -48,6 +48,7 @@ def test_ledger_pages_newest_first_with_a_cursor(client, database, make_account)
     ][0]
     assert entry["kind"] == "topup" and entry["amount_usd"] == Decimal("0.004000")
     assert entry["balance_after_usd"] == Decimal("1.010000")
+    assert entry["created_at"].endswith("Z")  # RFC 3339 in UTC, as every timestamp of the API
 
 
 def test_ledger_entries_of_a_job_are_tied_to_it(client, pipeline, make_account):

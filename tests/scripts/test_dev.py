@@ -170,6 +170,7 @@ def test_documented_request_is_served_and_billed(launch: Launch) -> None:
     assert body["usage"]["total_tokens"] > 0
     assert body["billing"]["cost_usd"] > 0
     assert body["billing"]["balance_remaining_usd"] < 10
+    assert body["created_at"].endswith("Z")  # SQLite returns it without a zone; still UTC
 
     second = _infer(launch)
     assert second.status_code == 200, f"{second.text}\nlauncher output:\n{launch.tail()}"
