@@ -105,3 +105,10 @@ def test_a_hold_writes_its_new_job_only_when_it_is_placed(dialect_session, reque
         select(LedgerEntry.kind).where(LedgerEntry.job_id == job_id).order_by(LedgerEntry.id)
     ).all()
     assert kinds == ["hold"]
+
+    # A free job (nothing to hold) still gets its row, and no ledger entry.
+    free_id = uuid.uuid4()
+    state = wallet.hold(s, wallet_id, free_id, 0, new_job={**row, "id": free_id, "hold_micros": 0})
+    assert state == wallet.WalletState(1_000, 400)
+    assert s.scalar(select(Job.hold_micros).where(Job.id == free_id)) == 0
+    assert s.scalar(select(LedgerEntry.id).where(LedgerEntry.job_id == free_id)) is None
