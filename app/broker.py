@@ -40,6 +40,12 @@ class Channel(kombu_redis.Channel):
                     client = self.__dict__["_flopex_client"] = super()._create_client()
         return client
 
+    def _disconnect_pools(self) -> None:
+        # The cached client belongs to the pool being dropped (after a fork, or on close):
+        # the next command builds one on the new pool.
+        self.__dict__.pop("_flopex_client", None)
+        super()._disconnect_pools()
+
     def close(self) -> None:
         self.__dict__.pop("_flopex_client", None)
         super().close()

@@ -99,7 +99,11 @@ def autocommit(session: Session) -> bool:
     statement takes is held across a round trip to this process. Only when the session has no
     transaction open (the setting ends with that transaction: the pool resets the connection);
     returns False and changes nothing otherwise, and on SQLite."""
-    if session.get_bind().dialect.name != "postgresql" or session.in_transaction():
+    bind = session.get_bind()
+    # A session bound to a Connection (a test's outer transaction) does not own it.
+    if not isinstance(bind, Engine) or bind.dialect.name != "postgresql":
+        return False
+    if session.in_transaction():
         return False
     # The DBAPI connection's own switch (psycopg2 then sends no BEGIN), not SQLAlchemy's
     # AUTOCOMMIT isolation level: resetting that level when the connection goes back to the

@@ -118,7 +118,13 @@ def _one_statement(
         j = _JOBS.c
         fence = (
             select(j.id)
-            .where(j.id == rows.param("id"), j.version == rows.param("version"))
+            .where(
+                j.id == rows.param("id"),
+                j.version == rows.param("version"),
+                # The job's own wallet: the final job UPDATE requires it too, and must never
+                # be the only check to fail once the wallet has moved.
+                j.wallet_id == _param("wallet_id", j.wallet_id),
+            )
             .with_for_update()
             .cte("fence")
         )

@@ -66,3 +66,19 @@ def test_autocommit_makes_each_statement_its_own_transaction_until_the_session_c
         session.rollback()
     finally:
         session.close()
+
+
+def test_autocommit_leaves_a_session_bound_to_someone_elses_connection_alone(database):
+    from sqlalchemy.orm import Session
+
+    from app.db import get_engine
+
+    with get_engine().connect() as connection:
+        outer = connection.begin()
+        session = Session(bind=connection)
+        assert autocommit(session) is False
+        a = session.execute(text("SELECT pg_current_xact_id()::text::bigint")).scalar_one()
+        b = session.execute(text("SELECT pg_current_xact_id()::text::bigint")).scalar_one()
+        assert a == b  # still the outer transaction
+        session.close()
+        outer.rollback()

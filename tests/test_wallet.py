@@ -375,6 +375,13 @@ def _held_job(make_account: Any) -> tuple[Any, uuid.UUID, int]:
     return account, job_id, version
 
 
+def _solo_settle(session: Session, wallet_id: uuid.UUID, job_id: uuid.UUID, version: int) -> Any:
+    """Capture $1 of the job's $3 hold as one statement that is its own transaction."""
+    return wallet.settle(
+        session, wallet_id, job_id, 3 * USD, USD, job=(version, {"status": "success"}), solo=True
+    )
+
+
 def _committed(account: Any, job_id: uuid.UUID) -> tuple[WalletState, list[str], Any]:
     """What another connection sees: the wallet, its ledger kinds, the job's status/version."""
     with session_scope() as other:
@@ -391,15 +398,7 @@ def test_a_solo_settlement_commits_by_itself(make_account):
     account, job_id, version = _held_job(make_account)
     session = session_factory()()
     try:
-        state = wallet.settle(
-            session,
-            account.wallet_id,
-            job_id,
-            3 * USD,
-            USD,
-            job=(version, {"status": "success"}),
-            solo=True,
-        )
+        state = _solo_settle(session, account.wallet_id, job_id, version)
         assert state == WalletState(9 * USD, 0)
         # Committed by the server as the statement ended: visible elsewhere at once, and a
         # rollback of the session has nothing to undo.
@@ -423,15 +422,7 @@ def test_a_stale_solo_settlement_writes_nothing(make_account):
     session = session_factory()()
     try:
         with pytest.raises(StaleDataError):
-            wallet.settle(
-                session,
-                account.wallet_id,
-                job_id,
-                3 * USD,
-                USD,
-                job=(version - 1, {"status": "success"}),
-                solo=True,
-            )
+            _solo_settle(session, account.wallet_id, job_id, version - 1)
     finally:
         session.close()
     # Nothing to roll back, and nothing written: the job's version is checked before the wallet.
@@ -447,17 +438,30 @@ def test_solo_joins_a_transaction_already_open(make_account):
     session = session_factory()()
     try:
         session.execute(text("SELECT 1"))  # a transaction is open
-        wallet.settle(
-            session,
-            account.wallet_id,
-            job_id,
-            3 * USD,
-            USD,
-            job=(version, {"status": "success"}),
-            solo=True,
-        )
+        _solo_settle(session, account.wallet_id, job_id, version)
         assert _committed(account, job_id) == before  # not committed yet
         session.rollback()
     finally:
         session.close()
     assert _committed(account, job_id) == before
+
+
+def test_a_solo_settlement_against_another_wallet_writes_nothing(make_account):
+    from app.db import session_factory
+
+    account, job_id, version = _held_job(make_account)
+    other = make_account("10.00")
+    before, other_before = _committed(account, job_id), wallet_state(other)
+    session = session_factory()()
+    try:
+        with pytest.raises(StaleDataError):
+            _solo_settle(session, other.wallet_id, job_id, version)
+    finally:
+        session.close()
+    assert _committed(account, job_id) == before
+    assert wallet_state(other) == other_before
+
+
+def wallet_state(account: Any) -> WalletState:
+    with session_scope() as session:
+        return wallet.get_state(session, account.wallet_id)

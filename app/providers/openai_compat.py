@@ -97,10 +97,10 @@ def ping(base_url: str, api_key: str | None, timeout_s: float) -> int:
     response wrapping): a quote is a ping, and a job pings every provider, so this is most of
     a quote task's own CPU (0.43-0.65 -> 0.27 ms per ping, docs/performance.md). Redirects are not
     followed: a ping that is redirected is not a live endpoint."""
-    request = _ping_request(f"{base_url}/models")
     headers = {"Accept": "application/json", **_auth_headers(api_key)}
     start = time.perf_counter()
     try:
+        request = _ping_request(f"{base_url}/models")  # a malformed URL fails the quote here
         session = http_session()
         pool = session.get_adapter(request.url or "").get_connection_with_tls_context(
             request, verify=session.verify

@@ -78,3 +78,13 @@ def test_the_channel_keeps_one_client_for_its_commands(celery_app):
         assert channel._create_client() is channel._create_client()
         # The event loop's client (BRPOP) stays the stock, separate one.
         assert channel._create_client(asynchronous=True) is not channel._create_client()
+
+
+def test_the_cached_client_goes_with_the_pools_after_a_fork(celery_app):
+    with celery_app.connection_for_write() as conn:
+        channel = conn.default_channel
+        before = channel._create_client()
+        channel._after_fork()  # what kombu runs in a forked child
+        after = channel._create_client()
+        assert after is not before
+        assert after.connection_pool is channel.pool

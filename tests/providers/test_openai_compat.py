@@ -246,6 +246,12 @@ def test_ping_failures_are_classified(sandbox, closed_port_url):
         ping(closed_port_url, None, 1.0)
     assert info.value.kind == "connect"
 
+    # A malformed endpoint in the catalog fails its quote; it must not crash the quote task.
+    for bad in ("not-a-url", "http://", "http://exa mple.com"):
+        with pytest.raises(ProviderFailure) as info:
+            ping(bad, None, 1.0)
+        assert info.value.kind == "connect", bad
+
 
 # -- response validation --------------------------------------------------------------------
 
