@@ -96,29 +96,26 @@ def autocommit(session: Session) -> bool:
     """Runs the session's next transaction in autocommit (PostgreSQL): each statement is then
     its own transaction, committed by the server as the statement ends. For a unit of work of
     one statement this saves psycopg2's separate BEGIN and COMMIT round trips, and no lock the
-    statement takes is held across a round trip to this process. Only when the session has no
-    transaction open (the setting ends with that transaction: the pool resets the connection);
-    returns False and changes nothing otherwise, and on SQLite."""
+    statement takes is held across a round trip to this process. The setting ends with the
+    session's transaction (the pool resets the connection on checkin).
+
+    Returns True when the session's next statement will be its own transaction: it had no
+    transaction open (switched now) or is already in autocommit. False, changing nothing, when
+    a transaction is open, on a connection the session does not own, and on SQLite."""
     bind = session.get_bind()
     # A session bound to a Connection (a test's outer transaction) does not own it.
     if not isinstance(bind, Engine) or bind.dialect.name != "postgresql":
         return False
-    if session.in_transaction():
-        return False
+    opened = session.in_transaction()
+    dbapi_connection = session.connection().connection.dbapi_connection
+    if opened:
+        return bool(getattr(dbapi_connection, "autocommit", False))
     # The DBAPI connection's own switch (psycopg2 then sends no BEGIN), not SQLAlchemy's
     # AUTOCOMMIT isolation level: resetting that level when the connection goes back to the
     # pool costs psycopg2 an extra `SET default_transaction_isolation` round trip later on.
     # The pool switches it back on checkin (_end_autocommit).
-    session.connection().connection.dbapi_connection.autocommit = True  # type: ignore[union-attr]
+    dbapi_connection.autocommit = True  # type: ignore[union-attr]
     return True
-
-
-def in_autocommit(session: Session) -> bool:
-    """True when the session's transaction is in autocommit (see :func:`autocommit`)."""
-    if not session.in_transaction() or session.get_bind().dialect.name != "postgresql":
-        return False
-    dbapi_connection = session.connection().connection.dbapi_connection
-    return bool(getattr(dbapi_connection, "autocommit", False))
 
 
 def make_durable(session: Session) -> None:

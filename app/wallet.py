@@ -16,7 +16,7 @@ from sqlalchemy import Update, bindparam, exists, func, insert, literal, select,
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
-from app.db import autocommit, defer_durability, in_autocommit
+from app.db import autocommit, defer_durability
 from app.jobs import rows
 from app.models import Job, LedgerEntry, Wallet, utcnow
 
@@ -172,12 +172,6 @@ def _one_statement(
     )
 
 
-def _own_transaction(session: Session) -> bool:
-    """True when the next statement will be its own transaction: the session had none open (it
-    is switched to autocommit now) or is already in autocommit."""
-    return autocommit(session) or in_autocommit(session)
-
-
 @dataclass(frozen=True)
 class _Entry:
     """One ledger entry of a movement; its ``held_after`` is the wallet's held amount after the
@@ -253,7 +247,7 @@ def _move(
         params.update({f"p_new_{k}": v for k, v in new_job.items()})
 
     if session.get_bind().dialect.name == "postgresql":
-        solo = solo and _own_transaction(session)
+        solo = solo and autocommit(session)
         if defer and not solo:
             defer_durability(session)
         statement = _one_statement(

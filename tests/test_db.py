@@ -56,6 +56,7 @@ def test_autocommit_makes_each_statement_its_own_transaction_until_the_session_c
         first = session.execute(text("SELECT pg_current_xact_id()::text::bigint")).scalar_one()
         second = session.execute(text("SELECT pg_current_xact_id()::text::bigint")).scalar_one()
         assert second > first  # no transaction spans the two statements
+        assert autocommit(session) is True  # still its own transaction per statement
         session.commit()
         # The pooled connection is back to normal transactions.
         session.execute(text("SELECT 1"))
