@@ -14,20 +14,12 @@ import pytest
 from app.broker import PUBLISH_ERRORS, Channel
 from app.jobs.dispatch import send_quotes
 from app.logs import HEADER_JOB_ID
+from tests.jobs.test_quoting import _option as quoting_option
 
 
 def _option(provider: str) -> dict[str, Any]:
-    return {
-        "offering_id": 7,
-        "provider": provider,
-        "base_url": f"http://{provider}.invalid/v1",
-        "api_key_env": None,
-        "provider_model_id": f"{provider}-model",
-        "input_price_micros_per_m": 50_000,
-        "output_price_micros_per_m": 80_000,
-        "estimated_charge_micros": 12,
-        "ignored": "not sent",
-    }
+    # A job's stored option carries more than the quote message needs.
+    return {**quoting_option(provider), "ignored": "not sent"}
 
 
 def test_one_quote_message_per_provider_with_a_short_argsrepr(celery_app, redis_client):

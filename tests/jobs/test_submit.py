@@ -31,9 +31,19 @@ def _principal(account: Any) -> Any:
         return accounts.authenticate(session, account.api_key)
 
 
-def _warm_cache(models: ModelCache) -> None:
+@pytest.fixture
+def models(pipeline: Any) -> ModelCache:
+    """A warm model cache, as the web's: the submission then reads nothing before its hold."""
+    cache = ModelCache(ttl_s=60)
     with session_scope() as session:
-        assert models.get(session, REQUEST.model) is not None
+        assert cache.get(session, REQUEST.model) is not None
+    return cache
+
+
+def _submit(session: Any, account: Any, models: ModelCache, defer: bool = True) -> Any:
+    return SubmitInference(
+        session, _principal(account), REQUEST, get_settings(), models=models, defer=defer
+    ).run()
 
 
 def _estimates(account: Any, models: ModelCache) -> list[int]:
@@ -64,17 +74,12 @@ def _books(account: Any) -> tuple[list[uuid.UUID], list[tuple[str, int]], wallet
 
 @pytest.mark.parametrize("defer", [False, True], ids=["durable", "deferred"])
 def test_a_submission_without_a_transaction_open_commits_job_and_hold_by_itself(
-    pipeline, make_account, defer
+    models, make_account, defer
 ):
     account = make_account("10.00")
-    models = ModelCache(ttl_s=60)
-    _warm_cache(models)
-    principal = _principal(account)
     session = session_factory()()
     try:
-        accepted = SubmitInference(
-            session, principal, REQUEST, get_settings(), models=models, defer=defer
-        ).run()
+        accepted = _submit(session, account, models, defer)
         # Committed by the server as the statement ended: nothing for the session to roll back.
         session.rollback()
     finally:
@@ -86,18 +91,14 @@ def test_a_submission_without_a_transaction_open_commits_job_and_hold_by_itself(
 
 
 def test_a_wallet_that_covers_only_the_cheapest_provider_gets_the_cheapest_hold(
-    pipeline, make_account
+    models, make_account
 ):
-    models = ModelCache(ttl_s=60)
-    _warm_cache(models)
     largest, cheapest = _estimates(make_account("10.00"), models)
     assert largest > cheapest
     account = make_account(f"{(largest - 1) / 1_000_000:.6f}")
     session = session_factory()()
     try:
-        accepted = SubmitInference(
-            session, _principal(account), REQUEST, get_settings(), models=models, defer=True
-        ).run()
+        accepted = _submit(session, account, models)
     finally:
         session.close()
     jobs, ledger, _ = _books(account)
@@ -108,18 +109,14 @@ def test_a_wallet_that_covers_only_the_cheapest_provider_gets_the_cheapest_hold(
         assert check.scalar(select(Job.hold_micros).where(Job.id == accepted.job.id)) == cheapest
 
 
-def test_a_refused_submission_writes_no_job_and_no_hold(pipeline, make_account):
-    models = ModelCache(ttl_s=60)
-    _warm_cache(models)
+def test_a_refused_submission_writes_no_job_and_no_hold(models, make_account):
     cheapest = _estimates(make_account("10.00"), models)[-1]
     account = make_account(f"{(cheapest - 1) / 1_000_000:.6f}")
     before = _books(account)
     session = session_factory()()
     try:
         with pytest.raises(FlopexError) as refused:
-            SubmitInference(
-                session, _principal(account), REQUEST, get_settings(), models=models, defer=True
-            ).run()
+            _submit(session, account, models)
         session.rollback()
     finally:
         session.close()
@@ -128,17 +125,13 @@ def test_a_refused_submission_writes_no_job_and_no_hold(pipeline, make_account):
     assert before[0] == []
 
 
-def test_with_a_transaction_open_the_job_and_hold_join_it(pipeline, make_account):
+def test_with_a_transaction_open_the_job_and_hold_join_it(models, make_account):
     account = make_account("10.00")
-    models = ModelCache(ttl_s=60)
-    _warm_cache(models)
     before = _books(account)
     session = session_factory()()
     try:
         session.execute(text("SELECT 1"))  # as an Idempotency-Key's claim does
-        SubmitInference(
-            session, _principal(account), REQUEST, get_settings(), models=models, defer=True
-        ).run()
+        _submit(session, account, models)
         assert _books(account) == before  # not committed yet
         session.rollback()
     finally:
