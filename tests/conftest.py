@@ -87,6 +87,7 @@ os.environ.update(
     FLOPEX_WEBHOOK_BACKOFF_S="0.1",
 )
 
+from flask.testing import FlaskClient  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
@@ -279,11 +280,22 @@ def worker(catalog: Path, redis_client: Any, celery_app: Any) -> Iterator[Worker
             w.proc.wait()
 
 
+class ClosingClient(FlaskClient):
+    """Closes each response once its body is read, as a WSGI server does after sending it:
+    work the app defers to close() (an async submission's publish) runs as in production."""
+
+    def open(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("buffered", True)
+        return super().open(*args, **kwargs)
+
+
 @pytest.fixture(scope="session")
 def flask_app(database: str, redis_client: Any) -> Any:
     from app import create_app
 
-    return create_app({"TESTING": True})
+    app = create_app({"TESTING": True})
+    app.test_client_class = ClosingClient
+    return app
 
 
 @pytest.fixture

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import logging
 import uuid
 from typing import Any
 
+from celery import Celery
 from flask import current_app, g, request
 from flask.views import MethodView
 from flask_smorest import Blueprint
@@ -35,10 +36,11 @@ from app.jobs.cancel import cancel
 from app.jobs.dispatch import dispatch_quotes
 from app.jobs.notify import signal_done, wait_done
 from app.jobs.render import render_final, render_job
-from app.jobs.submit import InferenceRequest, SubmitInference
+from app.jobs.submit import Accepted, InferenceRequest, SubmitInference
+from app.logs import request_id_var
 from app.models import Job
 from app.redis_client import get_redis
-from config.settings import get_settings
+from config.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -199,18 +201,30 @@ class InferenceCollection(MethodView):
                 accepted_body = current_app.json.dumps(render_job(job))
                 idempotency.record_response(session, record_id, 202, accepted_body, commit=False)
         session.commit()
-        try:
-            dispatch_quotes(current_app.extensions["celery"], accepted, settings)
-        except PUBLISH_ERRORS:
-            # The job is durable: the sweeper quotes it once the broker is back.
-            log.exception("broker unreachable; job %s left for the sweeper", job.id)
-            prefer = dataclasses.replace(prefer, respond_async=True)
+        celery = current_app.extensions["celery"]
         if prefer.respond_async:
-            if deferred:  # the broker was unreachable: no worker will make it durable soon
-                make_durable(session)
             response = _json_response(
                 accepted_body or current_app.json.dumps(render_job(job)), 202, job_id=job.id
             )
+            response.headers["Preference-Applied"] = "respond-async"
+            # The job committed durably: its quotes are published once the 202 has been sent
+            # (the WSGI server calls close() after the last byte), so the quote tasks do not
+            # compete with this answer for the CPU. Nothing is lost if the publish fails then:
+            # the sweeper quotes every job PostgreSQL says is still quoting.
+            response.call_on_close(
+                functools.partial(
+                    _publish_after_response, celery, accepted, settings, g.get("request_id")
+                )
+            )
+            return response
+        try:
+            dispatch_quotes(celery, accepted, settings)
+        except PUBLISH_ERRORS:
+            # The job is durable once make_durable returns: the sweeper quotes it once the
+            # broker is back; the caller gets the job to poll.
+            log.exception("broker unreachable; job %s left for the sweeper", job.id)
+            make_durable(session)
+            response = _json_response(current_app.json.dumps(render_job(job)), 202, job_id=job.id)
             response.headers["Preference-Applied"] = "respond-async"
             return response
         wait_s = settings.sync_timeout_s if prefer.wait_s is None else prefer.wait_s
@@ -286,6 +300,19 @@ class InferenceCancel(MethodView):
         session.commit()
         signal_done(get_redis(), job.id)
         return _json_response(current_app.json.dumps(render_job(job)), 200)
+
+
+def _publish_after_response(
+    celery: Celery, accepted: Accepted, settings: Settings, request_id: str | None
+) -> None:
+    token = request_id_var.set(request_id)  # the request's context is gone by now
+    try:
+        dispatch_quotes(celery, accepted, settings)
+    except Exception:
+        # The 202 is sent and the job is durable; the sweeper quotes it (docs/operations.md).
+        log.exception("publishing job %s failed; left for the sweeper", accepted.job.id)
+    finally:
+        request_id_var.reset(token)
 
 
 def _await_outcome(

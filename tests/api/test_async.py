@@ -233,3 +233,60 @@ def test_a_job_accepted_while_the_broker_is_down_completes_via_the_sweeper(
     replay = submit(client, account, **{"Idempotency-Key": "broker-down"})
     assert replay.status_code == 200 and replay.get_json()["id"] == job["id"]
     assert sum(chat_calls(pipeline).values()) == 1
+
+
+def test_an_async_job_is_published_once_its_answer_is_sent(
+    client, pipeline, make_account, monkeypatch
+):
+    from app.api import inference
+
+    account = make_account()
+    published = []
+    dispatch = inference.dispatch_quotes
+
+    def recording(celery, accepted, settings):
+        published.append(str(accepted.job.id))
+        dispatch(celery, accepted, settings)
+
+    monkeypatch.setattr(inference, "dispatch_quotes", recording)
+    resp = client.post(
+        "/v1/inference", json=BODY, headers={**account.headers, **ASYNC}, buffered=False
+    )
+    assert resp.status_code == 202
+    job = resp.get_json()
+    assert published == []  # the server has not closed the response yet
+    resp.close()  # what a WSGI server does once the last byte is sent
+    assert published == [job["id"]]
+    final = client.get(f"/v1/inference/{job['id']}?wait=30", headers=account.headers).get_json()
+    assert final["status"] == "success"
+
+
+def test_an_async_job_whose_publish_fails_after_its_202_completes_via_the_sweeper(
+    client, pipeline, make_account, monkeypatch, celery_app, redis_client, caplog
+):
+    from kombu.exceptions import OperationalError
+
+    from app.api import inference
+    from app.jobs.recovery import sweep
+    from config.settings import get_settings
+
+    account = make_account()
+
+    def broker_down(*_args, **_kwargs):
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(inference, "dispatch_quotes", broker_down)
+    resp = submit(client, account, **ASYNC)
+    assert resp.status_code == 202
+    job = resp.get_json()
+    assert "left for the sweeper" in caplog.text and job["id"] in caplog.text
+    monkeypatch.undo()
+
+    with session_scope() as session:
+        later = datetime.now(UTC) + timedelta(minutes=10)
+        report = sweep(session, celery_app, redis_client, get_settings(), grace_s=0, now=later)
+    assert job["id"] in report.requoted
+    final = client.get(f"/v1/inference/{job['id']}?wait=30", headers=account.headers).get_json()
+    assert final["status"] == "success"
+    assert ledger_kinds(account).count("capture") == 1
+    assert sum(chat_calls(pipeline).values()) == 1
