@@ -1,4 +1,4 @@
-"""Compare this working tree with another commit, runs interleaved: A, B, A, B, ...
+"""Compare this working tree with another commit, runs interleaved: A, B, B, A, A, B, ...
 
 The machine this is developed on drifts: one commit measured 36-49 req/s at c1 within an hour,
 so two `make bench` runs taken at different times cannot tell apart changes of less than ~20 %.
@@ -83,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         _git("worktree", "add", "--detach", str(other), commit)
         try:
             for i in range(args.pairs):
-                for name, tree in ((commit, other), ("this tree", ROOT)):
+                # A B, then B A: a run that follows another (a checkpoint of its WAL, a warm
+                # cache) is not always the same version's.
+                order = ((commit, other), ("this tree", ROOT))
+                for name, tree in order if i % 2 == 0 else order[::-1]:
                     print(f"compare: pair {i + 1}/{args.pairs}, {name}", flush=True)
                     rows.append((name, _row(_run(tree, out, args.duration, args.wallet))))
         finally:

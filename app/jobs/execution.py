@@ -234,8 +234,13 @@ class RouteAndExecute:
     def _record_result(
         self, job: Job, quote: Quote, result: Completion, attempts: list[dict[str, Any]]
     ) -> None:
-        """Recovery point: the provider's answer is durable before any money moves, so a crash
-        here is settled from the row and the provider is never asked again."""
+        """Recovery point: the provider's answer is committed before any money moves, so a
+        worker that dies after this is settled from the row and the provider is never asked
+        again. Its commit does not wait for the WAL flush (no_flush): the settlement follows at
+        once, and _commit_and_signal's barrier makes both durable before anyone is told. Only a
+        crash of PostgreSQL itself in that millisecond would lose it, with the settlement; the
+        attempt, durable since before the provider call, then counts as interrupted
+        (docs/billing.md)."""
         exact_charge = customer_charge(
             result.input_tokens,
             result.output_tokens,
@@ -243,10 +248,14 @@ class RouteAndExecute:
             quote.output_price_micros_per_m,
             Decimal(job.markup),
         )
-        autocommit(self.session)  # one statement: the write is its own (durable) transaction
+        # One statement, its own transaction; inside a caller's transaction, deferred with it.
+        solo = autocommit(self.session)
+        if not solo:
+            defer_durability(self.session)
         rows.write(
             self.session,
             job,
+            no_flush=solo,
             status=states.SETTLING,
             attempts=attempts,
             provider_name=quote.provider,

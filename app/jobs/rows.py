@@ -13,7 +13,7 @@ import functools
 import uuid
 from typing import Any
 
-from sqlalchemy import Update, bindparam, select, update
+from sqlalchemy import Update, bindparam, func, literal, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
@@ -57,8 +57,15 @@ def fenced_update(job_columns: tuple[str, ...], **expressions: Any) -> Update:
 
 
 @functools.lru_cache(maxsize=64)
-def _write_statement(job_columns: tuple[str, ...]) -> Update:
-    return fenced_update(job_columns)
+def _write_statement(job_columns: tuple[str, ...], no_flush: bool) -> Update:
+    stmt = fenced_update(job_columns)
+    if no_flush:
+        # As the wallet's solo statements: set inside the statement, the setting lasts until
+        # its own (autocommit) transaction has committed. Evaluated only for the fenced row.
+        stmt = stmt.where(
+            func.set_config(literal("synchronous_commit"), literal("off"), True) == "off"
+        )
+    return stmt
 
 
 @functools.lru_cache(maxsize=8)
@@ -86,14 +93,19 @@ def mirror(job: Job, values: dict[str, Any]) -> None:
     set_committed_value(job, "version", job.version + 1)
 
 
-def write(session: Session, job: Job, **values: Any) -> None:
+def write(session: Session, job: Job, *, no_flush: bool = False, **values: Any) -> None:
     """UPDATE the job's row with ``values`` (attribute names) if its version is still the one
-    ``job`` holds; the object then mirrors the row."""
+    ``job`` holds; the object then mirrors the row.
+
+    ``no_flush`` (PostgreSQL, a session in autocommit: the UPDATE is its own transaction): its
+    commit does not wait for the WAL flush. The caller then owes a ``make_durable`` before
+    anything outside the database acts on the write (app/db.py:defer_durability)."""
     values.setdefault("updated_at", utcnow())
     version = job.version
     column_values = columns(values)
     result = session.execute(
-        _write_statement(tuple(sorted(column_values))), params(job.id, version, column_values)
+        _write_statement(tuple(sorted(column_values)), no_flush),
+        params(job.id, version, column_values),
     )
     if result.rowcount != 1:
         raise StaleDataError(f"job {job.id}: version {version} is no longer current")

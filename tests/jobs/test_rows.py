@@ -64,3 +64,33 @@ def test_only_the_first_claim_of_a_status_wins(db_session):
     assert won is not None and won.status == states.ROUTING
     assert rows.claim(db_session, job.id, states.QUOTING, status=states.ROUTING) is None
     assert _row(db_session, job)[0] == states.ROUTING
+
+
+def test_a_no_flush_write_in_autocommit_commits_by_itself_and_keeps_its_fence(make_account):
+    from sqlalchemy import text
+    from sqlalchemy.orm.attributes import set_committed_value
+
+    from app.db import autocommit, session_factory
+    from tests.test_wallet import _held_job
+
+    _account, job_id, version = _held_job(make_account)
+    session = session_factory()()
+    try:
+        job = session.get(Job, job_id)
+        session.rollback()
+        assert autocommit(session)
+        rows.write(session, job, no_flush=True, status=states.SETTLING, provider_name="alpha")
+        session.rollback()  # nothing to undo: the server committed the statement
+        with session_factory()() as other:
+            assert _row(other, job) == (states.SETTLING, version + 1, "alpha")
+        # The setting lasted for that statement's transaction only.
+        assert session.scalar(text("SHOW synchronous_commit")) == "on"
+        session.rollback()
+        set_committed_value(job, "version", version)  # a worker that lost its claim
+        assert autocommit(session)
+        with pytest.raises(StaleDataError):
+            rows.write(session, job, no_flush=True, status=states.SUCCESS, provider_name="late")
+        with session_factory()() as other:
+            assert _row(other, job) == (states.SETTLING, version + 1, "alpha")
+    finally:
+        session.close()
