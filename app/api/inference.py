@@ -29,7 +29,7 @@ from app.api.schemas import (
 )
 from app.api.session import db
 from app.broker import PUBLISH_ERRORS
-from app.db import make_durable
+from app.db import autocommit, make_durable
 from app.exceptions import FlopexError, InvalidRequest
 from app.jobs import states
 from app.jobs.cancel import cancel
@@ -322,6 +322,9 @@ def _await_outcome(
     session.rollback()  # hold no connection while waiting
     wait_done(get_redis(), job_id, wait_s)
     session.expire_all()
+    if record_id is None:
+        # Nothing to write afterwards: the read is one statement, without BEGIN and ROLLBACK.
+        autocommit(session)
     job = session.get(Job, job_id)
     assert job is not None
     if job.status not in states.FINAL:

@@ -86,17 +86,24 @@ class RouteAndExecute:
     def run(self, job_id: uuid.UUID) -> Outcome | None:
         """Route a quoted job. None when another task already claimed it."""
         now = utcnow()
+        # The claim is one statement and its own transaction, not waiting for its WAL flush:
+        # no row lock is held while the job is routed, and a claim lost with a crash leaves the
+        # job `routing`, which the sweeper sends back to quoting (no provider was called yet).
+        # The attempt's durable commit, before any provider call, flushes it too.
+        solo = autocommit(self.session)
         job = rows.claim(
             self.session,
             job_id,
             states.QUOTING,
+            no_flush=solo,
             status=states.ROUTING,
             updated_at=now,
             started_at=now,
         )
+        self.session.commit()  # hands the connection back: what follows opens its own
         if job is None:
-            self.session.rollback()
             return None
+        failpoint("after_claim")
         options = {o["provider"]: o for o in job.quotes or []}
         quotes = collect_quotes(
             self.redis, str(job.id), list(options.values()), self.settings.health_window_s
@@ -178,13 +185,15 @@ class RouteAndExecute:
                 "started_at": utcnow().isoformat(),
             }
             attempts.append(attempt)
+            # Recovery point: the attempt is durable before the provider is called. One
+            # statement, its own transaction where the session has none open.
+            autocommit(self.session)
             rows.write(
                 self.session,
                 job,
                 **{**pending, "status": states.EXECUTING, "attempts": [dict(a) for a in attempts]},
             )
             pending = {}
-            # Recovery point: the attempt is durable before the provider is called.
             self.session.commit()
             failpoint("before_provider_call")
 

@@ -56,27 +56,29 @@ def fenced_update(job_columns: tuple[str, ...], **expressions: Any) -> Update:
     )
 
 
+def _no_flush(stmt: Update) -> Update:
+    # As the wallet's solo statements: set inside the statement, the setting lasts until its
+    # own (autocommit) transaction has committed. Evaluated only for the row the WHERE found.
+    return stmt.where(func.set_config(literal("synchronous_commit"), literal("off"), True) == "off")
+
+
 @functools.lru_cache(maxsize=64)
 def _write_statement(job_columns: tuple[str, ...], no_flush: bool) -> Update:
     stmt = fenced_update(job_columns)
-    if no_flush:
-        # As the wallet's solo statements: set inside the statement, the setting lasts until
-        # its own (autocommit) transaction has committed. Evaluated only for the fenced row.
-        stmt = stmt.where(
-            func.set_config(literal("synchronous_commit"), literal("off"), True) == "off"
-        )
-    return stmt
+    return _no_flush(stmt) if no_flush else stmt
 
 
 @functools.lru_cache(maxsize=8)
-def _claim_statement(job_columns: tuple[str, ...]) -> Any:
+def _claim_statement(job_columns: tuple[str, ...], no_flush: bool) -> Any:
     j = _JOBS.c
     stmt = (
         update(_JOBS)
         .where(j.id == param("id"), j.status == bindparam("p_from_status", type_=j.status.type))
         .values({**{k: param(k) for k in job_columns}, "version": j.version + 1})
-        .returning(*_JOBS.c)
     )
+    if no_flush:
+        stmt = _no_flush(stmt)
+    stmt = stmt.returning(*_JOBS.c)
     return select(Job).from_statement(stmt).execution_options(populate_existing=True)
 
 
@@ -112,11 +114,14 @@ def write(session: Session, job: Job, *, no_flush: bool = False, **values: Any) 
     mirror(job, values)
 
 
-def claim(session: Session, job_id: uuid.UUID, from_status: str, **values: Any) -> Job | None:
+def claim(
+    session: Session, job_id: uuid.UUID, from_status: str, *, no_flush: bool = False, **values: Any
+) -> Job | None:
     """Move a job out of ``from_status`` with one conditional UPDATE and return it (None when
-    another task got there first). Only one claimant's UPDATE matches, under any concurrency."""
+    another task got there first). Only one claimant's UPDATE matches, under any concurrency.
+    ``no_flush`` as for :func:`write`."""
     column_values = columns(values)
     return session.scalars(
-        _claim_statement(tuple(sorted(column_values))),
+        _claim_statement(tuple(sorted(column_values)), no_flush),
         {**params(job_id, None, column_values), "p_from_status": from_status},
     ).one_or_none()

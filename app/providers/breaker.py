@@ -13,10 +13,12 @@ which keeps the logic testable and the callers' clocks are the only clocks invol
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 
 import redis
 from redis.client import Pipeline
+from redis.commands.core import Script
 
 _FAIL = """
 local now, window, threshold, cooldown = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -62,12 +64,25 @@ def _key(provider: str) -> str:
     return f"flopex:breaker:{provider}"
 
 
+# The scripts of each client, made once: a Breaker is built per quote task, and registering a
+# script hashes its source every time.
+_SCRIPTS: weakref.WeakKeyDictionary[redis.Redis, tuple[Script, Script]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _scripts(client: redis.Redis) -> tuple[Script, Script]:
+    scripts = _SCRIPTS.get(client)
+    if scripts is None:
+        scripts = _SCRIPTS[client] = (client.register_script(_FAIL), client.register_script(_ALLOW))
+    return scripts
+
+
 class Breaker:
     def __init__(self, client: redis.Redis, config: BreakerConfig) -> None:
         self.client = client
         self.config = config
-        self._fail = client.register_script(_FAIL)
-        self._allow = client.register_script(_ALLOW)
+        self._fail, self._allow = _scripts(client)
 
     def record_failure(self, provider: str, now: float | None = None) -> None:
         c = self.config

@@ -142,6 +142,25 @@ def test_killed_before_the_provider_call_still_completes(crash_env, make_account
     assert_books_balance(account)
 
 
+def test_killed_after_the_claim_is_quoted_again_and_completes_once(
+    crash_env, make_account, pipeline
+):
+    account = make_account()
+    job_id = crash_at(crash_env, account, "after_claim")
+    job = load(job_id)
+    # The claim committed by itself; no attempt was written and no provider called.
+    assert job.status == "routing" and not job.attempts
+    assert sum(chat_calls(pipeline).values()) == 0
+
+    crash_env["worker"]()
+    job = recover(crash_env, job_id)
+    assert job.status == "success" and job.provider_name == "alpha"
+    assert [a.get("outcome") for a in job.attempts] == ["success"]
+    assert sum(chat_calls(pipeline).values()) == 1
+    assert ledger_kinds(account) == ["topup", "hold", "capture", "release"]
+    assert_books_balance(account)
+
+
 def test_lost_messages_are_requoted_and_complete_once(crash_env, make_account, pipeline):
     """A job accepted while its messages were lost (broker flushed) is found and completed."""
     account = make_account()
