@@ -53,8 +53,12 @@ def verify(
 
 
 def valid_url(url: str) -> bool:
+    """An absolute http(s) URL with a host; no control characters or spaces (not URL characters:
+    a NUL cannot be stored, a CR/LF could forge headers)."""
+    if len(url) > MAX_URL_LENGTH or any(c <= " " or c == "\x7f" for c in url):
+        return False
     parts = urlsplit(url)
-    return parts.scheme in ("http", "https") and bool(parts.hostname) and len(url) <= MAX_URL_LENGTH
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def public_destination(url: str) -> bool:

@@ -232,7 +232,13 @@ class JobListQuerySchema(Schema):
         unknown = RAISE
 
     status = fields.String(validate=validate.OneOf(list(states.INTERNAL)))
-    customer_ref = fields.String(validate=validate.Length(min=1, max=255))
+    customer_ref = fields.String(
+        # PostgreSQL text cannot hold NUL: without this, a NUL in the filter was a 500.
+        validate=[
+            validate.Length(min=1, max=255),
+            validate.ContainsNoneOf("\x00", error="Must not contain NUL characters."),
+        ]
+    )
     created_after = UtcDateTime(metadata={"description": "ISO 8601 with a time zone"})
     created_before = UtcDateTime(metadata={"description": "ISO 8601 with a time zone"})
     limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))

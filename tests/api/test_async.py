@@ -127,6 +127,11 @@ def test_list_filters_and_paginates(client, pipeline, make_account):
     )
     for bad in ("status=done", "limit=0", "created_after=yesterday", "starting_after=nope", "x=1"):
         assert client.get(f"/v1/inference?{bad}", headers=account.headers).status_code == 400, bad
+    # PostgreSQL text cannot hold NUL: a clear 400, not a 500 (found by the fuzz test).
+    nul = client.get("/v1/inference?customer_ref=a%00b", headers=account.headers)
+    assert nul.status_code == 400
+    assert nul.get_json()["error"]["code"] == "invalid_request"
+    assert nul.get_json()["error"]["param"] == "customer_ref"
 
 
 def test_cancel_before_execution_releases_the_hold(client, pipeline, make_account):

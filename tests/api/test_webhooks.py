@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from app import webhooks
+from tests.conftest import chat_calls, ledger_kinds
 
 
 class Receiver:
@@ -92,12 +93,23 @@ def test_failed_deliveries_are_retried_with_the_same_delivery_id(
     assert len(deliveries) == 1
 
 
-def test_callback_url_must_be_http(client, pipeline, make_account):
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://x/y",
+        # Control characters and spaces are not URL characters; a NUL was a 500 (PostgreSQL
+        # text cannot hold it), a CR/LF a header injection waiting to happen.
+        "http://example.com/\x00",
+        "http://example.com/a b",
+        "http://example.com/\r\nX-Evil: 1",
+    ],
+)
+def test_callback_url_must_be_an_http_url(client, pipeline, make_account, url):
     account = make_account()
-    resp = client.post(
-        "/v1/inference", json={**BODY, "callback_url": "ftp://x/y"}, headers=account.headers
-    )
+    before = chat_calls(pipeline)
+    resp = client.post("/v1/inference", json={**BODY, "callback_url": url}, headers=account.headers)
     assert resp.status_code == 400 and resp.get_json()["error"]["param"] == "callback_url"
+    assert chat_calls(pipeline) == before and ledger_kinds(account) == ["topup"]
 
 
 def test_private_destinations_are_recognised():
