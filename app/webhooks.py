@@ -57,8 +57,11 @@ def valid_url(url: str) -> bool:
     a NUL cannot be stored, a CR/LF could forge headers)."""
     if len(url) > MAX_URL_LENGTH or any(c <= " " or c == "\x7f" for c in url):
         return False
-    parts = urlsplit(url)
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # e.g. an unclosed IPv6 bracket, a netloc that NFKC-normalizes to "#"
+        return False
 
 
 def public_destination(url: str) -> bool:

@@ -13,7 +13,6 @@ which keeps the logic testable and the callers' clocks are the only clocks invol
 from __future__ import annotations
 
 import time
-import weakref
 from dataclasses import dataclass
 
 import redis
@@ -64,17 +63,15 @@ def _key(provider: str) -> str:
     return f"flopex:breaker:{provider}"
 
 
-# The scripts of each client, made once: a Breaker is built per quote task, and registering a
-# script hashes its source every time.
-_SCRIPTS: weakref.WeakKeyDictionary[redis.Redis, tuple[Script, Script]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 def _scripts(client: redis.Redis) -> tuple[Script, Script]:
-    scripts = _SCRIPTS.get(client)
+    """The client's two scripts, registered once and kept on the client itself (a Breaker is
+    built per quote task, and registering a script hashes its source every time). On the
+    client, not in a module-level map: a Script refers to its client, so a map would keep every
+    client ever used alive."""
+    scripts = getattr(client, "_flopex_breaker_scripts", None)
     if scripts is None:
-        scripts = _SCRIPTS[client] = (client.register_script(_FAIL), client.register_script(_ALLOW))
+        scripts = (client.register_script(_FAIL), client.register_script(_ALLOW))
+        client._flopex_breaker_scripts = scripts  # type: ignore[attr-defined]
     return scripts
 
 

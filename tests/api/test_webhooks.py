@@ -102,6 +102,9 @@ def test_failed_deliveries_are_retried_with_the_same_delivery_id(
         "http://example.com/\x00",
         "http://example.com/a b",
         "http://example.com/\r\nX-Evil: 1",
+        # urlsplit raises ValueError on these: they were 500s too.
+        "http://[abc/x",
+        "http://exa\uff03mple.com/",
     ],
 )
 def test_callback_url_must_be_an_http_url(client, pipeline, make_account, url):

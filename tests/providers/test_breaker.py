@@ -66,3 +66,18 @@ def test_success_resets_the_failure_count(breaker, provider):
     breaker.record_success(provider)
     breaker.record_failure(provider, 1_010)
     assert breaker.state(provider, 1_010) == "closed"
+
+
+def test_breakers_of_one_client_share_its_scripts_and_keep_no_client_alive():
+    import gc
+    import weakref
+
+    import fakeredis
+
+    client = fakeredis.FakeRedis()  # registering a script does not reach the server
+    first, second = Breaker(client, CONFIG), Breaker(client, CONFIG)
+    assert first._allow is second._allow and first._fail is second._fail
+    gone = weakref.ref(client)
+    del client, first, second
+    gc.collect()
+    assert gone() is None
