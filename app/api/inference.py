@@ -128,7 +128,9 @@ def _own_job(principal: Principal, job_id: str) -> Job:
 
 @blp.route("/inference")
 class InferenceCollection(MethodView):
-    @blp.arguments(InferenceRequestSchema)
+    # Schema instances, not classes, in every @blp.arguments: webargs instantiates a class on
+    # every request (~0.2 ms of CPU); a marshmallow 4 schema keeps no state between loads.
+    @blp.arguments(InferenceRequestSchema())
     @blp.response(200, InferenceResponseSchema)
     @blp.alt_response(
         202, schema=JobObjectSchema, description="Accepted: the job runs on (Location to poll)"
@@ -230,7 +232,7 @@ class InferenceCollection(MethodView):
         wait_s = settings.sync_timeout_s if prefer.wait_s is None else prefer.wait_s
         return _await_outcome(job.id, record_id, wait_s)
 
-    @blp.arguments(JobListQuerySchema, location="query")
+    @blp.arguments(JobListQuerySchema(), location="query")
     @blp.response(200, JobListSchema)
     @blp.doc(security=[{"bearerAuth": []}])
     def get(self, query: dict[str, Any]) -> Any:
@@ -266,7 +268,7 @@ class InferenceCollection(MethodView):
 
 @blp.route("/inference/<job_id>")
 class InferenceItem(MethodView):
-    @blp.arguments(JobGetQuerySchema, location="query")
+    @blp.arguments(JobGetQuerySchema(), location="query")
     @blp.response(200, JobObjectSchema)
     @blp.alt_response(404, schema=ApiErrorSchema, description="job_not_found")
     @blp.doc(security=[{"bearerAuth": []}])

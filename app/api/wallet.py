@@ -59,7 +59,7 @@ def _entry(e: LedgerEntry) -> dict[str, Any]:
 
 @blp.route("/wallet/ledger")
 class LedgerView(MethodView):
-    @blp.arguments(LedgerQuerySchema, location="query")
+    @blp.arguments(LedgerQuerySchema(), location="query")
     @blp.response(200, LedgerPageSchema)
     @blp.doc(security=[{"bearerAuth": []}])
     def get(self, query: dict[str, Any]) -> Any:
