@@ -4,11 +4,12 @@ which failures are retried and which are not, and how each failure is classified
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-import requests
 
 from app.providers import openai_compat
 from app.providers.openai_compat import (
@@ -73,18 +74,6 @@ def call(base_url: str, api_key: str | None = None, **overrides: Any) -> Complet
     }
     kwargs.update(overrides)
     return complete(base_url, api_key, **kwargs)
-
-
-class CountingSession:
-    """Wraps the pooled session to count POSTs that never reach a server."""
-
-    def __init__(self, inner: requests.Session) -> None:
-        self.inner = inner
-        self.posts = 0
-
-    def post(self, *args: Any, **kwargs: Any) -> requests.Response:
-        self.posts += 1
-        return self.inner.post(*args, **kwargs)
 
 
 # -- success --------------------------------------------------------------------------
@@ -153,13 +142,19 @@ def test_persistent_failure_gives_up_after_retries_plus_one_attempts(
 
 
 def test_connection_refused_is_retried_then_kind_connect(closed_port_url, monkeypatch):
-    counter = CountingSession(openai_compat.http_session())
-    monkeypatch.setattr(openai_compat, "http_session", lambda: counter)
+    sent = []  # requests that never reach a server: counted on the way out
+    send = openai_compat._send
+
+    def counting(method: str, *args: Any, **kwargs: Any) -> Any:
+        sent.append(method)
+        return send(method, *args, **kwargs)
+
+    monkeypatch.setattr(openai_compat, "_send", counting)
     with pytest.raises(ProviderFailure) as info:
         call(closed_port_url, retries=2)
     assert info.value.kind == "connect"
     assert info.value.status is None
-    assert counter.posts == 3
+    assert sent == ["POST"] * 3
 
 
 # -- failures that are not retried --------------------------------------------------------
@@ -188,6 +183,32 @@ def test_unusable_answers_are_kind_malformed_and_not_retried(sandbox, fault):
         call(sandbox.base_url, retries=2)
     assert info.value.kind == "malformed"
     assert sandbox.chat_calls == 1
+
+
+def test_a_redirect_is_not_followed(sandbox):
+    """A completion is never re-sent to another address: a 3xx is an HTTP failure."""
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(307)
+            self.send_header("Location", f"{sandbox.base_url}/chat/completions")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ProviderFailure) as info:
+            call(f"http://127.0.0.1:{server.server_port}/v1")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (info.value.kind, info.value.status) == ("http", 307)
+    assert sandbox.chat_calls == 0
 
 
 def test_unknown_model_is_kind_http_404_and_not_retried(sandbox):
