@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, Update, create_engine, event, func, literal, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import get_settings
@@ -116,6 +116,15 @@ def autocommit(session: Session) -> bool:
     # The pool switches it back on checkin (_end_autocommit).
     dbapi_connection.autocommit = True  # type: ignore[union-attr]
     return True
+
+
+def without_flush_wait(stmt: Update) -> Update:
+    """``stmt``, run as its own (autocommit) transaction, commits without waiting for its WAL
+    flush: the setting is made inside the statement (``set_config(..., is_local => true)``),
+    lasts until that transaction has committed, and is evaluated only for a row the WHERE
+    found. As with :func:`defer_durability`, the caller owes a :func:`make_durable` before
+    anything outside the database acts on the write."""
+    return stmt.where(func.set_config(literal("synchronous_commit"), literal("off"), True) == "off")
 
 
 def make_durable(session: Session) -> None:

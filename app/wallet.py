@@ -12,11 +12,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Update, bindparam, exists, func, insert, literal, select, union_all, update
+from sqlalchemy import Update, bindparam, exists, func, insert, select, union_all, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
-from app.db import autocommit, defer_durability
+from app.db import autocommit, defer_durability, without_flush_wait
 from app.jobs import rows
 from app.models import Job, LedgerEntry, Wallet, utcnow
 
@@ -111,8 +111,7 @@ def _one_statement(
     nothing at all, even when the statement is its own transaction. A new job (``p_new_<column
     key>``) is inserted only if the wallet UPDATE matched: a refused hold writes no job either.
     ``no_flush``: the statement is its own transaction (autocommit), whose commit does not wait
-    for its WAL flush (``set_config(..., is_local => true)`` lasts until that transaction has
-    committed; see ``settle``)."""
+    for its WAL flush (``app.db.without_flush_wait``; see ``settle``)."""
     wallet_update = _wallet_update(checked)
     if job_columns is not None:
         j = _JOBS.c
@@ -130,9 +129,7 @@ def _one_statement(
         )
         wallet_update = wallet_update.where(exists(select(fence.c.id)))
     if no_flush:
-        wallet_update = wallet_update.where(
-            func.set_config(literal("synchronous_commit"), literal("off"), True) == "off"
-        )
+        wallet_update = without_flush_wait(wallet_update)
     moved = wallet_update.cte("moved")
     ctes = []
     if new_job_columns is not None:

@@ -13,11 +13,12 @@ import functools
 import uuid
 from typing import Any
 
-from sqlalchemy import Update, bindparam, func, literal, select, update
+from sqlalchemy import Update, bindparam, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
 
+from app.db import without_flush_wait
 from app.models import Job, utcnow
 
 _JOBS = Job.__table__
@@ -56,16 +57,10 @@ def fenced_update(job_columns: tuple[str, ...], **expressions: Any) -> Update:
     )
 
 
-def _no_flush(stmt: Update) -> Update:
-    # As the wallet's solo statements: set inside the statement, the setting lasts until its
-    # own (autocommit) transaction has committed. Evaluated only for the row the WHERE found.
-    return stmt.where(func.set_config(literal("synchronous_commit"), literal("off"), True) == "off")
-
-
 @functools.lru_cache(maxsize=64)
 def _write_statement(job_columns: tuple[str, ...], no_flush: bool) -> Update:
     stmt = fenced_update(job_columns)
-    return _no_flush(stmt) if no_flush else stmt
+    return without_flush_wait(stmt) if no_flush else stmt
 
 
 @functools.lru_cache(maxsize=8)
@@ -77,7 +72,7 @@ def _claim_statement(job_columns: tuple[str, ...], no_flush: bool) -> Any:
         .values({**{k: param(k) for k in job_columns}, "version": j.version + 1})
     )
     if no_flush:
-        stmt = _no_flush(stmt)
+        stmt = without_flush_wait(stmt)
     stmt = stmt.returning(*_JOBS.c)
     return select(Job).from_statement(stmt).execution_options(populate_existing=True)
 
