@@ -208,6 +208,24 @@ def assert_one_provider_call(job: dict[str, Any]) -> None:
     ]
 
 
+def swept_to_success(
+    client: Any, account: Any, job_id: str, celery_app: Any, redis_client: Any
+) -> None:
+    """The sweeper, run as if ten minutes later, quotes the stranded job again; it then
+    succeeds, charged once, after one provider call."""
+    from app.jobs.recovery import sweep
+    from config.settings import get_settings
+
+    with session_scope() as session:
+        later = datetime.now(UTC) + timedelta(minutes=10)
+        report = sweep(session, celery_app, redis_client, get_settings(), grace_s=0, now=later)
+    assert job_id in report.requoted
+    final = client.get(f"/v1/inference/{job_id}?wait=30", headers=account.headers).get_json()
+    assert final["status"] == "success"
+    assert ledger_kinds(account).count("capture") == 1
+    assert_one_provider_call(final)
+
+
 @pytest.mark.parametrize(
     "failure",
     [
@@ -221,8 +239,6 @@ def test_a_job_accepted_while_the_broker_is_down_completes_via_the_sweeper(
     from kombu import exceptions
 
     from app.api import inference
-    from app.jobs.recovery import sweep
-    from config.settings import get_settings
 
     account = make_account()
 
@@ -236,14 +252,7 @@ def test_a_job_accepted_while_the_broker_is_down_completes_via_the_sweeper(
     assert job["status"] == "queued" and sum(chat_calls(pipeline).values()) == 0
     monkeypatch.undo()
 
-    with session_scope() as session:
-        later = datetime.now(UTC) + timedelta(minutes=10)
-        report = sweep(session, celery_app, redis_client, get_settings(), grace_s=0, now=later)
-    assert job["id"] in report.requoted
-    final = client.get(f"/v1/inference/{job['id']}?wait=30", headers=account.headers).get_json()
-    assert final["status"] == "success"
-    assert ledger_kinds(account).count("capture") == 1
-    assert_one_provider_call(final)
+    swept_to_success(client, account, job["id"], celery_app, redis_client)
     # The key stayed with the job: a retry waits for and replays its outcome.
     replay = submit(client, account, **{"Idempotency-Key": "broker-down"})
     assert replay.status_code == 200 and replay.get_json()["id"] == job["id"]
@@ -284,8 +293,6 @@ def test_an_async_job_whose_publish_fails_after_its_202_completes_via_the_sweepe
     from kombu.exceptions import OperationalError
 
     from app.api import inference
-    from app.jobs.recovery import sweep
-    from config.settings import get_settings
 
     account = make_account()
 
@@ -299,11 +306,4 @@ def test_an_async_job_whose_publish_fails_after_its_202_completes_via_the_sweepe
     assert "left for the sweeper" in caplog.text and job["id"] in caplog.text
     monkeypatch.undo()
 
-    with session_scope() as session:
-        later = datetime.now(UTC) + timedelta(minutes=10)
-        report = sweep(session, celery_app, redis_client, get_settings(), grace_s=0, now=later)
-    assert job["id"] in report.requoted
-    final = client.get(f"/v1/inference/{job['id']}?wait=30", headers=account.headers).get_json()
-    assert final["status"] == "success"
-    assert ledger_kinds(account).count("capture") == 1
-    assert_one_provider_call(final)
+    swept_to_success(client, account, job["id"], celery_app, redis_client)
