@@ -110,6 +110,13 @@ def _json_response(body: str, status: int, *, replayed: bool = False, job_id: An
     return response
 
 
+def _accepted(body: str, job_id: Any) -> Any:
+    """202 with the job to poll, as answered to `Prefer: respond-async`."""
+    response = _json_response(body, 202, job_id=job_id)
+    response.headers["Preference-Applied"] = "respond-async"
+    return response
+
+
 def _own_job(principal: Principal, job_id: str) -> Job:
     """Another account's job is indistinguishable from one that does not exist."""
     try:
@@ -205,10 +212,7 @@ class InferenceCollection(MethodView):
         session.commit()
         celery = current_app.extensions["celery"]
         if prefer.respond_async:
-            response = _json_response(
-                accepted_body or current_app.json.dumps(render_job(job)), 202, job_id=job.id
-            )
-            response.headers["Preference-Applied"] = "respond-async"
+            response = _accepted(accepted_body or current_app.json.dumps(render_job(job)), job.id)
             # The job committed durably: its quotes are published once the 202 has been sent
             # (the WSGI server calls close() after the last byte), so the quote tasks do not
             # compete with this answer for the CPU. Nothing is lost if the publish fails then:
@@ -226,9 +230,7 @@ class InferenceCollection(MethodView):
             # broker is back; the caller gets the job to poll.
             log.exception("broker unreachable; job %s left for the sweeper", job.id)
             make_durable(session)
-            response = _json_response(current_app.json.dumps(render_job(job)), 202, job_id=job.id)
-            response.headers["Preference-Applied"] = "respond-async"
-            return response
+            return _accepted(current_app.json.dumps(render_job(job)), job.id)
         wait_s = settings.sync_timeout_s if prefer.wait_s is None else prefer.wait_s
         return _await_outcome(job.id, record_id, wait_s)
 
