@@ -226,16 +226,14 @@ class RouteAndExecute:
             attempt.update(
                 outcome="success", latency_ms=int((time.perf_counter() - started) * 1000)
             )
-            pipe = self.redis.pipeline(transaction=False)
-            health.queue_outcome(pipe, quote.provider, True, self.settings.health_window_s)
-            self.breaker.record_success(quote.provider, pipe)
-            pipe.execute()
             PROVIDER_LATENCY.labels(quote.provider, "success").observe(
                 time.perf_counter() - started
             )
             self._record_result(job, quote, result, attempts)
             failpoint("after_result_recorded")
-            return self._settle(job)
+            # The provider's success reaches its health window and breaker with the completion
+            # signal, in the same Redis round trip.
+            return self._settle(job, served_by=quote.provider)
 
         code = failure_code(attempts)
         return self._fail(job, code, _FAILURE_MESSAGES[code], **{**pending, "attempts": attempts})
@@ -287,7 +285,7 @@ class RouteAndExecute:
         )
         self.session.commit()
 
-    def _settle(self, job: Job) -> Outcome:
+    def _settle(self, job: Job, served_by: str | None = None) -> Outcome:
         # The settlement is one statement and its own transaction (solo): the wallet row, which
         # every request of the account needs, is locked only while the server runs it, and its
         # commit does not wait for the fsync; it is made durable before anyone is told
@@ -300,7 +298,7 @@ class RouteAndExecute:
             {"settled_at": now, **finish_values(job, states.SUCCESS, now)},
             solo=True,
         )
-        return self._commit_and_signal(job)
+        return self._commit_and_signal(job, served_by)
 
     def _fail(
         self, job: Job, code: str, message: str, param: str | None = None, **pending: Any
@@ -309,7 +307,9 @@ class RouteAndExecute:
         close_failed(self.session, job, code, message, param, **pending)
         return self._commit_and_signal(job)
 
-    def _commit_and_signal(self, job: Job) -> Outcome:
+    def _commit_and_signal(self, job: Job, served_by: str | None = None) -> Outcome:
+        """Makes the outcome durable, then tells the waiters; ``served_by``: the provider whose
+        success is recorded (its health window and breaker) in the same round trip."""
         self.session.commit()
         make_durable(self.session)
         JOBS_FINISHED.labels(job.status, job.error_code or "").inc()
@@ -324,6 +324,9 @@ class RouteAndExecute:
             extra={"status": job.status, "provider": job.provider_name},
         )
         pipe = self.redis.pipeline(transaction=False)
+        if served_by is not None:
+            health.queue_outcome(pipe, served_by, True, self.settings.health_window_s)
+            self.breaker.record_success(served_by, pipe)
         discard_quotes(pipe, str(job.id))
         queue_signal(pipe, job.id)
         pipe.execute()

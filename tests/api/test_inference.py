@@ -3,6 +3,7 @@ route -> sandbox providers over HTTP -> wallet settled in PostgreSQL."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -224,6 +225,29 @@ def test_failing_provider_falls_over_and_only_the_server_is_billed(client, pipel
     assert data["billing"]["cost_usd"] == micros_to_usd(expected)
     captures = [e for e in ledger(account) if e.kind == "capture"]
     assert len(captures) == 1 and -captures[0].amount_micros == expected
+
+
+def test_executions_reach_each_providers_health_and_breaker(
+    client, pipeline, make_account, redis_client
+):
+    from app.providers import health
+    from app.providers.breaker import Breaker
+    from config.settings import get_settings
+
+    settings = get_settings()
+    account = make_account()
+    pipeline["alpha"].configure(fault="error")
+    # charlie's breaker is half-open: its cool-down is over, no trial taken yet.
+    redis_client.hset("flopex:breaker:charlie", mapping={"open_until": time.time() - 1})
+    resp = post(
+        client, account, {**DOC_REQUEST, "performance_profile": "economy", "max_latency_ms": None}
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.get_json()["provider"] == "charlie"
+    window = settings.health_window_s
+    assert health.success_rate(redis_client, "alpha", window) == 0
+    assert health.success_rate(redis_client, "charlie", window) == 1
+    assert Breaker(redis_client, settings.breaker).state("charlie") == "closed"
 
 
 @pytest.mark.parametrize(
