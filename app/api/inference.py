@@ -117,7 +117,7 @@ def _accepted(body: str, job_id: Any) -> Any:
     return response
 
 
-def _own_job(principal: Principal, job_id: str) -> Job:
+def _own_job(principal: Principal, job_id: str, param: str = "id") -> Job:
     """Another account's job is indistinguishable from one that does not exist."""
     try:
         parsed = uuid.UUID(job_id)
@@ -129,7 +129,7 @@ def _own_job(principal: Principal, job_id: str) -> Job:
             select(Job).where(Job.id == parsed, Job.account_id == principal.account_id)
         )
     if job is None:
-        raise FlopexError("job_not_found", f"No job {job_id}.", "id")
+        raise FlopexError("job_not_found", f"No job {job_id}.", param)
     return job
 
 
@@ -251,7 +251,7 @@ class InferenceCollection(MethodView):
         if "created_before" in query:
             stmt = stmt.where(Job.created_at < query["created_before"])
         if "starting_after" in query:
-            cursor = _own_job(principal, str(query["starting_after"]))
+            cursor = _own_job(principal, str(query["starting_after"]), "starting_after")
             stmt = stmt.where(tuple_(Job.created_at, Job.id) < tuple_(cursor.created_at, cursor.id))
         limit = query["limit"]
         rows = list(

@@ -27,13 +27,14 @@ def parse_prefer(headers: Headers, max_wait_s: float) -> Preferences:
                 respond_async = True
             elif name == "wait":
                 try:
-                    wait = float(int(value))
+                    seconds = int(value)
                 except ValueError:
                     raise InvalidRequest(
                         "Prefer: wait must be a whole number of seconds.", "Prefer"
                     ) from None
-                if wait < 0:
+                if seconds < 0:
                     raise InvalidRequest("Prefer: wait cannot be negative.", "Prefer")
-                wait = min(wait, max_wait_s)
+                # Capped before any float conversion: wait=10**300 is a long wait, not a 500.
+                wait = float(min(seconds, max_wait_s))
             # Unknown preferences are ignored, as RFC 7240 asks.
     return Preferences(respond_async, wait)

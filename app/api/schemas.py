@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC
 from typing import Any
 
@@ -23,6 +24,53 @@ class StrictInteger(fields.Integer):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValidationError("Must be an integer.")
         return value
+
+
+# JSON's number grammar: what a string may hold where a number is expected.
+_JSON_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+
+
+class ExactDecimal(fields.Decimal):
+    """A JSON number, or a string holding exactly one (clients whose JSON library has no exact
+    decimals send those), read as the decimal the client wrote: the parser keeps a fractional
+    number's text (app/api/parser.py), so 0.0000249999999999999999 is not rounded to the float
+    2.5e-05 on its way in. Not a boolean, no spaces or signs around the digits."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str):
+            if not _JSON_NUMBER.fullmatch(value):
+                raise ValidationError("Must be a number.")
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValidationError("Must be a number.")
+        return super()._deserialize(getattr(value, "text", value), attr, data, **kwargs)
+
+
+# Far above any charge one request can reach, far below what a BIGINT of micro-USD can hold.
+MAX_PRICE_USD = 1_000_000
+MAX_METADATA_DEPTH = 32
+
+
+def _text_problem(value: Any, depth: int = 0) -> str | None:
+    """Why a string, or any key or string inside a JSON value, cannot be stored as text: a NUL
+    (PostgreSQL text cannot hold one), a lone UTF-16 surrogate (no UTF-8 encoding), or nesting
+    deeper than MAX_METADATA_DEPTH."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "Must not contain NUL characters."
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "Must be valid Unicode text (no lone surrogates)."
+        return None
+    if isinstance(value, dict | list):
+        if depth >= MAX_METADATA_DEPTH:
+            return f"Must not be nested more than {MAX_METADATA_DEPTH} levels deep."
+        items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        for item in items:
+            problem = _text_problem(item, depth + 1)
+            if problem:
+                return problem
+    return None
 
 
 class InferenceRequestSchema(Schema):
@@ -55,10 +103,10 @@ class InferenceRequestSchema(Schema):
         load_default="lowest_cost", validate=validate.OneOf(STRATEGIES)
     )
     customer_ref = fields.String(load_default=None, allow_none=True)
-    max_price_usd = fields.Decimal(
+    max_price_usd = ExactDecimal(
         load_default=None,
         allow_none=True,
-        validate=validate.Range(min=0),
+        validate=validate.Range(min=0, max=MAX_PRICE_USD),
         as_string=False,
         metadata={"description": "Reject if the estimated charge (markup included) exceeds this."},
     )
@@ -79,13 +127,10 @@ class InferenceRequestSchema(Schema):
     @validates_schema
     def _bounds(self, data: dict[str, Any], **_: Any) -> None:
         settings = get_settings()
-        for name in ("model", "input", "prompt", "customer_ref"):
-            if "\x00" in (data.get(name) or ""):
-                raise ValidationError("Must not contain NUL characters.", name)
-        if data.get("metadata") is not None and "\\u0000" in json.dumps(
-            data["metadata"], default=str
-        ):
-            raise ValidationError("Must not contain NUL characters.", "metadata")
+        for name in ("model", "input", "prompt", "customer_ref", "callback_url", "metadata"):
+            problem = _text_problem(data.get(name))
+            if problem:
+                raise ValidationError(problem, name)
         text_input, prompt = data.get("input") or "", data.get("prompt") or ""
         if not text_input and not prompt:
             raise ValidationError("Provide input (or the legacy prompt).", "input")
@@ -106,7 +151,8 @@ class InferenceRequestSchema(Schema):
             )
         metadata = data.get("metadata")
         if metadata is not None:
-            size = len(json.dumps(metadata, default=str).encode())
+            # Its size as stored: compact UTF-8, not \\u-escaped.
+            size = len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode())
             if size > settings.max_metadata_bytes:
                 raise ValidationError(
                     f"Serialized size {size} bytes exceeds {settings.max_metadata_bytes}.",
@@ -176,7 +222,7 @@ class LedgerQuerySchema(Schema):
 
     limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
     starting_after = fields.Integer(
-        load_default=None, allow_none=True, validate=validate.Range(min=1)
+        load_default=None, allow_none=True, validate=validate.Range(min=1, max=2**63 - 1)
     )
 
 

@@ -176,10 +176,9 @@ def test_other_accounts_jobs_are_404_and_never_listed(client, pipeline, make_acc
     cancel = client.post(f"/v1/inference/{job['id']}/cancel", headers=other.headers)
     assert cancel.status_code == 404
     assert client.get("/v1/inference", headers=other.headers).get_json()["data"] == []
-    assert (
-        client.get(f"/v1/inference?starting_after={job['id']}", headers=other.headers).status_code
-        == 404
-    )
+    cursor = client.get(f"/v1/inference?starting_after={job['id']}", headers=other.headers)
+    assert cursor.status_code == 404
+    assert cursor.get_json()["error"]["param"] == "starting_after"
 
 
 def test_async_idempotency_replays_the_same_job(client, pipeline, make_account):

@@ -73,6 +73,12 @@ def reject(
         ({"customer_ref": 42}, "customer_ref"),
         ({"max_price_usd": -0.01}, "max_price_usd"),
         ({"max_price_usd": "cheap"}, "max_price_usd"),
+        ({"max_price_usd": " 0.02"}, "max_price_usd"),
+        ({"max_price_usd": "+0.02"}, "max_price_usd"),
+        ({"max_price_usd": "NaN"}, "max_price_usd"),
+        ({"max_price_usd": True}, "max_price_usd"),
+        ({"max_price_usd": 1e13}, "max_price_usd"),
+        ({"max_price_usd": 10**400}, "max_price_usd"),
         ({"max_latency_ms": 0}, "max_latency_ms"),
         ({"max_latency_ms": 10.5}, "max_latency_ms"),
         ({"max_latency_ms": 600_001}, "max_latency_ms"),
@@ -83,6 +89,13 @@ def reject(
         ({"input": "a\u0000b"}, "input"),
         ({"customer_ref": "ref\u0000"}, "customer_ref"),
         ({"metadata": {"k": "v\u0000"}}, "metadata"),
+        ({"model": "\ud800"}, "model"),
+        ({"input": "\ud800x"}, "input"),
+        ({"customer_ref": "\udfff"}, "customer_ref"),
+        ({"metadata": {"k": "\ud800"}}, "metadata"),
+        ({"metadata": {"\ud800": 1}}, "metadata"),
+        ({"metadata": {"k": [{"k": "\ud800"}]}}, "metadata"),
+        ({"callback_url": "https://example.com/\ud800"}, "callback_url"),
     ],
 )
 def test_invalid_parameters_are_400_invalid_request(client, account, changes, param):
@@ -92,6 +105,15 @@ def test_invalid_parameters_are_400_invalid_request(client, account, changes, pa
     if "model" in changes and changes["model"] is None:
         body.pop("model")
     reject(client, account, body, 400, "invalid_request", param)
+
+
+def test_metadata_nested_too_deeply_is_rejected(client, account):
+    from app.api.schemas import MAX_METADATA_DEPTH
+
+    nested: Any = "leaf"
+    for _ in range(MAX_METADATA_DEPTH + 1):
+        nested = {"k": nested}
+    reject(client, account, {**VALID, "metadata": nested}, 400, "invalid_request", "metadata")
 
 
 def test_input_longer_than_the_limit_is_rejected(client, account, monkeypatch):
