@@ -3,16 +3,38 @@
 from __future__ import annotations
 
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
 
 from app.exceptions import FlopexError
 from app.jobs import states
 from app.jobs.execution import close_unserved
 from app.models import Job
 
+# A job that is still cancellable moves only a few times (its quotes re-sent by the sweeper):
+# a few fresh reads settle the race; more would mean something keeps rewriting it.
+_ATTEMPTS = 3
+
 
 def cancel(session: Session, job: Job) -> Job:
     """Releases the hold and marks the job cancelled, in one transaction. The version bump
-    fences off a router that already claimed the job: it stops before calling any provider."""
+    fences off a router that already claimed the job: it stops before calling any provider.
+    A job that moved between the caller's read and this write (the router claimed it, the
+    sweeper re-quoted it) is read again and judged on its new state."""
+    for attempt in range(_ATTEMPTS):
+        _check_cancellable(job)
+        try:
+            close_unserved(session, job, states.CANCELLED)
+            return job
+        except StaleDataError:
+            session.rollback()  # expires the job: its next read is fresh
+            if attempt == _ATTEMPTS - 1:
+                raise FlopexError(
+                    "job_not_cancellable", "The job is changing state; retry the cancellation."
+                ) from None
+    raise AssertionError("unreachable")
+
+
+def _check_cancellable(job: Job) -> None:
     if job.status in states.FINAL:
         raise FlopexError(
             "job_not_cancellable", f"The job already finished ({states.PUBLIC[job.status]})."
@@ -21,5 +43,3 @@ def cancel(session: Session, job: Job) -> Job:
         raise FlopexError(
             "job_not_cancellable", "The job is already running and can no longer be cancelled."
         )
-    close_unserved(session, job, states.CANCELLED)
-    return job

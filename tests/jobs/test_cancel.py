@@ -1,0 +1,67 @@
+"""app/jobs/cancel.py: a cancellation that races another writer of the job judges the job on
+its new state, never a 500, and moves money only when it wins."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+
+from app import wallet
+from app.db import session_factory, session_scope
+from app.exceptions import FlopexError
+from app.jobs import states
+from app.jobs.cancel import cancel
+from app.models import Job
+from tests.jobs.test_submit import _books, _submit, models  # noqa: F401  (fixture)
+
+
+def _cancel_after_a_move(account: Any, cache: Any, moved_to: str) -> str:
+    """Submits a job, reads it, lets another writer (the router's claim, the sweeper) move it
+    and its version, then cancels from the stale read: the job's status, or the error code."""
+    with session_scope() as session:
+        job_id = _submit(session, account, cache).job.id
+    session = session_factory()()
+    try:
+        job = session.get(Job, job_id)
+        assert job.status == states.QUOTING
+        with session_scope() as other:
+            other.execute(
+                update(Job).where(Job.id == job_id).values(version=Job.version + 1, status=moved_to)
+            )
+        try:
+            status = cancel(session, job).status
+        except FlopexError as exc:
+            session.rollback()
+            return exc.code
+        session.commit()
+        return status
+    finally:
+        session.close()
+
+
+def test_a_job_that_started_executing_between_read_and_cancel_is_not_cancellable(
+    models,  # noqa: F811
+    make_account,
+):
+    account = make_account(balance_usd="1")
+    assert _cancel_after_a_move(account, models, states.EXECUTING) == "job_not_cancellable"
+    _, ledger, state = _books(account)
+    assert [kind for kind, _ in ledger] == ["topup", "hold"]  # the running job keeps its hold
+    assert state.held_micros > 0
+
+
+@pytest.mark.parametrize("moved_to", [states.QUOTING, states.ROUTING], ids=["requoted", "claimed"])
+def test_a_job_moved_but_not_yet_executing_is_cancelled(
+    models,  # noqa: F811
+    make_account,
+    moved_to,
+):
+    """The sweeper re-quoted it, or a router claimed it: the router's next write is fenced off by
+    the cancellation's version bump, before any provider call."""
+    account = make_account(balance_usd="1")
+    assert _cancel_after_a_move(account, models, moved_to) == states.CANCELLED
+    _, ledger, state = _books(account)
+    assert [kind for kind, _ in ledger] == ["topup", "hold", "release"]
+    assert state == wallet.WalletState(state.balance_micros, 0)
