@@ -104,6 +104,7 @@ def select(
     max_price_micros: int | None,
     max_latency_ms: int | None,
     weights: tuple[Decimal, Decimal, Decimal],
+    hold_micros: int | None = None,
 ) -> Decision:
     decision = Decision()
     if not quotes:
@@ -138,10 +139,22 @@ def select(
             return "latency_unknown"
         return "over_max_latency" if q.estimated_latency_ms > max_latency_ms else None
 
+    def hold_reason(q: Quote) -> str | None:
+        over = hold_micros is not None and q.estimated_charge_micros > hold_micros
+        return "insufficient_balance" if over else None
+
     priced = keep(available, price_reason)
-    eligible = keep(priced, latency_reason)
+    timely = keep(priced, latency_reason)
+    # The job's hold is what the wallet could cover at admission: a quote whose worst case is
+    # above it could not be paid for, so it is not a candidate (and cannot be the winner).
+    eligible = keep(timely, hold_reason)
     if not eligible:
-        decision.error_code = "max_price_exceeded" if not priced else "max_latency_exceeded"
+        if not priced:
+            decision.error_code = "max_price_exceeded"
+        elif not timely:
+            decision.error_code = "max_latency_exceeded"
+        else:
+            decision.error_code = "insufficient_balance"
         decision.reason = f"all {len(available)} quotes dropped"
         return decision
 

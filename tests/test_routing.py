@@ -44,6 +44,7 @@ def run(
     max_price: int | None = None,
     max_latency: int | None = None,
     weights: tuple[Decimal, Decimal, Decimal] = WEIGHTS,
+    hold: int | None = None,
 ) -> Decision:
     return select(
         quotes,
@@ -52,6 +53,7 @@ def run(
         max_price_micros=max_price,
         max_latency_ms=max_latency,
         weights=weights,
+        hold_micros=hold,
     )
 
 
@@ -192,6 +194,22 @@ def test_only_unknown_latency_is_max_latency_exceeded():
     assert decision.dropped == [{"provider": "a", "reason": "latency_unknown"}]
 
 
+def test_quotes_above_the_hold_are_dropped_and_never_win():
+    # bravo would win `fast`, but its worst case is above what the wallet could hold.
+    decision = run(TRIO, "fast", hold=200)
+    assert order(decision) == ["charlie", "alpha"]
+    assert decision.winner.provider == "charlie"
+    assert decision.dropped == [{"provider": "bravo", "reason": "insufficient_balance"}]
+    assert decision.to_dict()["winner"] == "charlie"
+
+
+def test_every_quote_above_the_hold_is_insufficient_balance():
+    decision = run(TRIO, "economy", max_price=10**6, max_latency=10**4, hold=99)
+    assert decision.error_code == "insufficient_balance"
+    assert decision.winner is None
+    assert [d["reason"] for d in decision.dropped] == ["insufficient_balance"] * 3
+
+
 def test_no_quotes_is_no_provider_available():
     decision = run([], "balanced")
     assert decision.error_code == "no_provider_available"
@@ -316,18 +334,22 @@ weight_values = st.decimals(min_value=0, max_value=1, places=2)
     st.one_of(st.none(), st.integers(min_value=0, max_value=10**7)),
     st.one_of(st.none(), st.integers(min_value=0, max_value=3000)),
     st.tuples(weight_values, weight_values, weight_values),
+    st.one_of(st.none(), st.integers(min_value=0, max_value=10**7)),
 )
 def test_winner_is_eligible_and_ranking_is_a_permutation_of_eligible_quotes(
-    quotes, profile, strategy, max_price, max_latency, weights
+    quotes, profile, strategy, max_price, max_latency, weights, hold
 ):
-    decision = run(quotes, profile, strategy, max_price, max_latency, weights)
+    decision = run(quotes, profile, strategy, max_price, max_latency, weights, hold)
 
-    def eligible(q: Quote) -> bool:
+    def timely(q: Quote) -> bool:
         if max_price is not None and q.estimated_charge_micros > max_price:
             return False
         return max_latency is None or (
             q.estimated_latency_ms is not None and q.estimated_latency_ms <= max_latency
         )
+
+    def eligible(q: Quote) -> bool:
+        return timely(q) and (hold is None or q.estimated_charge_micros <= hold)
 
     expected = [q for q in quotes if eligible(q)]
     ranked = [r.quote for r in decision.ranked]
@@ -356,8 +378,10 @@ def test_winner_is_eligible_and_ranking_is_a_permutation_of_eligible_quotes(
             assert decision.error_code == "no_provider_available"
         elif not within_price:
             assert decision.error_code == "max_price_exceeded"
-        else:
+        elif not any(timely(q) for q in quotes):
             assert decision.error_code == "max_latency_exceeded"
+        else:
+            assert decision.error_code == "insufficient_balance"
 
 
 def test_open_circuit_quotes_are_dropped_before_any_rule():

@@ -159,6 +159,7 @@ class RouteAndExecute:
             max_price_micros=job.max_price_micros,
             max_latency_ms=job.max_latency_ms,
             weights=self.settings.balanced_weights,
+            hold_micros=job.hold_micros,
         )
 
     def _execute(
@@ -176,9 +177,6 @@ class RouteAndExecute:
         for ranked in decision.ranked:
             quote = ranked.quote
             if quote.provider in tried:
-                continue
-            if quote.estimated_charge_micros > job.hold_micros:
-                attempts.append({"provider": quote.provider, "failure": "insufficient_balance"})
                 continue
             attempt: dict[str, Any] = {
                 "provider": quote.provider,
@@ -390,6 +388,8 @@ def close_failed(
 
 
 def _no_route_message(decision: Decision, job: Job) -> str:
+    if decision.error_code == "insufficient_balance":
+        return _FAILURE_MESSAGES["insufficient_balance"]
     if decision.error_code == "max_price_exceeded":
         return "Every quote's estimated charge exceeds max_price_usd."
     if decision.error_code == "max_latency_exceeded":

@@ -351,6 +351,29 @@ def test_job_row_records_quotes_winner_and_attempts(client, pipeline, make_accou
         assert job.provider_cost_micros <= job.charge_micros
 
 
+def test_a_wallet_that_covers_only_the_cheapest_routes_there_and_says_so(
+    client, pipeline, make_account
+):
+    body = {**DOC_REQUEST, "max_latency_ms": None, "max_price_usd": None}
+    probe = post(client, make_account(), body).get_json()
+    with session_scope() as session:
+        quotes = session.get(Job, uuid.UUID(probe["id"])).quotes
+    charges = {q["provider"]: q["estimated_charge_micros"] for q in quotes}
+    cheapest = min(charges, key=charges.get)
+    assert probe["provider"] != cheapest  # balanced prefers another when the money allows
+
+    account = make_account(f"{charges[cheapest] / 1_000_000:.6f}")
+    resp = post(client, account, body)
+    assert resp.status_code == 200, resp.text
+    data = resp.get_json()
+    assert data["provider"] == data["routing"]["winner"] == cheapest
+    assert [a["provider"] for a in data["routing"]["attempts"]] == [cheapest]
+    assert sorted(d["provider"] for d in data["routing"]["dropped"]) == sorted(
+        p for p, c in charges.items() if c > charges[cheapest]
+    )
+    assert {d["reason"] for d in data["routing"]["dropped"]} == {"insufficient_balance"}
+
+
 def test_legacy_prompt_is_accepted_when_input_is_empty(client, pipeline, make_account):
     account = make_account()
     body = {
