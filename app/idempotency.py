@@ -11,8 +11,10 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
+import simplejson
 from sqlalchemy import delete, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -24,7 +26,23 @@ MAX_KEY_LENGTH = 255
 
 
 def fingerprint(endpoint: str, body: Any) -> str:
-    """Key order and whitespace do not matter: the canonical form has sorted keys."""
+    """Key order, whitespace and a number's spelling (``1.5``, ``1.50``, ``15e-1``) do not
+    matter; a number and a string with the same digits do (``1.5`` is not ``"1.5"``). ``body``
+    as parsed with Decimal numbers (app.json)."""
+    canonical = simplejson.dumps(
+        {"endpoint": endpoint, "body": _normalized(body)},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        use_decimal=True,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def legacy_fingerprint(endpoint: str, body: Any) -> str:
+    """The fingerprint keys were stored with before 2026-11-26 (numbers written as strings, so
+    ``1.5`` and ``"1.5"`` collided). Still accepted as a match so that a retry across that
+    deploy is not refused; remove once FLOPEX_IDEMPOTENCY_TTL_S has passed since."""
     canonical = json.dumps(
         {"endpoint": endpoint, "body": body},
         sort_keys=True,
@@ -33,6 +51,16 @@ def fingerprint(endpoint: str, body: Any) -> str:
         default=str,
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _normalized(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _normalized(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_normalized(v) for v in value]
+    if isinstance(value, int | Decimal) and not isinstance(value, bool):
+        return Decimal(value).normalize()
+    return value
 
 
 @dataclass(frozen=True)
@@ -58,6 +86,7 @@ def claim(
     endpoint: str,
     fp: str,
     ttl_s: int,
+    legacy_fp: str | None = None,
 ) -> Claim:
     now = datetime.now(UTC)
     for _ in range(2):
@@ -93,7 +122,7 @@ def claim(
                 )
             )
             continue
-        if row.endpoint != endpoint or row.fingerprint != fp:
+        if row.endpoint != endpoint or row.fingerprint not in (fp, legacy_fp):
             return Claim("mismatch", row.id)
         if row.response_body is not None:
             return Claim("replay", row.id, row.job_id, row.response_status, row.response_body)

@@ -1,10 +1,11 @@
 """Completion webhooks for jobs submitted with ``callback_url``.
 
-When a job ends (success or failure), its job object (the body GET /v1/inference/{id} returns) is
+When a job ends (success, failure or cancellation), its job object (the body GET /v1/inference/{id} returns) is
 POSTed to the URL, signed like Stripe's: ``Flopex-Signature: t=<unix>,v1=<hex HMAC-SHA256 of
 "<t>.<body>">`` with the account's webhook secret (``GET /v1/webhook_secret``). Delivery is at
-least once (retried with exponential backoff on errors and non-2xx answers); receivers dedupe on
-``Flopex-Delivery`` or the job id.
+least once (retried with exponential backoff on errors and non-2xx answers, ~37 minutes in all);
+receivers dedupe on ``Flopex-Delivery`` or the job id. Redirects are not followed: a 3xx is a
+failed attempt (following one could lead the signed POST into a private network).
 
 The secret is derived from FLOPEX_WEBHOOK_SECRET and the account id, so nothing secret is stored
 per account (rotating the deployment secret rotates every account's).
@@ -65,12 +66,19 @@ def valid_url(url: str) -> bool:
 
 
 def public_destination(url: str) -> bool:
-    """False when the host resolves to an address inside a private network."""
+    """False when the host resolves to an address inside a private network, or not at all."""
+    return destination_problem(url) is None
+
+
+def destination_problem(url: str) -> str | None:
+    """``private``: the host resolves to an address inside a private network (never sent);
+    ``unresolved``: its name does not resolve now (a DNS failure may pass: retried); None: a
+    public destination."""
     host = urlsplit(url).hostname or ""
     try:
         infos = socket.getaddrinfo(host, None)
     except OSError:
-        return False
+        return "unresolved"
     for info in infos:
         address = ipaddress.ip_address(info[4][0])
         if (
@@ -79,8 +87,15 @@ def public_destination(url: str) -> bool:
             or address.is_link_local
             or address.is_reserved
         ):
-            return False
-    return True
+            return "private"
+    return None
+
+
+def send(celery: Any, job: Any) -> None:
+    """Queue the delivery of a finished job's webhook, if it has a callback_url. The delivery id
+    is chosen here, so a redelivered task and every retry send the same Flopex-Delivery."""
+    if (job.request or {}).get("callback_url"):
+        celery.send_task("flopex.webhook", args=[str(job.id), uuid.uuid4().hex], queue="economy")
 
 
 def headers_for(secret: str, body: bytes, event: str, delivery_id: str) -> dict[str, Any]:

@@ -17,7 +17,9 @@ from config.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-MAX_RETRIES = 6
+MAX_RETRIES = 11
+# A countdown longer than the broker's visibility timeout (an hour) would be delivered twice.
+MAX_COUNTDOWN_S = 600
 
 
 @shared_task(name="flopex.webhook", bind=True, max_retries=MAX_RETRIES)
@@ -32,26 +34,32 @@ def deliver_webhook(self, job_id: str, delivery_id: str | None = None) -> str:  
         body = dumps_exact(render_job(job)).encode()
         secret = webhooks.webhook_secret(settings.webhook_secret, job.account_id)
         event = f"inference.{'completed' if job.status == 'success' else job.status}"
-    if not settings.webhook_allow_private and not webhooks.public_destination(url):
+    problem = None if settings.webhook_allow_private else webhooks.destination_problem(url)
+    if problem == "private":
         log.warning("webhook for job %s refused: %s is not a public address", job_id, url)
         return "refused"
-    try:
-        resp = requests.post(
-            url,
-            data=body,
-            headers=webhooks.headers_for(secret, body, event, delivery_id),
-            timeout=(3, 10),
-        )
-        ok = 200 <= resp.status_code < 300
-        reason = f"HTTP {resp.status_code}"
-    except requests.RequestException as exc:
-        ok, reason = False, type(exc).__name__
+    if problem is not None:
+        ok, reason = False, "DNS lookup failed"
+    else:
+        try:
+            resp = requests.post(
+                url,
+                data=body,
+                headers=webhooks.headers_for(secret, body, event, delivery_id),
+                timeout=(3, 10),
+                allow_redirects=False,
+            )
+            ok = 200 <= resp.status_code < 300
+            reason = f"HTTP {resp.status_code}"
+        except requests.RequestException as exc:
+            ok, reason = False, type(exc).__name__
     if ok:
         log.info("webhook for job %s delivered", job_id)
         return "delivered"
     if self.request.retries >= MAX_RETRIES:
         log.error("webhook for job %s given up after %s tries: %s", job_id, MAX_RETRIES + 1, reason)
         return "failed"
-    # Exponential backoff: 2, 4, 8 … seconds (times FLOPEX_WEBHOOK_BACKOFF_S), same delivery id.
-    countdown = settings.webhook_backoff_s * (2**self.request.retries)
+    # Exponential backoff: 1, 2, 4 … 512 seconds, then 600 (times FLOPEX_WEBHOOK_BACKOFF_S,
+    # at most MAX_COUNTDOWN_S): ~37 minutes over 12 attempts, the same delivery id throughout.
+    countdown = min(settings.webhook_backoff_s * (2**self.request.retries), MAX_COUNTDOWN_S)
     raise self.retry(args=[job_id, delivery_id], countdown=countdown)

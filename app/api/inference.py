@@ -13,7 +13,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 from sqlalchemy import select, tuple_
 
-from app import idempotency
+from app import idempotency, webhooks
 from app.accounts import Principal
 from app.api.auth import authenticate_and_limit, require_principal
 from app.api.parser import FlopexParser
@@ -30,7 +30,7 @@ from app.api.schemas import (
 from app.api.session import db
 from app.broker import PUBLISH_ERRORS
 from app.db import autocommit, make_durable
-from app.exceptions import FlopexError, InvalidRequest
+from app.exceptions import FlopexError, InvalidRequest, error_body
 from app.jobs import states
 from app.jobs.cancel import cancel
 from app.jobs.dispatch import dispatch_quotes
@@ -110,9 +110,9 @@ def _json_response(body: str, status: int, *, replayed: bool = False, job_id: An
     return response
 
 
-def _accepted(body: str, job_id: Any) -> Any:
+def _accepted(body: str, job_id: Any, replayed: bool = False) -> Any:
     """202 with the job to poll, as answered to `Prefer: respond-async`."""
-    response = _json_response(body, 202, job_id=job_id)
+    response = _json_response(body, 202, job_id=job_id, replayed=replayed)
     response.headers["Preference-Applied"] = "respond-async"
     return response
 
@@ -178,11 +178,14 @@ class InferenceCollection(MethodView):
                 ENDPOINT,
                 idempotency.fingerprint(ENDPOINT, raw_body),
                 settings.idempotency_ttl_s,
+                legacy_fp=idempotency.legacy_fingerprint(ENDPOINT, raw_body),
             )
             if claim.state != "new":
                 session.commit()
                 return _answer_duplicate(
-                    claim, settings.sync_timeout_s if prefer.wait_s is None else prefer.wait_s
+                    claim,
+                    settings.sync_timeout_s if prefer.wait_s is None else prefer.wait_s,
+                    prefer.respond_async,
                 )
             record_id = claim.record_id
 
@@ -230,7 +233,7 @@ class InferenceCollection(MethodView):
             # broker is back; the caller gets the job to poll.
             log.exception("broker unreachable; job %s left for the sweeper", job.id)
             make_durable(session)
-            return _accepted(current_app.json.dumps(render_job(job)), job.id)
+            return _json_response(current_app.json.dumps(render_job(job)), 202, job_id=job.id)
         wait_s = settings.sync_timeout_s if prefer.wait_s is None else prefer.wait_s
         return _await_outcome(job.id, record_id, wait_s)
 
@@ -303,6 +306,7 @@ class InferenceCancel(MethodView):
         job = cancel(session, _own_job(principal, job_id))
         session.commit()
         signal_done(get_redis(), job.id)
+        webhooks.send(current_app.extensions["celery"], job)
         return _json_response(current_app.json.dumps(render_job(job)), 200)
 
 
@@ -320,23 +324,33 @@ def _publish_after_response(
 
 
 def _await_outcome(
-    job_id: uuid.UUID, record_id: int | None, wait_s: float, replayed: bool = False
+    job_id: uuid.UUID,
+    record_id: int | None,
+    wait_s: float,
+    replayed: bool = False,
+    respond_async: bool = False,
 ) -> Any:
     session = db()
-    session.rollback()  # hold no connection while waiting
-    wait_done(get_redis(), job_id, wait_s)
-    session.expire_all()
+    # A retry of a key finds its job at any age: finished long ago (its completion signal has
+    # expired) or still running. Look before waiting, so a finished job answers at once and
+    # a retry that asked not to wait gets the job to poll.
+    finished = replayed and session.scalar(select(Job.status).where(Job.id == job_id)) in (
+        states.FINAL
+    )
+    if not finished and not respond_async:
+        session.rollback()  # hold no connection while waiting
+        wait_done(get_redis(), job_id, wait_s)
+        session.expire_all()
     if record_id is None:
         # Nothing to write afterwards: the read is one statement, without BEGIN and ROLLBACK.
         autocommit(session)
     job = session.get(Job, job_id)
     assert job is not None
     if job.status not in states.FINAL:
+        if respond_async:
+            return _accepted(current_app.json.dumps(render_job(job)), job.id)
         if replayed:
-            raise FlopexError(
-                "idempotency_key_in_use",
-                "A request with this Idempotency-Key is still running; retry later.",
-            )
+            return _key_in_use(job.id)
         # Degrade to async: the job carries on and is settled when it completes.
         make_durable(session)
         return _json_response(current_app.json.dumps(render_job(job)), 202, job_id=job.id)
@@ -347,7 +361,21 @@ def _await_outcome(
     return _json_response(text, status, replayed=replayed)
 
 
-def _answer_duplicate(claim: idempotency.Claim, wait_s: float) -> Any:
+def _key_in_use(job_id: uuid.UUID) -> Any:
+    """409: the key's first request is still running. Its job is named (body and Location), so
+    a client that lost the first answer can poll it instead of retrying blind."""
+    body = error_body(
+        "idempotency_key_in_use",
+        "A request with this Idempotency-Key is still running; poll its job or retry later.",
+    )
+    body["job_id"] = str(job_id)
+    response = _json_response(current_app.json.dumps({"error": body}), 409)
+    response.headers["Location"] = f"/v1/inference/{job_id}"
+    response.headers["Retry-After"] = "1"
+    return response
+
+
+def _answer_duplicate(claim: idempotency.Claim, wait_s: float, respond_async: bool) -> Any:
     if claim.state == "mismatch":
         raise FlopexError(
             "idempotency_key_reused_with_different_request",
@@ -356,7 +384,11 @@ def _answer_duplicate(claim: idempotency.Claim, wait_s: float) -> Any:
         )
     if claim.state == "replay":
         assert claim.status is not None and claim.body is not None
+        if claim.status == 202:  # only an async submission's acceptance is stored as a 202
+            return _accepted(claim.body, claim.job_id, replayed=True)
         return _json_response(claim.body, claim.status, replayed=True, job_id=claim.job_id)
-    # in_progress: never a second execution; wait for the first one's outcome.
+    # in_progress: never a second execution; the first one's outcome, or its job to poll.
     assert claim.job_id is not None
-    return _await_outcome(claim.job_id, claim.record_id, wait_s, replayed=True)
+    return _await_outcome(
+        claim.job_id, claim.record_id, wait_s, replayed=True, respond_async=respond_async
+    )

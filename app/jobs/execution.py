@@ -23,7 +23,7 @@ import redis
 from celery import current_app as current_celery
 from sqlalchemy.orm import Session
 
-from app import wallet
+from app import wallet, webhooks
 from app.db import autocommit, defer_durability, make_durable
 from app.failpoints import failpoint
 from app.jobs import rows, states
@@ -328,8 +328,7 @@ class RouteAndExecute:
         discard_quotes(pipe, str(job.id))
         queue_signal(pipe, job.id)
         pipe.execute()
-        if (job.request or {}).get("callback_url"):
-            current_celery.send_task("flopex.webhook", args=[str(job.id)], queue="economy")
+        webhooks.send(current_celery, job)
         return Outcome(job.id, job.status, job.error_code)
 
 

@@ -69,6 +69,41 @@ def test_key_order_and_whitespace_do_not_matter(client, pipeline, make_account):
     assert total_calls(pipeline) == 1
 
 
+def test_a_number_and_a_string_are_different_requests_but_spellings_of_a_number_are_not(
+    client, pipeline, make_account
+):
+    account = make_account()
+    raw = json.dumps({**BODY, "metadata": {"score": 0}}).encode()
+    first = post(client, account, None, "key-num", raw=raw.replace(b"0}", b"1.5}"))
+    assert first.status_code == 200, first.text
+    for spelling in (b"1.50}", b"15e-1}"):
+        same = post(client, account, None, "key-num", raw=raw.replace(b"0}", spelling))
+        assert same.data == first.data and same.headers["Idempotent-Replayed"] == "true"
+    text = post(client, account, None, "key-num", raw=raw.replace(b"0}", b'"1.5"}'))
+    assert text.status_code == 422
+    assert text.get_json()["error"]["code"] == "idempotency_key_reused_with_different_request"
+    assert total_calls(pipeline) == 1
+
+
+def _rewrite_key(key: str, **values: Any) -> None:
+    from sqlalchemy import update
+
+    with session_scope() as session:
+        session.execute(update(IdempotencyKey).where(IdempotencyKey.key == key).values(**values))
+
+
+def test_a_key_stored_with_the_legacy_fingerprint_still_replays(client, pipeline, make_account):
+    from app import idempotency
+
+    account = make_account()
+    first = post(client, account, BODY, "key-legacy")
+    _rewrite_key(
+        "key-legacy", fingerprint=idempotency.legacy_fingerprint("POST /v1/inference", BODY)
+    )
+    again = post(client, account, BODY, "key-legacy")
+    assert again.data == first.data and again.headers["Idempotent-Replayed"] == "true"
+
+
 def test_same_key_different_body_is_422_and_keeps_the_original(client, pipeline, make_account):
     account = make_account()
     first = post(client, account, BODY, "key-2")
@@ -174,31 +209,83 @@ def test_fifty_concurrent_requests_with_one_key_execute_once(flask_app, pipeline
 def test_expired_keys_are_purged_and_can_be_used_anew(client, pipeline, make_account):
     from datetime import UTC, datetime, timedelta
 
-    from sqlalchemy import update
-
     from app import idempotency
 
     account = make_account()
     first = post(client, account, BODY, "key-expiring")
-    with session_scope() as session:
-        session.execute(
-            update(IdempotencyKey)
-            .where(IdempotencyKey.key == "key-expiring")
-            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
-        )
+    _rewrite_key("key-expiring", expires_at=datetime.now(UTC) - timedelta(seconds=1))
     # An expired record no longer binds the key, even before the purge ran.
     other = post(client, account, {**BODY, "input": "A new request."}, "key-expiring")
     assert other.status_code == 200 and "Idempotent-Replayed" not in other.headers
     assert other.get_json()["id"] != first.get_json()["id"]
-    with session_scope() as session:
-        session.execute(
-            update(IdempotencyKey)
-            .where(IdempotencyKey.key == "key-expiring")
-            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
-        )
+    _rewrite_key("key-expiring", expires_at=datetime.now(UTC) - timedelta(seconds=1))
     with session_scope() as session:
         assert idempotency.purge_expired(session) >= 1
         assert (
             session.scalar(select(IdempotencyKey).where(IdempotencyKey.key == "key-expiring"))
             is None
         )
+
+
+def test_retries_of_a_key_whose_job_runs_or_finished_never_wait_for_nothing(
+    client, pipeline, make_account, redis_client, monkeypatch
+):
+    from app.api import inference
+
+    waits: list[str] = []
+    real_wait = inference.wait_done
+
+    def spy(client_, job_id, timeout_s):  # type: ignore[no-untyped-def]
+        waits.append(str(job_id))
+        return real_wait(client_, job_id, timeout_s)
+
+    monkeypatch.setattr(inference, "wait_done", spy)
+    account = make_account()
+    for provider in pipeline.values():
+        provider.configure(latency_ms=1500)  # the job is still running during the retries
+    headers = {**account.headers, "Idempotency-Key": "key-retry"}
+    first = client.post("/v1/inference", json=BODY, headers={**headers, "Prefer": "wait=0"})
+    assert first.status_code == 202, first.text
+    job_id = first.get_json()["id"]
+
+    # Asked not to wait: the running job to poll, at once.
+    waits.clear()
+    running = client.post(
+        "/v1/inference", json=BODY, headers={**headers, "Prefer": "respond-async"}
+    )
+    assert running.status_code == 202 and running.get_json()["id"] == job_id
+    assert running.headers["Location"] == f"/v1/inference/{job_id}"
+    assert running.headers["Preference-Applied"] == "respond-async"
+    assert waits == []
+
+    # Willing to wait, but not long enough: 409 that names the job to poll.
+    busy = client.post("/v1/inference", json=BODY, headers={**headers, "Prefer": "wait=0"})
+    assert busy.status_code == 409
+    error = busy.get_json()["error"]
+    assert error["code"] == "idempotency_key_in_use" and error["job_id"] == job_id
+    assert busy.headers["Location"] == f"/v1/inference/{job_id}"
+    assert busy.headers["Retry-After"] == "1"
+
+    final = client.get(f"/v1/inference/{job_id}?wait=30", headers=account.headers).get_json()
+    assert final["status"] == "success"
+    # Minutes later the completion signal has expired; the retry answers from the row at once.
+    redis_client.delete(f"flopex:done:{job_id}")
+    waits.clear()
+    later = client.post("/v1/inference", json=BODY, headers=headers)
+    assert later.status_code == 200 and later.headers["Idempotent-Replayed"] == "true"
+    assert later.get_json()["id"] == job_id and later.get_json()["output_text"]
+    assert waits == []
+    again = client.post("/v1/inference", json=BODY, headers=headers)
+    assert again.data == later.data
+    assert total_calls(pipeline) == 1 and len(captures(account)) == 1
+
+
+def test_an_async_acceptance_replays_with_its_headers(client, pipeline, make_account):
+    account = make_account()
+    headers = {**account.headers, "Idempotency-Key": "key-async", "Prefer": "respond-async"}
+    first = client.post("/v1/inference", json=BODY, headers=headers)
+    second = client.post("/v1/inference", json=BODY, headers=headers)
+    assert first.status_code == second.status_code == 202
+    assert second.data == first.data and second.headers["Idempotent-Replayed"] == "true"
+    for header in ("Location", "Preference-Applied"):
+        assert second.headers[header] == first.headers[header]

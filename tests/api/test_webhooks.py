@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ from tests.conftest import chat_calls, ledger_kinds
 class Receiver:
     """A loopback HTTP endpoint that records what it receives; answers the queued statuses first."""
 
-    def __init__(self, statuses: list[int] | None = None) -> None:
+    def __init__(self, statuses: list[int] | None = None, location: str | None = None) -> None:
         self.received: list[tuple[dict[str, str], bytes]] = []
         self.statuses = list(statuses or [])
         self.arrived = threading.Condition()
@@ -26,6 +27,8 @@ class Receiver:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 status = receiver.statuses.pop(0) if receiver.statuses else 200
                 self.send_response(status)
+                if location is not None:
+                    self.send_header("Location", location)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 with receiver.arrived:
@@ -50,8 +53,8 @@ class Receiver:
 def receiver():
     made: list[Receiver] = []
 
-    def make(statuses: list[int] | None = None) -> Receiver:
-        made.append(Receiver(statuses))
+    def make(statuses: list[int] | None = None, location: str | None = None) -> Receiver:
+        made.append(Receiver(statuses, location))
         return made[-1]
 
     yield make
@@ -62,14 +65,18 @@ def receiver():
 BODY = {"model": "qwen-7b", "input": "hook me", "max_output_tokens": 8}
 
 
-def test_finished_job_is_posted_signed_and_equal_to_get(client, pipeline, make_account, receiver):
-    account = make_account()
-    hook = receiver()
-    resp = client.post(
+def submit_async(client: Any, account: Any, hook: Receiver) -> Any:
+    return client.post(
         "/v1/inference",
         json={**BODY, "callback_url": hook.url},
         headers={**account.headers, "Prefer": "respond-async"},
     )
+
+
+def test_finished_job_is_posted_signed_and_equal_to_get(client, pipeline, make_account, receiver):
+    account = make_account()
+    hook = receiver()
+    resp = submit_async(client, account, hook)
     assert resp.status_code == 202
     job_id = resp.get_json()["id"]
     hook.wait_for(1)
@@ -91,6 +98,64 @@ def test_failed_deliveries_are_retried_with_the_same_delivery_id(
     hook.wait_for(3)
     deliveries = {h["Flopex-Delivery"] for h, _ in hook.received}
     assert len(deliveries) == 1
+
+
+def test_a_redirect_is_a_failed_attempt_and_is_not_followed(
+    client, pipeline, make_account, receiver
+):
+    account = make_account()
+    inner = receiver()  # stands for an address inside our network
+    hook = receiver(statuses=[307, 307], location=inner.url)
+    client.post("/v1/inference", json={**BODY, "callback_url": hook.url}, headers=account.headers)
+    hook.wait_for(3)  # two redirects answered, retried, then delivered
+    assert inner.received == []
+    assert len({h["Flopex-Delivery"] for h, _ in hook.received}) == 1
+
+
+def test_a_cancelled_job_is_posted_too(client, pipeline, make_account, receiver):
+    account = make_account()
+    hook = receiver()
+    for provider in pipeline.values():
+        provider.configure(latency_ms=1500)  # the job is still quoting when it is cancelled
+    resp = submit_async(client, account, hook)
+    job_id = resp.get_json()["id"]
+    cancelled = client.post(f"/v1/inference/{job_id}/cancel", headers=account.headers)
+    assert cancelled.status_code == 200 and cancelled.get_json()["status"] == "cancelled"
+    hook.wait_for(1)
+    headers, body = hook.received[0]
+    assert headers["Flopex-Event"] == "inference.cancelled"
+    assert body == client.get(f"/v1/inference/{job_id}", headers=account.headers).data
+
+
+def test_a_dns_failure_is_retried_and_a_private_address_refused(
+    client, pipeline, make_account, receiver, monkeypatch
+):
+    import dataclasses
+
+    from tasks import webhooks as task_module
+
+    account = make_account()
+    hook = receiver()
+    resp = submit_async(client, account, hook)
+    hook.wait_for(1)  # the real delivery; what follows runs the task's body in this process
+    strict = dataclasses.replace(task_module.get_settings(), webhook_allow_private=False)
+    monkeypatch.setattr(task_module, "get_settings", lambda: strict)
+
+    class Retried(Exception):
+        pass
+
+    def retry(**kwargs):  # type: ignore[no-untyped-def]
+        raise Retried(kwargs)
+
+    monkeypatch.setattr(task_module.deliver_webhook, "retry", retry)
+    job_id = resp.get_json()["id"]
+    monkeypatch.setattr(webhooks, "destination_problem", lambda url: "unresolved")
+    with pytest.raises(Retried) as retried:
+        task_module.deliver_webhook.run(job_id, "d1")
+    assert retried.value.args[0]["args"] == [job_id, "d1"]
+    monkeypatch.setattr(webhooks, "destination_problem", lambda url: "private")
+    assert task_module.deliver_webhook.run(job_id, "d1") == "refused"
+    assert len(hook.received) == 1
 
 
 @pytest.mark.parametrize(
@@ -116,8 +181,9 @@ def test_callback_url_must_be_an_http_url(client, pipeline, make_account, url):
 
 
 def test_private_destinations_are_recognised():
-    assert not webhooks.public_destination("http://127.0.0.1:9/hook")
-    assert not webhooks.public_destination("http://10.1.2.3/hook")
+    assert webhooks.destination_problem("http://127.0.0.1:9/hook") == "private"
+    assert webhooks.destination_problem("http://10.1.2.3/hook") == "private"
+    assert webhooks.destination_problem("http://no-such-host.invalid/hook") == "unresolved"
     assert not webhooks.public_destination("http://no-such-host.invalid/hook")
 
 
