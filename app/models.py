@@ -170,6 +170,12 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_account_created", "account_id", "created_at"),
         Index("ix_jobs_status_updated", "status", "updated_at"),
+        Index(
+            "ix_jobs_webhook_owed",
+            "finished_at",
+            postgresql_where=text("webhook_status = 'pending'"),
+            sqlite_where=text("webhook_status = 'pending'"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
@@ -218,6 +224,11 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     settled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The webhook outbox (app/jobs/recovery.py): `pending` from submission while the job's
+    # callback_url is owed its delivery, then `delivered`, `failed` (gave up) or `refused`
+    # (a private address); null without a callback_url.
+    webhook_status: Mapped[str | None] = mapped_column(String(16))
+    webhook_attempted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __mapper_args__ = {"version_id_col": version}
 

@@ -26,6 +26,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 MAX_URL_LENGTH = 2048
+MAX_RETRIES = 11
+# A countdown longer than the broker's visibility timeout (an hour) would be delivered twice.
+MAX_COUNTDOWN_S = 600
 
 
 def webhook_secret(master: str, account_id: uuid.UUID) -> str:
@@ -91,11 +94,19 @@ def destination_problem(url: str) -> str | None:
     return None
 
 
+def delivery_id(job_id: Any) -> str:
+    """One event per job (its end), so one delivery id per job: a redelivered task, every retry
+    and a delivery the sweeper queued again all send the same Flopex-Delivery."""
+    return uuid.uuid5(_DELIVERY_NAMESPACE, str(job_id)).hex
+
+
+_DELIVERY_NAMESPACE = uuid.UUID("5f0c8e2a-6b1d-4c57-9a43-0d4c1f7e2b90")
+
+
 def send(celery: Any, job: Any) -> None:
-    """Queue the delivery of a finished job's webhook, if it has a callback_url. The delivery id
-    is chosen here, so a redelivered task and every retry send the same Flopex-Delivery."""
+    """Queue the delivery of a finished job's webhook, if it has a callback_url."""
     if (job.request or {}).get("callback_url"):
-        celery.send_task("flopex.webhook", args=[str(job.id), uuid.uuid4().hex], queue="economy")
+        celery.send_task("flopex.webhook", args=[str(job.id), delivery_id(job.id)], queue="economy")
 
 
 def headers_for(secret: str, body: bytes, event: str, delivery_id: str) -> dict[str, Any]:

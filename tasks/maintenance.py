@@ -17,7 +17,7 @@ from config.settings import get_settings
 def sweep_stuck_jobs() -> dict[str, list[str]]:
     with session_scope() as session:
         report = sweep(session, current_app, get_redis(), get_settings())
-    return {"requoted": report.requoted, "resumed": report.resumed}
+    return {"requoted": report.requoted, "resumed": report.resumed, "webhooks": report.webhooks}
 
 
 @shared_task(name="flopex.purge_idempotency")

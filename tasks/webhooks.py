@@ -1,15 +1,20 @@
-"""Webhook delivery: one task per finished job with a callback_url, retried with backoff."""
+"""Webhook delivery: one task per finished job with a callback_url, retried with backoff. The
+job row is the outbox: ``webhook_status`` stays ``pending`` until the delivery ends, and the
+sweeper queues again any delivery whose task was lost (app/jobs/recovery.py)."""
 
 from __future__ import annotations
 
 import logging
 import uuid
+from datetime import UTC, datetime
 
 import requests
 from celery import shared_task
+from sqlalchemy import update
 
 from app import webhooks
 from app.db import session_scope
+from app.jobs import states
 from app.jobs.render import render_job
 from app.json import dumps_exact
 from app.models import Job
@@ -17,27 +22,33 @@ from config.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-MAX_RETRIES = 11
-# A countdown longer than the broker's visibility timeout (an hour) would be delivered twice.
-MAX_COUNTDOWN_S = 600
+MAX_RETRIES = webhooks.MAX_RETRIES
 
 
 @shared_task(name="flopex.webhook", bind=True, max_retries=MAX_RETRIES)
 def deliver_webhook(self, job_id: str, delivery_id: str | None = None) -> str:  # type: ignore[no-untyped-def]
     settings = get_settings()
-    delivery_id = delivery_id or uuid.uuid4().hex
+    delivery_id = delivery_id or webhooks.delivery_id(job_id)
     with session_scope() as session:
         job = session.get(Job, uuid.UUID(job_id))
         if job is None or not (job.request or {}).get("callback_url"):
             return "no_callback"
+        if job.webhook_status not in (None, "pending") or job.status not in states.FINAL:
+            # Already delivered (or given up) by another task: the sweeper queued it again.
+            return "done"
         url = job.request["callback_url"]
         body = dumps_exact(render_job(job)).encode()
         secret = webhooks.webhook_secret(settings.webhook_secret, job.account_id)
         event = f"inference.{'completed' if job.status == 'success' else job.status}"
+        # The sweeper leaves a chain that attempted recently alone. Not a versioned write: the
+        # job is final, and its version fences routing and settlement only.
+        session.execute(
+            update(Job).where(Job.id == job.id).values(webhook_attempted_at=datetime.now(UTC))
+        )
     problem = None if settings.webhook_allow_private else webhooks.destination_problem(url)
     if problem == "private":
         log.warning("webhook for job %s refused: %s is not a public address", job_id, url)
-        return "refused"
+        return _end(job_id, "refused")
     if problem is not None:
         ok, reason = False, "DNS lookup failed"
     else:
@@ -55,11 +66,21 @@ def deliver_webhook(self, job_id: str, delivery_id: str | None = None) -> str:  
             ok, reason = False, type(exc).__name__
     if ok:
         log.info("webhook for job %s delivered", job_id)
-        return "delivered"
+        return _end(job_id, "delivered")
     if self.request.retries >= MAX_RETRIES:
         log.error("webhook for job %s given up after %s tries: %s", job_id, MAX_RETRIES + 1, reason)
-        return "failed"
+        return _end(job_id, "failed")
     # Exponential backoff: 1, 2, 4 … 512 seconds, then 600 (times FLOPEX_WEBHOOK_BACKOFF_S,
     # at most MAX_COUNTDOWN_S): ~37 minutes over 12 attempts, the same delivery id throughout.
-    countdown = min(settings.webhook_backoff_s * (2**self.request.retries), MAX_COUNTDOWN_S)
+    countdown = min(
+        settings.webhook_backoff_s * (2**self.request.retries), webhooks.MAX_COUNTDOWN_S
+    )
     raise self.retry(args=[job_id, delivery_id], countdown=countdown)
+
+
+def _end(job_id: str, status: str) -> str:
+    with session_scope() as session:
+        session.execute(
+            update(Job).where(Job.id == uuid.UUID(job_id)).values(webhook_status=status)
+        )
+    return status

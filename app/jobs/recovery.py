@@ -9,6 +9,9 @@ its current step can take:
 | routing | grace | back to quoting, quote again (no provider was called yet) |
 | executing | (connect + read timeout) * (retries + 1) + grace | resume: see below |
 | settling | grace | resume: settle from the recorded answer |
+| finished, webhook `pending` | 60 s, no attempt yet; or none for ~11 min | queue the webhook again |
+
+(Webhooks only for jobs finished within a day; ~11 min is the longest pause between attempts.)
 
 Resuming an executing job abandons its in-flight attempt (the provider may have run it, so it is
 never re-sent) and goes on with the candidates not yet tried.
@@ -21,14 +24,16 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import redis
 from celery import Celery
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from app import webhooks
 from app.jobs import states
 from app.jobs.dispatch import send_quotes
 from app.jobs.quoting import discard_quotes
@@ -43,6 +48,40 @@ log = logging.getLogger(__name__)
 class SweepReport:
     requoted: list[str] = field(default_factory=list)
     resumed: list[str] = field(default_factory=list)
+    webhooks: list[str] = field(default_factory=list)
+
+
+# A finished job's webhook is queued right after the job's final commit; if that never happened
+# (the worker died in between, the broker refused the message) or its retry chain was lost, the
+# job row still says `pending`. Quiet = longer than the longest pause between two attempts.
+_WEBHOOK_START_GRACE = timedelta(seconds=60)
+_WEBHOOK_CHAIN_QUIET = timedelta(seconds=webhooks.MAX_COUNTDOWN_S + 60)
+_WEBHOOK_HORIZON = timedelta(days=1)
+
+
+def owed_webhooks(session: Session, now: datetime, limit: int = 100) -> list[uuid.UUID]:
+    """Finished jobs whose webhook is owed and whose delivery is not in progress; each marked
+    as attempted now, so that the next sweep leaves the delivery it queues alone."""
+    ids = list(
+        session.scalars(
+            select(Job.id)
+            .where(
+                Job.webhook_status == "pending",
+                Job.finished_at < now - _WEBHOOK_START_GRACE,
+                Job.finished_at > now - _WEBHOOK_HORIZON,
+                or_(
+                    Job.webhook_attempted_at.is_(None),
+                    Job.webhook_attempted_at < now - _WEBHOOK_CHAIN_QUIET,
+                ),
+            )
+            .order_by(Job.finished_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    )
+    if ids:
+        session.execute(update(Job).where(Job.id.in_(ids)).values(webhook_attempted_at=now))
+    return ids
 
 
 def _executing_budget_s(settings: Settings) -> float:
@@ -87,6 +126,7 @@ def sweep(
     now = now or datetime.now(UTC)
     grace = settings.sweep_grace_s if grace_s is None else grace_s
     jobs = stuck_jobs(session, settings, now, grace)
+    hooks = owed_webhooks(session, now)
     to_quote: list[Job] = []
     to_resume: list[Job] = []
     for job in jobs:
@@ -109,6 +149,16 @@ def sweep(
             "flopex.resume", args=[str(job.id)], queue=queue, headers=task_headers(str(job.id))
         )
         report.resumed.append(str(job.id))
-    if jobs:
-        log.warning("sweeper: requoted %s, resumed %s", report.requoted, report.resumed)
+    for job_id in hooks:
+        celery.send_task(
+            "flopex.webhook", args=[str(job_id), webhooks.delivery_id(job_id)], queue="economy"
+        )
+        report.webhooks.append(str(job_id))
+    if jobs or hooks:
+        log.warning(
+            "sweeper: requoted %s, resumed %s, webhooks queued again %s",
+            report.requoted,
+            report.resumed,
+            report.webhooks,
+        )
     return report

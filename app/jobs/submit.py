@@ -207,6 +207,9 @@ class SubmitInference:
                 for o in self._options
             ],
             "hold_micros": self._hold_choices[0],
+            # Owed from the start: the sweeper delivers it if the worker that finishes the job
+            # dies before queueing it (app/jobs/recovery.py).
+            "webhook_status": "pending" if req.callback_url else None,
             "created_at": now,
             "updated_at": now,
         }

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 from app import webhooks
+from app.db import session_scope
+from app.jobs.recovery import sweep
+from app.models import Job
+from config.settings import get_settings
 from tests.conftest import chat_calls, ledger_kinds
 
 
@@ -149,13 +157,68 @@ def test_a_dns_failure_is_retried_and_a_private_address_refused(
 
     monkeypatch.setattr(task_module.deliver_webhook, "retry", retry)
     job_id = resp.get_json()["id"]
+    assert delivered(job_id)
+    set_webhook_row(job_id, webhook_status="pending")  # as if that delivery had been lost
     monkeypatch.setattr(webhooks, "destination_problem", lambda url: "unresolved")
     with pytest.raises(Retried) as retried:
         task_module.deliver_webhook.run(job_id, "d1")
     assert retried.value.args[0]["args"] == [job_id, "d1"]
+    assert webhook_row(job_id)[0] == "pending"
     monkeypatch.setattr(webhooks, "destination_problem", lambda url: "private")
     assert task_module.deliver_webhook.run(job_id, "d1") == "refused"
+    assert webhook_row(job_id)[0] == "refused"
+    assert task_module.deliver_webhook.run(job_id, "d1") == "done"  # ended: never sent again
     assert len(hook.received) == 1
+
+
+def delivered(job_id: str, timeout: float = 30) -> bool:
+    """The worker records the outcome after the receiver answered, in its own process, with no
+    event this test could wait on: look until the row says so, within a deadline."""
+    deadline = time.monotonic() + timeout
+    while webhook_row(job_id)[0] != "delivered":
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def webhook_row(job_id: str) -> tuple[str | None, Any]:
+    with session_scope() as session:
+        job = session.get(Job, uuid.UUID(job_id))
+        return job.webhook_status, job.webhook_attempted_at
+
+
+def set_webhook_row(job_id: str, **values: Any) -> None:
+    with session_scope() as session:
+        session.execute(update(Job).where(Job.id == uuid.UUID(job_id)).values(**values))
+
+
+def test_a_lost_delivery_is_queued_again_by_the_sweeper_once(
+    client, pipeline, make_account, receiver, redis_client, celery_app
+):
+    account = make_account()
+    hook = receiver()
+    job_id = submit_async(client, account, hook).get_json()["id"]
+    hook.wait_for(1)
+    assert delivered(job_id)
+    # The worker died between the job's final commit and queueing its webhook.
+    set_webhook_row(job_id, webhook_status="pending", webhook_attempted_at=None)
+    later = datetime.now(UTC) + timedelta(minutes=2)
+    with session_scope() as session:
+        report = sweep(session, celery_app, redis_client, get_settings(), now=later)
+    assert report.webhooks == [job_id]
+    with session_scope() as session:  # the delivery it queued is in flight: left alone
+        assert sweep(session, celery_app, redis_client, get_settings(), now=later).webhooks == []
+    hook.wait_for(2)
+    first, again = hook.received[0], hook.received[1]
+    assert again[1] == first[1]
+    assert again[0]["Flopex-Delivery"] == first[0]["Flopex-Delivery"]  # receivers dedupe on it
+    assert delivered(job_id)  # nothing is owed any more, however late the next sweep runs
+    with session_scope() as session:
+        much_later = datetime.now(UTC) + timedelta(hours=2)
+        assert (
+            sweep(session, celery_app, redis_client, get_settings(), now=much_later).webhooks == []
+        )
 
 
 @pytest.mark.parametrize(

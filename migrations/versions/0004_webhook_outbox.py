@@ -1,0 +1,37 @@
+"""webhook outbox: what each finished job's webhook still owes
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-11-26 10:00:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0004"
+down_revision: str | None = "0003"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.add_column("jobs", sa.Column("webhook_status", sa.String(16), nullable=True))
+    op.add_column(
+        "jobs", sa.Column("webhook_attempted_at", sa.DateTime(timezone=True), nullable=True)
+    )
+    # Only the owed ones are indexed: the sweeper's query, never more rows than webhooks in flight.
+    op.create_index(
+        "ix_jobs_webhook_owed",
+        "jobs",
+        ["finished_at"],
+        postgresql_where=sa.text("webhook_status = 'pending'"),
+        sqlite_where=sa.text("webhook_status = 'pending'"),
+    )
+
+
+def downgrade() -> None:
+    op.drop_index("ix_jobs_webhook_owed", table_name="jobs")
+    op.drop_column("jobs", "webhook_attempted_at")
+    op.drop_column("jobs", "webhook_status")
