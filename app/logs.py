@@ -32,9 +32,11 @@ def new_request_id(client_value: str | None) -> str:
     return uuid.uuid4().hex
 
 
-def task_headers(job_id: str | None = None) -> dict[str, str]:
+def task_headers(job_id: str | None = None, request_id: str | None = None) -> dict[str, str]:
+    """The ids a task logs with: the current request's (or ``request_id``: the job's own, when
+    the sweeper sends work on a job outside any request) and the job's."""
     headers = {}
-    rid = request_id_var.get()
+    rid = request_id or request_id_var.get()
     if rid:
         headers[HEADER_REQUEST_ID] = rid
     jid = job_id or job_id_var.get()

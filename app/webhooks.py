@@ -25,6 +25,8 @@ import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
+from app.logs import task_headers
+
 MAX_URL_LENGTH = 2048
 MAX_RETRIES = 11
 # A countdown longer than the broker's visibility timeout (an hour) would be delivered twice.
@@ -106,7 +108,12 @@ _DELIVERY_NAMESPACE = uuid.UUID("5f0c8e2a-6b1d-4c57-9a43-0d4c1f7e2b90")
 def send(celery: Any, job: Any) -> None:
     """Queue the delivery of a finished job's webhook, if it has a callback_url."""
     if (job.request or {}).get("callback_url"):
-        celery.send_task("flopex.webhook", args=[str(job.id), delivery_id(job.id)], queue="economy")
+        celery.send_task(
+            "flopex.webhook",
+            args=[str(job.id), delivery_id(job.id)],
+            queue="economy",
+            headers=task_headers(str(job.id), job.request_id),
+        )
 
 
 def headers_for(secret: str, body: bytes, event: str, delivery_id: str) -> dict[str, Any]:

@@ -30,11 +30,13 @@ def quote(job_id: str, option: dict[str, Any], deadline_at: float, expected: int
         _run(job_id, resume=False)
 
 
-def _run(job_id: str, resume: bool) -> str | None:
+def _run(job_id: str, resume: bool, version: int | None = None) -> str | None:
     session = session_factory()()
     try:
         service = RouteAndExecute(session, get_redis(), get_settings())
-        outcome: Outcome | None = (service.resume if resume else service.run)(uuid.UUID(job_id))
+        outcome: Outcome | None = (
+            service.resume(uuid.UUID(job_id), version) if resume else service.run(uuid.UUID(job_id))
+        )
         return None if outcome is None else outcome.status
     except StaleDataError:
         # The sweeper or a cancellation took the job from us: stop without writing.
@@ -51,5 +53,6 @@ def route(job_id: str) -> str | None:
 
 
 @shared_task(name="flopex.resume")
-def resume(job_id: str) -> str | None:
-    return _run(job_id, resume=True)
+def resume(job_id: str, version: int | None = None) -> str | None:
+    """``version``: the job's version the sweeper saw (None from senders before it was added)."""
+    return _run(job_id, resume=True, version=version)

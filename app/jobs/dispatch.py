@@ -33,7 +33,7 @@ def send_quotes(celery: Celery, job: Any, deadline_at: float, queue: str) -> Non
     declaration cache with a freshly bound copy of the queue for every message (~5 % of the web's
     CPU)."""
     job_id = str(job.id)
-    headers = task_headers(job_id)
+    headers = task_headers(job_id, getattr(job, "request_id", None))
     options = quote_options(job)
     with celery.producer_or_acquire() as producer, producer.batch():
         for option in options:

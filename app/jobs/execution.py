@@ -31,6 +31,7 @@ from app.jobs.notify import queue_signal
 from app.jobs.quoting import collect_quotes, discard_quotes
 from app.metrics import (
     JOBS_FINISHED,
+    PROVIDER_ERRORS,
     PROVIDER_LATENCY,
     WALLET_CAPTURED_MICROS,
     WALLET_CAPTURES,
@@ -132,10 +133,17 @@ class RouteAndExecute:
             )
         return self._execute(job, decision, [], route["quotes"], route)
 
-    def resume(self, job_id: uuid.UUID) -> Outcome | None:
-        """Continue a job whose worker died (called by the sweeper's recovery task)."""
+    def resume(self, job_id: uuid.UUID, version: int | None = None) -> Outcome | None:
+        """Continue a job whose worker died (called by the sweeper's recovery task).
+        ``version``: the job's version when the sweeper sent this resume; a resume that waited
+        in its queue while another resume (or the sweeper again) moved the job is stale and
+        stops, so two resumes never run one job's providers side by side."""
         job = self.session.get(Job, job_id)
-        if job is None or job.status not in (states.EXECUTING, states.SETTLING):
+        if (
+            job is None
+            or job.status not in (states.EXECUTING, states.SETTLING)
+            or (version is not None and job.version != version)
+        ):
             self.session.rollback()
             return None
         if job.status == states.SETTLING:
@@ -209,12 +217,18 @@ class RouteAndExecute:
                     retries=self.settings.provider_retries,
                 )
             except ProviderFailure as exc:
+                elapsed = time.perf_counter() - started
                 attempt.update(
                     failure=exc.kind,
                     status=exc.status,
                     error=str(exc),
-                    latency_ms=int((time.perf_counter() - started) * 1000),
+                    latency_ms=int(elapsed * 1000),
                 )
+                PROVIDER_LATENCY.labels(quote.provider, exc.kind).observe(elapsed)
+                PROVIDER_ERRORS.labels(quote.provider, exc.kind).inc()
+                # A failed execution counts toward the breaker like a failed probe: a provider
+                # whose /models answers but whose completions fail is routed around too.
+                self.breaker.record_failure(quote.provider)
                 health.record_outcome(
                     self.redis, quote.provider, False, self.settings.health_window_s
                 )

@@ -5,7 +5,7 @@ its current step can take:
 
 | status | stuck after | action |
 |---|---|---|
-| quoting | quote deadline + quoting grace (3 s) | quote again (the messages were lost: broker flush, crash) |
+| quoting | quote deadline + 3 s, doubled per re-quote (at most 5 min) | quote again (messages lost) |
 | routing | grace | back to quoting, quote again (no provider was called yet) |
 | executing | (connect + read timeout) * (retries + 1) + grace | resume: see below |
 | settling | grace | resume: settle from the recorded answer |
@@ -89,6 +89,19 @@ def _executing_budget_s(settings: Settings) -> float:
     return per_try * (settings.provider_retries + 1) + 2.0
 
 
+# A job that is quoting for longer than its deadline has lost its messages, or they wait in a
+# busy queue. Each re-quote adds a message per provider, so a backlog must not be answered with
+# more messages every sweep: the wait doubles with every re-quote (the job's version counts its
+# writes: one per re-quote while it is quoting), up to this.
+_MAX_REQUOTE_WAIT_S = 300.0
+
+
+def _requote_due(job: Job, now: datetime, deadline_s: float, grace_s: float) -> bool:
+    wait_s = deadline_s + min(grace_s * 2 ** max(job.version - 1, 0), _MAX_REQUOTE_WAIT_S)
+    updated = job.updated_at if job.updated_at.tzinfo else job.updated_at.replace(tzinfo=UTC)
+    return updated < now - timedelta(seconds=wait_s)
+
+
 def stuck_jobs(
     session: Session, settings: Settings, now: datetime, grace_s: float, limit: int = 100
 ) -> list[Job]:
@@ -101,8 +114,10 @@ def stuck_jobs(
         states.SETTLING: now - timedelta(seconds=grace_s),
     }
     conditions = [(Job.status == s) & (Job.updated_at < c) for s, c in cutoff.items()]
-    return list(
-        session.scalars(
+    quoting_grace_s = min(grace_s, settings.sweep_quoting_grace_s)
+    return [
+        job
+        for job in session.scalars(
             select(Job)
             .where(or_(*conditions))
             .order_by(Job.updated_at)
@@ -110,7 +125,9 @@ def stuck_jobs(
             # Two sweepers never take the same job.
             .with_for_update(skip_locked=True)
         )
-    )
+        if job.status != states.QUOTING
+        or _requote_due(job, now, longest_deadline_s, quoting_grace_s)
+    ]
 
 
 def sweep(
@@ -137,6 +154,9 @@ def sweep(
             to_quote.append(job)
         else:
             to_resume.append(job)
+    session.flush()  # bumps each job's version: a resume carries the one it must find
+    versions = {job.id: job.version for job in to_resume}
+    request_ids = {job.id: job.request_id for job in jobs}
     session.commit()
     for job in to_quote:
         discard_quotes(client, str(job.id))
@@ -146,7 +166,10 @@ def sweep(
     for job in to_resume:
         queue = settings.profiles[job.performance_profile].queue
         celery.send_task(
-            "flopex.resume", args=[str(job.id)], queue=queue, headers=task_headers(str(job.id))
+            "flopex.resume",
+            args=[str(job.id), versions[job.id]],
+            queue=queue,
+            headers=task_headers(str(job.id), request_ids[job.id]),
         )
         report.resumed.append(str(job.id))
     for job_id in hooks:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -135,6 +136,11 @@ def ping(base_url: str, api_key: str | None, timeout_s: float) -> int:
     return elapsed
 
 
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+# Far above any context window; below what the jobs table's integer columns hold.
+_MAX_TOKENS = 100_000_000
+
+
 def _parse(body: Any) -> Completion:
     """Validates the parts we bill on: a provider that reports nonsense usage is a failed
     provider, never a free or negative charge."""
@@ -147,14 +153,17 @@ def _parse(body: Any) -> Completion:
     text = message.get("content") if isinstance(message, dict) else None
     if not isinstance(text, str):
         raise ProviderFailure("malformed", "response has no message content")
+    # What PostgreSQL text cannot hold would fail the result's write after the provider was
+    # paid: a NUL, or a lone surrogate (no UTF-8 form), each becomes U+FFFD.
+    text = _UNSTORABLE.sub("\ufffd", text)
     usage = body.get("usage")
     if not isinstance(usage, dict):
         raise ProviderFailure("malformed", "response has no usage")
     counts = []
     for field in ("prompt_tokens", "completion_tokens"):
         value = usage.get(field)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ProviderFailure("malformed", f"usage.{field} is not a non-negative integer")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_TOKENS:
+            raise ProviderFailure("malformed", f"usage.{field} is not a plausible token count")
         counts.append(value)
     finish = choices[0].get("finish_reason")
     response_id = body.get("id")
@@ -162,7 +171,8 @@ def _parse(body: Any) -> Completion:
         text=text,
         input_tokens=counts[0],
         output_tokens=counts[1],
-        finish_reason=finish if isinstance(finish, str) else None,
+        # Informational, and stored in 32 characters: anything longer is cut, never an error.
+        finish_reason=finish.replace("\x00", "")[:32] if isinstance(finish, str) else None,
         provider_response_id=response_id if isinstance(response_id, str) else None,
     )
 

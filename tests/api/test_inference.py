@@ -250,6 +250,26 @@ def test_executions_reach_each_providers_health_and_breaker(
     assert Breaker(redis_client, settings.breaker).state("charlie") == "closed"
 
 
+def test_a_provider_whose_executions_keep_failing_is_cut_off_by_its_breaker(
+    client, pipeline, make_account, redis_client
+):
+    from app.providers.breaker import Breaker
+    from config.settings import get_settings
+
+    settings = get_settings()
+    account = make_account()
+    pipeline["alpha"].configure(fault="error")  # answers its pings, fails every completion
+    body = {**DOC_REQUEST, "performance_profile": "economy", "max_latency_ms": None}
+    for _ in range(settings.breaker_threshold):
+        assert post(client, account, body).get_json()["provider"] == "charlie"
+    assert Breaker(redis_client, settings.breaker).state("alpha") == "open"
+    calls = pipeline["alpha"].chat_calls
+    data = post(client, account, body).get_json()
+    assert {"provider": "alpha", "reason": "circuit_open"} in data["routing"]["dropped"]
+    assert [a["provider"] for a in data["routing"]["attempts"]] == ["charlie"]
+    assert pipeline["alpha"].chat_calls == calls
+
+
 @pytest.mark.parametrize(
     ("fault", "code", "status"),
     [

@@ -142,6 +142,34 @@ def test_killed_before_the_provider_call_still_completes(crash_env, make_account
     assert_books_balance(account)
 
 
+def test_a_resume_that_waited_while_the_job_moved_on_does_nothing(
+    crash_env, make_account, pipeline
+):
+    """Two resumes of one job (the sweeper sent another while the first sat in a busy queue)
+    must never run providers side by side: each carries the version it was sent for."""
+    from app.jobs.execution import RouteAndExecute
+
+    account = make_account()
+    job_id = crash_at(crash_env, account, "before_provider_call")
+    sent_for = load(job_id).version
+    # Meanwhile another resume took the job further (any write bumps the version).
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        job.updated_at = datetime.now(UTC)
+    assert load(job_id).version == sent_for + 1
+    with session_scope() as session:
+        stale = RouteAndExecute(session, crash_env["client"], crash_env["settings"])
+        assert stale.resume(job_id, version=sent_for) is None
+    job = load(job_id)
+    assert job.status == "executing" and job.version == sent_for + 1
+    assert sum(chat_calls(pipeline).values()) == 0  # no provider was called by the stale one
+    with session_scope() as session:
+        current = RouteAndExecute(session, crash_env["client"], crash_env["settings"])
+        assert current.resume(job_id, version=sent_for + 1).status == "success"
+    assert chat_calls(pipeline) == {"alpha": 0, "bravo": 0, "charlie": 1}
+    assert_books_balance(account)
+
+
 def test_killed_after_the_claim_is_quoted_again_and_completes_once(
     crash_env, make_account, pipeline
 ):
@@ -216,6 +244,44 @@ def test_sweeper_leaves_fresh_jobs_alone(pipeline, make_account, redis_client, c
     assert str(job_id) in report.requoted
     assert wait_done(redis_client, job_id, 30)
     assert load(job_id).status == "success"
+
+
+def test_a_job_requoted_again_and_again_waits_twice_as_long_each_time(
+    pipeline, make_account, redis_client, celery_app
+):
+    """Quote messages that wait in a backed-up queue are not lost: answering them with a new
+    copy every sweep would grow the backlog. Each re-quote doubles the wait before the next."""
+    from sqlalchemy import update
+
+    from app.jobs.cancel import cancel
+    from app.jobs.recovery import stuck_jobs
+
+    settings = get_settings()
+    account = make_account()
+    with session_scope() as session:
+        principal = accounts.authenticate(session, account.api_key)
+        request = InferenceRequest(model="qwen-7b", prompt="queued", max_output_tokens=8)
+        job_id = SubmitInference(session, principal, request, settings).run().job.id  # not sent
+    deadline_s = max(p.quote_deadline_ms for p in settings.profiles.values()) / 1000
+    grace_s = settings.sweep_quoting_grace_s
+    created = load(job_id).updated_at
+
+    def due(after_s: float) -> bool:
+        with session_scope() as session:
+            now = created + timedelta(seconds=deadline_s + after_s)
+            return job_id in {
+                j.id for j in stuck_jobs(session, settings, now, settings.sweep_grace_s)
+            }
+
+    assert not due(grace_s - 0.5) and due(grace_s + 0.5)  # never re-quoted yet: 3 s
+    with session_scope() as session:  # as after two re-quotes
+        session.execute(update(Job).where(Job.id == job_id).values(version=3))
+    assert not due(grace_s * 4 - 0.5) and due(grace_s * 4 + 0.5)
+    with session_scope() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(version=30))
+    assert not due(299) and due(301)  # at most five minutes
+    with session_scope() as session:  # close it, so it does not linger for other tests
+        cancel(session, session.get(Job, job_id))
 
 
 def test_a_job_claimed_by_a_router_that_died_is_quoted_again(

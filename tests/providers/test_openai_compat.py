@@ -295,6 +295,17 @@ def test_parse_accepts_a_minimal_valid_body():
     assert _parse(body) == Completion("hi", 3, 1, None, None)
 
 
+def test_parse_makes_what_postgresql_cannot_store_storable():
+    """A NUL or a lone surrogate in the text, a long finish reason: the provider answered and is
+    paid, so its result must be writable (it once left the job executing until the sweeper)."""
+    body = _body()
+    body["choices"][0]["message"]["content"] = "a\x00b\ud800c"
+    body["choices"][0]["finish_reason"] = "x" * 50
+    parsed = _parse(body)
+    assert parsed.text == "a\ufffdb\ufffdc" and parsed.finish_reason == "x" * 32
+    parsed.text.encode("utf-8")
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -311,6 +322,7 @@ def test_parse_accepts_a_minimal_valid_body():
         _body(usage={"prompt_tokens": 3, "completion_tokens": True}),
         _body(usage={"prompt_tokens": 3.0, "completion_tokens": 1}),
         _body(usage={"prompt_tokens": "3", "completion_tokens": 1}),
+        _body(usage={"prompt_tokens": 3, "completion_tokens": 10**12}),
     ],
 )
 def test_parse_rejects_anything_we_cannot_bill_on(body):
