@@ -20,6 +20,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from app import accounts, wallet
 from app.catalog import load_catalog
@@ -54,16 +55,31 @@ def cmd_catalog_load(args: argparse.Namespace) -> None:
     _print({"catalog": str(path), **report.__dict__})
 
 
+# A credit above this is a typo (and beyond a billion dollars the ledger's BIGINT of micro-USD
+# is not far off).
+_MAX_CREDIT_USD = Decimal(1_000_000_000)
+
+
+def _credit_micros(amount: str) -> int:
+    """A top-up amount: positive, at most six decimals, at most _MAX_CREDIT_USD."""
+    micros = usd_to_micros(amount)
+    if micros <= 0:
+        raise ValueError(f"a top-up must be a positive amount, not {amount}")
+    if micros > usd_to_micros(_MAX_CREDIT_USD):
+        raise ValueError(f"a top-up above ${_MAX_CREDIT_USD:,} is refused: {amount}")
+    return micros
+
+
 def cmd_account_create(args: argparse.Namespace) -> None:
+    # --top-up 0 means no initial credit; a negative one is a mistake, not a no-op.
+    credit = None if args.top_up in (None, "0") else _credit_micros(args.top_up)
     with session_scope() as session:
         account = accounts.create_account(session, args.name)
         _, raw = accounts.issue_key(session, account.id, name="default", raw_key=args.key)
         balance = 0
-        if args.top_up is not None and usd_to_micros(args.top_up) > 0:
+        if credit is not None:
             wid = _wallet_id(session, str(account.id))
-            balance = wallet.top_up(
-                session, wid, usd_to_micros(args.top_up), "initial credit"
-            ).balance_micros
+            balance = wallet.top_up(session, wid, credit, "initial credit").balance_micros
     _print({"account_id": account.id, "api_key": raw, "balance_usd": str(micros_to_usd(balance))})
 
 
@@ -83,7 +99,7 @@ def cmd_key_revoke(args: argparse.Namespace) -> None:
 def cmd_wallet_top_up(args: argparse.Namespace) -> None:
     with session_scope() as session:
         state = wallet.top_up(
-            session, _wallet_id(session, args.account_id), usd_to_micros(args.amount), args.memo
+            session, _wallet_id(session, args.account_id), _credit_micros(args.amount), args.memo
         )
     _print({"balance_usd": str(micros_to_usd(state.balance_micros))})
 
@@ -173,7 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, LookupError) as exc:
+    except (ValueError, LookupError, ArithmeticError) as exc:
+        print(f"flopex: {exc}", file=sys.stderr)
+        return 2
+    except IntegrityError as exc:  # e.g. an unknown account id, a --key already issued
+        print(f"flopex: refused by the database: {exc.orig}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. a catalog file that does not exist
         print(f"flopex: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -37,7 +37,15 @@ def build_engine(url: str, pool_size: int = 10) -> Engine:
     # per request in the benchmark). A connection the server dropped fails its first statement
     # instead; SQLAlchemy then invalidates the pool, and the request or task is retried by its
     # caller (clients retry with their Idempotency-Key; Celery tasks are idempotent).
-    engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800)
+    # connect_timeout: a server that accepts TCP and never answers fails a new connection (and
+    # /readyz) within seconds instead of holding the thread for the kernel's TCP timeout.
+    engine = create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_recycle=1800,
+        connect_args={"connect_timeout": 5} if url.startswith("postgresql") else {},
+    )
     event.listen(engine, "checkin", _end_autocommit)
     return engine
 

@@ -1,7 +1,8 @@
 """Prometheus metrics, safe under many processes.
 
-With ``PROMETHEUS_MULTIPROC_DIR`` set (it must be set before this module is imported, as the
-Procfile and scripts/dev.py do), every gunicorn worker and Celery worker on a host writes to that
+With ``PROMETHEUS_MULTIPROC_DIR`` set (in the environment of every process of a host, before
+this module is imported: docs/operations.md; ``make run`` leaves it unset, so its /metrics shows
+the web process's own series only), every gunicorn worker and Celery worker on a host writes to that
 directory and ``/metrics`` on any web process aggregates them all. Without it, each process
 exposes only its own.
 """

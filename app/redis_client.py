@@ -28,6 +28,29 @@ def get_redis() -> redis.Redis:
     return _client
 
 
+_probes: dict[tuple[str, int], redis.Redis] = {}
+_PROBE_TIMEOUT_S = 2.0
+
+
+def probe_client(url: str) -> redis.Redis:
+    """A client for checks that must answer quickly whatever Redis does (/readyz, the queue
+    depth at scrape time): every operation gives up after two seconds. The main client cannot:
+    its reads block for as long as a synchronous request may wait."""
+    key = (url, os.getpid())
+    client = _probes.get(key)
+    if client is None:
+        client = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=_PROBE_TIMEOUT_S,
+            socket_timeout=_PROBE_TIMEOUT_S,
+            max_connections=8,
+        )
+        _probes[key] = client
+    return client
+
+
 def reset_redis() -> None:
     global _client
     _client = None
+    _probes.clear()

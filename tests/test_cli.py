@@ -109,6 +109,31 @@ def test_wallet_top_up_with_more_than_six_decimals_writes_nothing(database, caps
     assert ledger(account_id) == []
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["account", "create", "Negative", "--top-up", "-5"],
+        ["wallet", "top-up", "ACCOUNT", "-1.00"],
+        ["wallet", "top-up", "ACCOUNT", "0"],
+        ["wallet", "top-up", "ACCOUNT", "1e20"],
+    ],
+    ids=["negative-initial", "negative", "zero", "absurd"],
+)
+def test_bad_credit_amounts_exit_2_and_write_nothing(database, capsys, argv):
+    account_id = run(capsys, "account", "create", unique("Credit"))["account_id"]
+    argv = [account_id if a == "ACCOUNT" else a for a in argv]
+    assert main(argv) == 2
+    assert "top-up" in capsys.readouterr().err
+    assert ledger(account_id) == []
+
+
+def test_database_and_file_errors_exit_2_with_a_message(database, capsys):
+    assert main(["key", "issue", str(uuid.uuid4())]) == 2  # no such account
+    assert "refused by the database" in capsys.readouterr().err
+    assert main(["catalog", "load", "/nonexistent/catalog.toml"]) == 2
+    assert "catalog.toml" in capsys.readouterr().err
+
+
 def test_zero_initial_credit_creates_an_empty_account(database, capsys):
     created = run(capsys, "account", "create", unique("Zero"), "--top-up", "0")
     assert created["balance_usd"] == "0.000000"

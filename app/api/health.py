@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Response
 from flask.views import MethodView
@@ -12,7 +13,13 @@ from sqlalchemy import text
 from app.api.schemas import HealthSchema, ReadySchema
 from app.api.session import db
 from app.metrics import render
-from app.redis_client import get_redis
+from app.redis_client import probe_client
+from config.settings import get_settings
+
+
+def _is_redis(url: str) -> bool:
+    return urlsplit(url).scheme in ("redis", "rediss")
+
 
 blp = Blueprint("health", __name__, description="Process health")
 
@@ -34,7 +41,10 @@ class Metrics(MethodView):
     )
     def get(self) -> Any:
         """Prometheus metrics for every process on this host (see docs/operations.md)."""
-        body, content_type = render(get_redis)
+        settings = get_settings()
+        # Queue depths live in the broker, which may be another Redis than REDIS_URL.
+        broker = settings.broker_url if _is_redis(settings.broker_url) else settings.redis_url
+        body, content_type = render(lambda: probe_client(broker))
         return Response(body, mimetype=content_type.split(";")[0], content_type=content_type)
 
 
@@ -50,10 +60,15 @@ class Readyz(MethodView):
             checks["database"] = "ok"
         except Exception as exc:  # any failure means not ready
             checks["database"] = f"error: {type(exc).__name__}"
-        try:
-            get_redis().ping()
-            checks["redis"] = "ok"
-        except Exception as exc:
-            checks["redis"] = f"error: {type(exc).__name__}"
+        settings = get_settings()
+        redis_urls = {"redis": settings.redis_url}
+        if settings.broker_url != settings.redis_url and _is_redis(settings.broker_url):
+            redis_urls["broker"] = settings.broker_url
+        for name, url in redis_urls.items():
+            try:
+                probe_client(url).ping()
+                checks[name] = "ok"
+            except Exception as exc:
+                checks[name] = f"error: {type(exc).__name__}"
         ready = all(v == "ok" for v in checks.values())
         return {"status": "ok" if ready else "unavailable", "checks": checks}, 200 if ready else 503

@@ -37,7 +37,7 @@ from app.jobs.dispatch import dispatch_quotes
 from app.jobs.notify import signal_done, wait_done
 from app.jobs.render import render_final, render_job
 from app.jobs.submit import Accepted, InferenceRequest, SubmitInference
-from app.logs import request_id_var
+from app.logs import job_id_var, request_id_var
 from app.models import Job
 from app.redis_client import get_redis
 from config.settings import Settings, get_settings
@@ -166,6 +166,7 @@ class InferenceCollection(MethodView):
         settings = get_settings()
         session = db()
         principal = require_principal()
+        g.profile = args["performance_profile"]  # a validated enum: the metrics' profile label
         prefer = parse_prefer(request.headers, settings.max_wait_s)
         key = _idempotency_key()
         record_id = None
@@ -205,6 +206,7 @@ class InferenceCollection(MethodView):
             defer=deferred,
         ).run()
         job = accepted.job
+        job_id_var.set(str(job.id))  # this request's log lines name its job from here on
         accepted_body = None
         if record_id is not None:
             idempotency.attach_job(session, record_id, job.id)

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from config.settings import get_settings
+
 
 def test_healthz_is_always_ok(client):
     resp = client.get("/healthz")
@@ -14,16 +22,37 @@ def test_readyz_checks_database_and_redis(client):
     assert resp.get_json()["checks"] == {"database": "ok", "redis": "ok"}
 
 
-def test_readyz_reports_an_unreachable_redis(client, monkeypatch):
-    import redis
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """Accepts connections and never answers: a hung Redis."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    yield f"redis://127.0.0.1:{server.getsockname()[1]}/0"
+    server.close()
 
+
+def _with_urls(monkeypatch, **urls: str) -> None:
     from app.api import health
 
-    monkeypatch.setattr(
-        health, "get_redis", lambda: redis.Redis(port=1, socket_connect_timeout=0.2)
-    )
-    resp = client.get("/readyz")
+    settings = dataclasses.replace(get_settings(), **urls)
+    monkeypatch.setattr(health, "get_settings", lambda: settings)
+
+
+@pytest.mark.parametrize("how", ["refused", "hung"])
+def test_readyz_reports_an_unreachable_or_hung_redis(client, monkeypatch, silent_server, how):
+    url = "redis://127.0.0.1:1/0" if how == "refused" else silent_server
+    _with_urls(monkeypatch, redis_url=url, broker_url=url)
+    resp = client.get("/readyz")  # a hung Redis costs the probe's 2 s timeout, not minutes
     assert resp.status_code == 503
     body = resp.get_json()
     assert body["status"] == "unavailable"
     assert body["checks"]["database"] == "ok" and body["checks"]["redis"].startswith("error")
+
+
+def test_readyz_checks_a_separate_broker_too(client, monkeypatch):
+    _with_urls(monkeypatch, broker_url="redis://127.0.0.1:1/0")
+    resp = client.get("/readyz")
+    assert resp.status_code == 503
+    checks = resp.get_json()["checks"]
+    assert checks["redis"] == "ok" and checks["broker"].startswith("error")

@@ -30,6 +30,19 @@ def test_metrics_expose_the_named_series_after_a_request(client, pipeline, make_
     assert 'endpoint="/v1/inference"' in text and 'status="success"' in text
 
 
+def test_request_metrics_labels_come_from_closed_sets(client, pipeline, make_account):
+    account = make_account()
+    body = {**BODY, "performance_profile": "fast"}
+    assert client.post("/v1/inference", json=body, headers=account.headers).status_code == 200
+    for method in ("AAAA", "BBBB"):
+        assert client.open("/healthz", method=method).status_code == 405
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'endpoint="/v1/inference",method="POST",profile="fast"' in text.replace(
+        ',status="200"', ""
+    )
+    assert "AAAA" not in text and "BBBB" not in text and 'method="other"' in text
+
+
 def test_request_id_round_trips_into_the_tasks_logs(client, pipeline, make_account, worker):
     account = make_account()
     rid = f"test-{uuid.uuid4().hex}"
