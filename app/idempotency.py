@@ -11,7 +11,7 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import Context, Decimal
 from typing import Any
 
 import simplejson
@@ -59,7 +59,9 @@ def _normalized(value: Any) -> Any:
     if isinstance(value, list):
         return [_normalized(v) for v in value]
     if isinstance(value, int | Decimal) and not isinstance(value, bool):
-        return Decimal(value).normalize()
+        number = Decimal(value)
+        # Exact whatever its length: the default context would round past 28 digits.
+        return number.normalize(Context(prec=max(28, len(number.as_tuple().digits))))
     return value
 
 

@@ -228,7 +228,8 @@ class RouteAndExecute:
                 PROVIDER_ERRORS.labels(quote.provider, exc.kind).inc()
                 # A failed execution counts toward the breaker like a failed probe: a provider
                 # whose /models answers but whose completions fail is routed around too.
-                self.breaker.record_failure(quote.provider)
+                if exc.provider_at_fault:
+                    self.breaker.record_failure(quote.provider)
                 health.record_outcome(
                     self.redis, quote.provider, False, self.settings.health_window_s
                 )

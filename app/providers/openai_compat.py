@@ -59,6 +59,13 @@ class ProviderFailure(Exception):
         self.kind = kind
         self.status = status
 
+    @property
+    def provider_at_fault(self) -> bool:
+        """False for an answer about the request itself (400, 413, 422: a prompt the provider
+        will not take): such failures must not count against the provider's breaker, or one
+        customer's odd requests could cut a provider off for everyone."""
+        return not (self.kind == "http" and self.status in (400, 413, 422))
+
 
 class _Retryable(ProviderFailure):
     pass

@@ -295,6 +295,20 @@ def test_parse_accepts_a_minimal_valid_body():
     assert _parse(body) == Completion("hi", 3, 1, None, None)
 
 
+def test_only_provider_side_failures_count_against_the_provider():
+    assert not ProviderFailure("http", "bad request", 400).provider_at_fault
+    assert not ProviderFailure("http", "too large", 413).provider_at_fault
+    for failure in (
+        ProviderFailure("http", "server", 500),
+        ProviderFailure("http", "our key", 401),
+        ProviderFailure("http", "model id", 404),
+        ProviderFailure("http", "busy", 429),
+        ProviderFailure("timeout", "slow"),
+        ProviderFailure("malformed", "nonsense"),
+    ):
+        assert failure.provider_at_fault, failure
+
+
 def test_parse_makes_what_postgresql_cannot_store_storable():
     """A NUL or a lone surrogate in the text, a long finish reason: the provider answered and is
     paid, so its result must be writable (it once left the job executing until the sweeper)."""
