@@ -25,6 +25,9 @@ import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
+import certifi
+import urllib3
+
 from app.logs import task_headers
 
 MAX_URL_LENGTH = 2048
@@ -76,14 +79,20 @@ def public_destination(url: str) -> bool:
 
 
 def destination_problem(url: str) -> str | None:
-    """``private``: the host resolves to an address inside a private network (never sent);
-    ``unresolved``: its name does not resolve now (a DNS failure may pass: retried); None: a
-    public destination."""
+    return destination(url)[0]
+
+
+def destination(url: str) -> tuple[str | None, str | None]:
+    """(problem, address). problem: ``private`` when the host resolves to an address inside a
+    private network (never sent), ``unresolved`` when its name does not resolve now (a DNS
+    failure may pass: retried), else None, with the public address to connect to: the POST
+    goes to that address (``post``), so a name that resolves elsewhere a moment later (DNS
+    rebinding) cannot lead it inward."""
     host = urlsplit(url).hostname or ""
     try:
-        infos = socket.getaddrinfo(host, None)
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except OSError:
-        return "unresolved"
+        return "unresolved", None
     for info in infos:
         address = ipaddress.ip_address(info[4][0])
         if (
@@ -91,9 +100,57 @@ def destination_problem(url: str) -> str | None:
             or address.is_loopback
             or address.is_link_local
             or address.is_reserved
+            or address.is_multicast
+            or address.is_unspecified
         ):
-            return "private"
-    return None
+            return "private", None
+    return None, str(infos[0][4][0]) if infos else None
+
+
+def post(
+    url: str,
+    body: bytes,
+    headers: dict[str, Any],
+    *,
+    address: str | None,
+    timeout: tuple[float, float],
+    ca_certs: str | None = None,
+) -> int:
+    """POSTs ``body`` and returns the answer's status; never follows a redirect. With
+    ``address``, the connection goes to that IP whatever the name resolves to now, while the
+    name still gives the Host header, the TLS server name (SNI) and the certificate check."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    https = parts.scheme == "https"
+    port = parts.port or (443 if https else 80)
+    pool_kwargs: dict[str, Any] = {
+        "timeout": urllib3.Timeout(connect=timeout[0], read=timeout[1]),
+        "retries": False,
+    }
+    if https:
+        pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
+            address or host,
+            port,
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=ca_certs or certifi.where(),
+            server_hostname=host,
+            assert_hostname=host,
+            **pool_kwargs,
+        )
+    else:
+        pool = urllib3.HTTPConnectionPool(address or host, port, **pool_kwargs)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        response = pool.urlopen(
+            "POST",
+            path,
+            body=body,
+            headers={**headers, "Host": parts.netloc.rsplit("@", 1)[-1]},
+            redirect=False,
+        )
+        return response.status
+    finally:
+        pool.close()
 
 
 def delivery_id(job_id: Any) -> str:

@@ -8,7 +8,7 @@ import logging
 import uuid
 from datetime import UTC, datetime
 
-import requests
+import urllib3
 from celery import shared_task
 from sqlalchemy import update
 
@@ -45,7 +45,7 @@ def deliver_webhook(self, job_id: str, delivery_id: str | None = None) -> str:  
         session.execute(
             update(Job).where(Job.id == job.id).values(webhook_attempted_at=datetime.now(UTC))
         )
-    problem = None if settings.webhook_allow_private else webhooks.destination_problem(url)
+    problem, address = (None, None) if settings.webhook_allow_private else webhooks.destination(url)
     if problem == "private":
         log.warning("webhook for job %s refused: %s is not a public address", job_id, url)
         return _end(job_id, "refused")
@@ -53,16 +53,16 @@ def deliver_webhook(self, job_id: str, delivery_id: str | None = None) -> str:  
         ok, reason = False, "DNS lookup failed"
     else:
         try:
-            resp = requests.post(
+            status = webhooks.post(
                 url,
-                data=body,
-                headers=webhooks.headers_for(secret, body, event, delivery_id),
+                body,
+                webhooks.headers_for(secret, body, event, delivery_id),
+                address=address,  # the address just checked, not a second lookup
                 timeout=(3, 10),
-                allow_redirects=False,
             )
-            ok = 200 <= resp.status_code < 300
-            reason = f"HTTP {resp.status_code}"
-        except requests.RequestException as exc:
+            ok = 200 <= status < 300
+            reason = f"HTTP {status}"
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
             ok, reason = False, type(exc).__name__
     if ok:
         log.info("webhook for job %s delivered", job_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 import uuid
@@ -11,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+import urllib3
 from sqlalchemy import update
 
 from app import webhooks
@@ -159,16 +161,25 @@ def test_a_dns_failure_is_retried_and_a_private_address_refused(
     job_id = resp.get_json()["id"]
     assert delivered(job_id)
     set_webhook_row(job_id, webhook_status="pending")  # as if that delivery had been lost
-    monkeypatch.setattr(webhooks, "destination_problem", lambda url: "unresolved")
+    monkeypatch.setattr(webhooks, "destination", lambda url: ("unresolved", None))
     with pytest.raises(Retried) as retried:
         task_module.deliver_webhook.run(job_id, "d1")
     assert retried.value.args[0]["args"] == [job_id, "d1"]
     assert webhook_row(job_id)[0] == "pending"
-    monkeypatch.setattr(webhooks, "destination_problem", lambda url: "private")
+    monkeypatch.setattr(webhooks, "destination", lambda url: ("private", None))
     assert task_module.deliver_webhook.run(job_id, "d1") == "refused"
     assert webhook_row(job_id)[0] == "refused"
     assert task_module.deliver_webhook.run(job_id, "d1") == "done"  # ended: never sent again
     assert len(hook.received) == 1
+    # A public destination: the POST goes to the address the check returned.
+    set_webhook_row(job_id, webhook_status="pending")
+    checked = []
+    monkeypatch.setattr(
+        webhooks, "destination", lambda url: checked.append(url) or (None, "127.0.0.1")
+    )
+    assert task_module.deliver_webhook.run(job_id, "d1") == "delivered"
+    hook.wait_for(2)
+    assert checked == [hook.url] and hook.received[1][0]["Flopex-Delivery"] == "d1"
 
 
 def delivered(job_id: str, timeout: float = 30) -> bool:
@@ -248,6 +259,57 @@ def test_private_destinations_are_recognised():
     assert webhooks.destination_problem("http://10.1.2.3/hook") == "private"
     assert webhooks.destination_problem("http://no-such-host.invalid/hook") == "unresolved"
     assert not webhooks.public_destination("http://no-such-host.invalid/hook")
+    assert webhooks.destination("https://93.184.216.34/hook") == (None, "93.184.216.34")
+
+
+class TlsReceiver(Receiver):
+    """The Receiver behind TLS, with a certificate for ``name`` from a throwaway CA."""
+
+    def __init__(self, ca: Any, name: str) -> None:
+        super().__init__()
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert(name).configure_cert(context)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+
+
+@pytest.fixture
+def tls_hook() -> Any:
+    import trustme
+
+    ca = trustme.CA()
+    # A name that resolves nowhere: reaching it at all proves the connection went to the
+    # pinned address, not to a lookup of the name.
+    hook = TlsReceiver(ca, "hooks.example.test")
+    with ca.cert_pem.tempfile() as ca_file:
+        yield hook, ca_file
+    hook.server.shutdown()
+
+
+def test_a_post_goes_to_the_checked_address_with_the_name_for_host_and_tls(tls_hook):
+    hook, ca_file = tls_hook
+    url = f"https://hooks.example.test:{hook.port}/hook?x=1"
+    status = webhooks.post(
+        url, b"{}", {"X-T": "1"}, address="127.0.0.1", timeout=(3, 10), ca_certs=ca_file
+    )
+    assert status == 200
+    hook.wait_for(1)
+    headers, body = hook.received[0]
+    assert body == b"{}" and headers["Host"] == f"hooks.example.test:{hook.port}"
+
+
+def test_a_pinned_post_still_checks_the_certificate_against_the_name(tls_hook):
+    hook, ca_file = tls_hook
+    with pytest.raises(urllib3.exceptions.HTTPError):
+        webhooks.post(
+            f"https://elsewhere.example.test:{hook.port}/hook",
+            b"{}",
+            {},
+            address="127.0.0.1",
+            timeout=(3, 10),
+            ca_certs=ca_file,
+        )
+    assert hook.received == []
 
 
 def test_signatures_expire():
