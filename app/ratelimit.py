@@ -14,9 +14,11 @@ import redis
 
 log = logging.getLogger(__name__)
 
+# Microseconds (exact in a Lua double until the year 2255): with milliseconds, the interval of
+# a high rate rounded down (7,000/min allowed 7,500).
 _GCRA = """
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tolerance = interval * tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
@@ -25,7 +27,7 @@ local new_tat = tat + interval
 if new_tat - now > tolerance then
   return {0, new_tat - now - tolerance}
 end
-redis.call('SET', KEYS[1], new_tat, 'PX', new_tat - now + 1000)
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
 return {1, 0}
 """
 
@@ -45,12 +47,12 @@ class RateLimiter:
         request will meet the same outage at the broker and answer 503 there."""
         if per_minute <= 0:
             return Verdict(False, 60_000)
-        interval_ms = max(1, 60_000 // per_minute)
+        interval_us = -(-60_000_000 // per_minute)  # rounded up: never more than the rate
         try:
-            allowed, retry_ms = self._script(
-                keys=[f"flopex:rl:{account_id}"], args=[interval_ms, max(burst, 1)]
+            allowed, retry_us = self._script(
+                keys=[f"flopex:rl:{account_id}"], args=[interval_us, max(burst, 1)]
             )
         except redis.RedisError:
             log.warning("rate limiter unavailable; allowing request")
             return Verdict(True)
-        return Verdict(bool(allowed), int(retry_ms))
+        return Verdict(bool(allowed), -(-int(retry_us) // 1000))

@@ -65,8 +65,16 @@ def authenticate_and_limit() -> None:
     """before_request of every /v1 blueprint: who is calling, and may they call now."""
     principal = require_principal()
     settings = get_settings()
-    per_min = principal.rate_limit_per_min or settings.rate_limit_per_min
-    burst = principal.rate_limit_burst or settings.rate_limit_burst
+    # An account's own limit wins, zero included (zero: no requests at all). An account that
+    # sets only its rate gets a burst of at most one minute of it, not the deployment's burst.
+    own_rate = principal.rate_limit_per_min
+    per_min = settings.rate_limit_per_min if own_rate is None else own_rate
+    if principal.rate_limit_burst is not None:
+        burst = principal.rate_limit_burst
+    elif own_rate is not None:
+        burst = min(settings.rate_limit_burst, max(per_min, 1))
+    else:
+        burst = settings.rate_limit_burst
     verdict = RateLimiter(get_redis()).hit(principal.account_id, per_min, burst)
     if not verdict.allowed:
         raise RateLimited(max(1, -(-verdict.retry_after_ms // 1000)))

@@ -32,10 +32,16 @@ class Models(MethodView):
         rows = (
             db()
             .execute(
+                # An offering counts only while its provider is enabled too; a model whose
+                # providers are all disabled is still listed, with none, like one never offered.
                 select(ModelAlias, Offering)
-                .outerjoin(Offering, (Offering.alias_id == ModelAlias.id) & Offering.enabled)
-                .outerjoin(Provider, (Provider.id == Offering.provider_id))
-                .where(ModelAlias.enabled, (Offering.id.is_(None)) | Provider.enabled)
+                .outerjoin(
+                    Offering,
+                    (Offering.alias_id == ModelAlias.id)
+                    & Offering.enabled
+                    & Offering.provider_id.in_(select(Provider.id).where(Provider.enabled)),
+                )
+                .where(ModelAlias.enabled)
                 .order_by(ModelAlias.alias)
             )
             .all()
@@ -94,7 +100,8 @@ class Providers(MethodView):
             .execute(
                 select(Provider.name, ModelAlias.alias)
                 .outerjoin(Offering, (Offering.provider_id == Provider.id) & Offering.enabled)
-                .outerjoin(ModelAlias, ModelAlias.id == Offering.alias_id)
+                # A disabled model is not served, whatever its offerings say.
+                .outerjoin(ModelAlias, (ModelAlias.id == Offering.alias_id) & ModelAlias.enabled)
                 .where(Provider.enabled)
                 .order_by(Provider.name, ModelAlias.alias)
             )

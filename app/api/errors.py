@@ -55,7 +55,7 @@ def register(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http(err: HTTPException) -> Any:
         status = err.code or 500
-        if status == 422:
+        if status in (400, 422) and "messages" in (getattr(err, "data", None) or {}):
             # The request validator (webargs/marshmallow): a 400 invalid_request naming the param.
             messages = (getattr(err, "data", None) or {}).get("messages", {})
             param, message = _first_problem(messages)

@@ -57,6 +57,10 @@ def load_json(data: bytes) -> typing.Any:
 class FlopexParser(FlaskParser):
     # Unknown query parameters are an error too (the schema's Meta.unknown decides).
     DEFAULT_UNKNOWN_BY_LOCATION = {**FlaskParser.DEFAULT_UNKNOWN_BY_LOCATION, "query": None}
+    # An invalid parameter is a 400 invalid_request (app/api/errors.py), and flask-smorest
+    # documents every endpoint's validation error with this status: the OpenAPI document says
+    # what the API answers.
+    DEFAULT_VALIDATION_STATUS = 400
 
     def _raw_load_json(self, req: flask.Request) -> typing.Any:
         data = req.get_data(cache=True)

@@ -99,3 +99,41 @@ def test_a_killed_provider_is_marked_down_avoided_and_recovers(
     assert providers["alpha"]["circuit"] == "closed"
     data = client.post("/v1/inference", json=body, headers=account.headers).get_json()
     assert data["provider"] == "alpha"
+
+
+def test_models_and_providers_agree_with_what_routing_would_use(client, catalog, make_account):
+    from sqlalchemy import select, update
+
+    from app.models import ModelAlias, Offering, Provider
+
+    account = make_account()
+
+    def listed() -> tuple[dict, dict]:
+        models = client.get("/v1/models", headers=account.headers).get_json()["data"]
+        providers = client.get("/v1/providers", headers=account.headers).get_json()["data"]
+        return {m["id"]: m for m in models}, {p["id"]: p for p in providers}
+
+    with session_scope() as session:
+        qwen = session.scalar(select(ModelAlias).where(ModelAlias.alias == "qwen-7b"))
+        serving = set(
+            session.scalars(
+                select(Offering.provider_id).where(Offering.alias_id == qwen.id, Offering.enabled)
+            )
+        )
+    try:
+        with session_scope() as session:  # every provider of qwen-7b switched off
+            session.execute(update(Provider).where(Provider.id.in_(serving)).values(enabled=False))
+        models, _ = listed()
+        assert models["qwen-7b"]["providers"] == 0 and models["qwen-7b"]["pricing"] is None
+        with session_scope() as session:  # providers back, the model itself switched off
+            session.execute(update(Provider).where(Provider.id.in_(serving)).values(enabled=True))
+            session.execute(
+                update(ModelAlias).where(ModelAlias.id == qwen.id).values(enabled=False)
+            )
+        models, providers = listed()
+        assert "qwen-7b" not in models
+        assert all("qwen-7b" not in p["models"] for p in providers.values())
+    finally:
+        with session_scope() as session:
+            session.execute(update(Provider).where(Provider.id.in_(serving)).values(enabled=True))
+            session.execute(update(ModelAlias).where(ModelAlias.id == qwen.id).values(enabled=True))

@@ -104,6 +104,23 @@ def test_rate_limit_answers_429_with_retry_after_and_changes_nothing(
     assert client.get("/v1/wallet", headers=make_account().headers).status_code == 200
 
 
+def test_an_accounts_own_rate_limit_wins_zero_included(client, pipeline, make_account):
+    def limited(per_min, burst):  # type: ignore[no-untyped-def]
+        account = make_account()
+        with session_scope() as session:
+            session.execute(
+                update(Account)
+                .where(Account.id == account.account_id)
+                .values(rate_limit_per_min=per_min, rate_limit_burst=burst)
+            )
+        return [client.get("/v1/wallet", headers=account.headers).status_code for _ in range(4)]
+
+    # Only a rate: the burst is at most a minute of it, not the deployment's 200.
+    assert limited(2, None) == [200, 200, 429, 429]
+    assert limited(0, None) == [429] * 4  # zero means none, not "the default"
+    assert limited(60, 3) == [200, 200, 200, 429]
+
+
 def test_chunked_body_over_the_limit_is_413(client, pipeline, make_account):
     from config.settings import get_settings
 

@@ -46,3 +46,10 @@ def test_the_request_schema_is_the_validator(client, database):
 def test_docs_page_is_served(client, database):
     resp = client.get("/docs")
     assert resp.status_code == 200 and b"redoc" in resp.data.lower()
+
+
+def test_invalid_parameters_are_documented_as_the_400_they_are(client, database):
+    spec = client.get("/openapi.json").get_json()
+    for path in ("/v1/wallet/ledger", "/v1/inference", "/v1/inference/{job_id}"):
+        responses = spec["paths"][path]["get"]["responses"]
+        assert "400" in responses and "422" not in responses, path
