@@ -64,8 +64,48 @@ class LoadReport:
     offerings: int
 
 
-def load_catalog(session: Session, path: Path) -> LoadReport:
+# The keys each table may have: the file is the whole truth, so a misspelt key (`enable =
+# false`) must fail the load, not be ignored while the provider stays enabled.
+_KEYS = {
+    "": {"providers", "models", "offerings"},
+    "providers": {"name", "base_url", "api_key_env", "enabled"},
+    "models": {"alias", "max_output_tokens", "context_length", "enabled"},
+    "offerings": {
+        "model",
+        "provider",
+        "provider_model_id",
+        "input_price_usd_per_million",
+        "output_price_usd_per_million",
+        "enabled",
+    },
+}
+
+
+def _check_shape(data: dict[str, Any]) -> None:
+    unknown = set(data) - _KEYS[""]
+    if unknown:
+        raise ValueError(f"catalog: unknown tables {sorted(unknown)}")
+    for table in ("providers", "models", "offerings"):
+        for i, entry in enumerate(data.get(table, [])):
+            unknown = set(entry) - _KEYS[table]
+            if unknown:
+                raise ValueError(f"{table}[{i}]: unknown keys {sorted(unknown)}")
+    for table, key in (
+        ("providers", ("name",)),
+        ("models", ("alias",)),
+        ("offerings", ("model", "provider")),
+    ):
+        seen: set[tuple[Any, ...]] = set()
+        for entry in data.get(table, []):
+            ident = tuple(entry.get(k) for k in key)
+            if ident in seen:
+                raise ValueError(f"{table}: {'/'.join(map(str, ident))} appears twice")
+            seen.add(ident)
+
+
+def load_catalog(session: Session, path: Path, allow_empty: bool = False) -> LoadReport:
     data = _expand(tomllib.loads(Path(path).read_text()))
+    _check_shape(data)
     providers = {p["name"]: p for p in data.get("providers", [])}
     models = {m["alias"]: m for m in data.get("models", [])}
     offerings = data.get("offerings", [])
@@ -122,6 +162,19 @@ def load_catalog(session: Session, path: Path) -> LoadReport:
         seen.add(row.id)
     session.execute(update(Offering).where(Offering.id.not_in(seen or {0})).values(enabled=False))
     session.flush()
+    serving = any(
+        spec.get("enabled", True)
+        and provider_rows[spec["provider"]].enabled
+        and alias_rows[spec["model"]].enabled
+        for spec in offerings
+    )
+    if not serving and not allow_empty:
+        # Loading it would switch off every provider and model at once (a deploy's release
+        # step runs this load): only on purpose. The caller's transaction rolls it all back.
+        raise ValueError(
+            "catalog: no enabled offering of an enabled model on an enabled provider; "
+            "load it with --allow-empty if that is the intent"
+        )
     return LoadReport(len(providers), len(models), len(offerings))
 
 

@@ -51,7 +51,7 @@ def cmd_db_upgrade(_: argparse.Namespace) -> None:
 def cmd_catalog_load(args: argparse.Namespace) -> None:
     path = Path(args.path) if args.path else get_settings().catalog_path
     with session_scope() as session:
-        report = load_catalog(session, path)
+        report = load_catalog(session, path, allow_empty=args.allow_empty)
     _print({"catalog": str(path), **report.__dict__})
 
 
@@ -151,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     catalog = sub.add_parser("catalog").add_subparsers(dest="cmd", required=True)
     load = catalog.add_parser("load", help="load providers, models and offerings from TOML")
     load.add_argument("path", nargs="?")
+    load.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="load a catalog that serves nothing (disables every provider and model)",
+    )
     load.set_defaults(func=cmd_catalog_load)
 
     account = sub.add_parser("account").add_subparsers(dest="cmd", required=True)

@@ -166,7 +166,7 @@ def test_find_model_unknown_or_disabled_alias_is_none(db_session, tmp_path, tag)
         + model_toml(f"off-{tag}", enabled="false")
         + model_toml(f"bare-{tag}"),
     )
-    load_catalog(db_session, path)
+    load_catalog(db_session, path, allow_empty=True)
 
     assert find_model(db_session, f"nope-{tag}") is None
     assert find_model(db_session, f"off-{tag}") is None
@@ -236,9 +236,12 @@ def test_reload_disables_what_the_file_no_longer_names(db_session, tmp_path, tag
 
 def test_load_disables_providers_from_other_catalogs(db_session, tmp_path, tag):
     other = f"other-{tag}"
-    load_catalog(db_session, write(tmp_path, provider_toml(other, "http://o/v1"), "a.toml"))
+    only = {"allow_empty": True}  # providers without offerings: nothing served, on purpose
+    load_catalog(db_session, write(tmp_path, provider_toml(other, "http://o/v1"), "a.toml"), **only)
     assert provider(db_session, other).enabled is True
-    load_catalog(db_session, write(tmp_path, provider_toml(f"mine-{tag}", "http://m/v1"), "b.toml"))
+    load_catalog(
+        db_session, write(tmp_path, provider_toml(f"mine-{tag}", "http://m/v1"), "b.toml"), **only
+    )
     db_session.expire_all()
     assert provider(db_session, other).enabled is False
     enabled = db_session.scalars(select(Provider.name).where(Provider.enabled)).all()
@@ -264,7 +267,7 @@ def test_environment_variables_are_expanded(db_session, tmp_path, tag, monkeypat
         # Like the shell's ${VAR:-default}, an empty value takes the default.
         + provider_toml(empty_with_default, f"${{{empty_var}:-http://fallback/v1}}"),
     )
-    load_catalog(db_session, path)
+    load_catalog(db_session, path, allow_empty=True)
 
     row = provider(db_session, set_with_default)
     assert row.base_url == "http://10.0.0.7:8000/v1"
@@ -344,3 +347,30 @@ def test_model_cache_serves_repeats_from_memory_until_its_ttl(db_session, monkey
     assert calls == ["no-such-model", "no-such-model"]
     ModelCache(ttl_s=0).get(db_session, "no-such-model")
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ('[[providers]]\nname = "x"\nbase_url = "http://x/v1"\nenable = false\n', "unknown keys"),
+        ("[[provider]]\nname = 'x'\n", "unknown tables"),
+        ("PROVIDERS_AND_A_DUPLICATE_OFFERING", "appears twice"),
+        ("", "no enabled offering"),
+    ],
+    ids=["misspelt-key", "misspelt-table", "duplicate-offering", "serves-nothing"],
+)
+def test_a_catalog_with_a_mistake_is_refused_and_changes_nothing(
+    db_session, tmp_path, tag, text, error
+):
+    if text == "PROVIDERS_AND_A_DUPLICATE_OFFERING":
+        text = (
+            provider_toml(f"p-{tag}", "http://p/v1")
+            + model_toml(f"m-{tag}")
+            + offering_toml(f"m-{tag}", f"p-{tag}", "0.10", "0.20")
+            + offering_toml(f"m-{tag}", f"p-{tag}", "0.10", "0.20")
+        )
+    before = db_session.scalars(select(Provider.name).where(Provider.enabled)).all()
+    with pytest.raises(ValueError, match=error):
+        load_catalog(db_session, write(tmp_path, text))
+    db_session.rollback()
+    assert db_session.scalars(select(Provider.name).where(Provider.enabled)).all() == before

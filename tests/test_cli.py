@@ -127,11 +127,15 @@ def test_bad_credit_amounts_exit_2_and_write_nothing(database, capsys, argv):
     assert ledger(account_id) == []
 
 
-def test_database_and_file_errors_exit_2_with_a_message(database, capsys):
+def test_database_and_file_errors_exit_2_with_a_message(database, capsys, tmp_path):
     assert main(["key", "issue", str(uuid.uuid4())]) == 2  # no such account
     assert "refused by the database" in capsys.readouterr().err
     assert main(["catalog", "load", "/nonexistent/catalog.toml"]) == 2
     assert "catalog.toml" in capsys.readouterr().err
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    assert main(["catalog", "load", str(empty)]) == 2  # would switch every provider off
+    assert "--allow-empty" in capsys.readouterr().err
 
 
 def test_zero_initial_credit_creates_an_empty_account(database, capsys):
