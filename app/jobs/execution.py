@@ -24,6 +24,7 @@ from celery import current_app as current_celery
 from sqlalchemy.orm import Session
 
 from app import wallet, webhooks
+from app.catalog import ModelCache
 from app.db import autocommit, defer_durability, make_durable
 from app.failpoints import failpoint
 from app.jobs import rows, states
@@ -105,11 +106,13 @@ class RouteAndExecute:
         if job is None:
             return None
         failpoint("after_claim")
-        options = {o["provider"]: o for o in job.quotes or []}
+        offered, withdrawn = self._still_offered(job, job.quotes or [])
+        options = {o["provider"]: o for o in offered}
         quotes = collect_quotes(
             self.redis, str(job.id), list(options.values()), self.settings.health_window_s
         )
         decision = self._decide(job, quotes)
+        decision.dropped[:0] = [{"provider": p, "reason": "provider_disabled"} for p in withdrawn]
         route = {
             # Keep each option's endpoint with its quote: resume() needs it after a crash.
             "quotes": [
@@ -154,10 +157,25 @@ class RouteAndExecute:
         for attempt in attempts:
             if "outcome" not in attempt and "failure" not in attempt:
                 attempt["failure"] = "interrupted"
-        decision = self._decide(job, [Quote.from_dict(q) for q in job.quotes or []])
-        return self._execute(job, decision, attempts, job.quotes or [], {"attempts": attempts})
+        offered, _ = self._still_offered(job, job.quotes or [])
+        decision = self._decide(job, [Quote.from_dict(q) for q in offered])
+        return self._execute(job, decision, attempts, offered, {"attempts": attempts})
 
     # -- steps ----------------------------------------------------------------------------
+
+    def _still_offered(
+        self, job: Job, entries: list[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        """The job's options (or quotes) whose offering the catalog still enables, and the
+        providers withdrawn since the job was accepted: a provider disabled by a catalog load
+        gets no more work, queued jobs included. Prices and endpoints stay the job's own (its
+        hold was computed from those prices; a moved endpoint is picked up by new jobs)."""
+        entry = _catalog(self.settings).get(self.session, job.model)
+        self.session.commit()  # a cache miss read the catalog: hand the connection back
+        current = {o.offering_id: o for o in entry.options} if entry is not None else {}
+        offered = [item for item in entries if item.get("offering_id") in current]
+        withdrawn = [item["provider"] for item in entries if item.get("offering_id") not in current]
+        return offered, withdrawn
 
     def _decide(self, job: Job, quotes: list[Quote]) -> Decision:
         return select(
@@ -345,6 +363,18 @@ class RouteAndExecute:
         pipe.execute()
         webhooks.send(current_celery, job)
         return Outcome(job.id, job.status, job.error_code)
+
+
+_models: ModelCache | None = None
+
+
+def _catalog(settings: Settings) -> ModelCache:
+    """This worker process's few seconds of catalog memory (FLOPEX_CATALOG_CACHE_S), as the web
+    has: a catalog load reaches routing within that time, without a query per job."""
+    global _models
+    if _models is None or _models.ttl_s != settings.catalog_cache_s:
+        _models = ModelCache(settings.catalog_cache_s)
+    return _models
 
 
 def finish_values(job: Job, status: str, now: datetime | None = None) -> dict[str, Any]:
