@@ -110,3 +110,36 @@ def test_sqlite_enforces_the_wallet_checks(sqlite_url):
             )
     finally:
         engine.dispose()
+
+
+def test_postgres_downgrades_to_base_and_upgrades_again(database):
+    """Every migration's downgrade works too (0004 builds and drops its index CONCURRENTLY,
+    outside the migration's transaction), on a scratch database."""
+    import uuid
+
+    from alembic import command
+
+    from tests.conftest import PG_ADMIN_URL
+
+    name = f"flopex_mig_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    try:
+        cfg = Config(str(ROOT / "alembic.ini"))
+        cfg.set_main_option("script_location", str(ROOT / "migrations"))
+        cfg.attributes["database_url"] = url
+        cfg.attributes["configure_logging"] = False
+        command.upgrade(cfg, "head")
+        command.downgrade(cfg, "base")
+        command.upgrade(cfg, "head")
+        engine = create_engine(url)
+        with engine.connect() as conn:
+            assert not schema_diffs(conn)
+            assert "ix_jobs_webhook_owed" in {i["name"] for i in inspect(conn).get_indexes("jobs")}
+        engine.dispose()
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

@@ -5,7 +5,9 @@ Revises: 0003
 Create Date: 2026-11-26 10:00:00
 """
 
+import contextlib
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -22,16 +24,27 @@ def upgrade() -> None:
         "jobs", sa.Column("webhook_attempted_at", sa.DateTime(timezone=True), nullable=True)
     )
     # Only the owed ones are indexed: the sweeper's query, never more rows than webhooks in flight.
-    op.create_index(
-        "ix_jobs_webhook_owed",
-        "jobs",
-        ["finished_at"],
-        postgresql_where=sa.text("webhook_status = 'pending'"),
-        sqlite_where=sa.text("webhook_status = 'pending'"),
-    )
+    # CONCURRENTLY on PostgreSQL: a plain CREATE INDEX would block every write to `jobs` (every
+    # request) while it scans the table during the release.
+    postgres = op.get_bind().dialect.name == "postgresql"
+    with _outside_transaction(postgres):
+        op.create_index(
+            "ix_jobs_webhook_owed",
+            "jobs",
+            ["finished_at"],
+            postgresql_where=sa.text("webhook_status = 'pending'"),
+            sqlite_where=sa.text("webhook_status = 'pending'"),
+            postgresql_concurrently=postgres,
+        )
 
 
 def downgrade() -> None:
-    op.drop_index("ix_jobs_webhook_owed", table_name="jobs")
+    postgres = op.get_bind().dialect.name == "postgresql"
+    with _outside_transaction(postgres):
+        op.drop_index("ix_jobs_webhook_owed", table_name="jobs", postgresql_concurrently=postgres)
     op.drop_column("jobs", "webhook_attempted_at")
     op.drop_column("jobs", "webhook_status")
+
+
+def _outside_transaction(postgres: bool) -> Any:
+    return op.get_context().autocommit_block() if postgres else contextlib.nullcontext()
