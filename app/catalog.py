@@ -227,6 +227,11 @@ class ModelCache:
             self._entries[alias] = (now + self.ttl_s, entry)
         return entry
 
+    def refresh(self, session: Session, alias: str) -> ModelEntry | None:
+        """The alias read now, whatever this cache holds (and kept for the next ``ttl_s``)."""
+        self._entries.pop(alias, None)
+        return self.get(session, alias)
+
     def clear(self) -> None:
         self._entries.clear()
 

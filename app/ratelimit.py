@@ -50,7 +50,10 @@ class RateLimiter:
         interval_us = -(-60_000_000 // per_minute)  # rounded up: never more than the rate
         try:
             allowed, retry_us = self._script(
-                keys=[f"flopex:rl:{account_id}"], args=[interval_us, max(burst, 1)]
+                # A key of its own: a process still counting milliseconds (a rolling deploy,
+                # a rollback) would read microseconds as a time far ahead and refuse everyone.
+                keys=[f"flopex:rl:us:{account_id}"],
+                args=[interval_us, max(burst, 1)],
             )
         except redis.RedisError:
             log.warning("rate limiter unavailable; allowing request")

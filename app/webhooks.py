@@ -68,6 +68,7 @@ def valid_url(url: str) -> bool:
         return False
     try:
         parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port out of range or not a number)
         return parts.scheme in ("http", "https") and bool(parts.hostname)
     except ValueError:  # e.g. an unclosed IPv6 bracket, a netloc that NFKC-normalizes to "#"
         return False

@@ -13,6 +13,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from app.db import session_factory
 from app.jobs.execution import Outcome, RouteAndExecute
 from app.jobs.quoting import make_quote, store_quote
+from app.jobs.recovery import RESUME_VERSION_HEADER
 from app.providers.breaker import Breaker
 from app.redis_client import get_redis
 from config.settings import get_settings
@@ -52,7 +53,10 @@ def route(job_id: str) -> str | None:
     return _run(job_id, resume=False)
 
 
-@shared_task(name="flopex.resume")
-def resume(job_id: str, version: int | None = None) -> str | None:
-    """``version``: the job's version the sweeper saw (None from senders before it was added)."""
+@shared_task(name="flopex.resume", bind=True)
+def resume(self, job_id: str, version: int | None = None) -> str | None:  # type: ignore[no-untyped-def]
+    """The job's version the sweeper saw comes in a message header (absent from older senders:
+    then no check)."""
+    if version is None:
+        version = getattr(self.request, RESUME_VERSION_HEADER, None)
     return _run(job_id, resume=True, version=version)

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import urllib3
 from celery import shared_task
-from sqlalchemy import update
+from sqlalchemy import or_, update
 
 from app import webhooks
 from app.db import session_scope
@@ -79,8 +79,15 @@ def deliver_webhook(self, job_id: str, delivery_id: str | None = None) -> str:  
 
 
 def _end(job_id: str, status: str) -> str:
+    """Records how the delivery ended, unless another chain recorded it first: a late `failed`
+    never overwrites `delivered`."""
     with session_scope() as session:
         session.execute(
-            update(Job).where(Job.id == uuid.UUID(job_id)).values(webhook_status=status)
+            update(Job)
+            .where(
+                Job.id == uuid.UUID(job_id),
+                or_(Job.webhook_status == "pending", Job.webhook_status.is_(None)),
+            )
+            .values(webhook_status=status)
         )
     return status

@@ -10,7 +10,7 @@ from app.ratelimit import RateLimiter
 def test_each_request_costs_exactly_a_minute_over_the_rate(redis_client):
     limiter = RateLimiter(redis_client)
     account = uuid.uuid4()
-    key = f"flopex:rl:{account}"
+    key = f"flopex:rl:us:{account}"
     stamps = []
     for _ in range(3):  # 7/min: an interval of 8.571429 s, so these three are one burst
         assert limiter.hit(account, per_minute=7, burst=5).allowed
@@ -32,4 +32,4 @@ def test_a_burst_is_the_limit_and_the_answer_says_when_to_come_back(redis_client
     refused = limiter.hit(account, per_minute=1, burst=2)
     assert not refused.allowed and 0 < refused.retry_after_ms <= 60_000
     assert not limiter.hit(uuid.uuid4(), per_minute=0, burst=10).allowed  # zero: nothing
-    redis_client.delete(f"flopex:rl:{account}")
+    redis_client.delete(f"flopex:rl:us:{account}")

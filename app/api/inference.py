@@ -308,7 +308,11 @@ class InferenceCancel(MethodView):
         job = cancel(session, _own_job(principal, job_id))
         session.commit()
         signal_done(get_redis(), job.id)
-        webhooks.send(current_app.extensions["celery"], job)
+        try:
+            webhooks.send(current_app.extensions["celery"], job)
+        except PUBLISH_ERRORS:
+            # The cancellation is committed; the outbox sweeper posts its webhook later.
+            log.exception("queueing the webhook of cancelled job %s failed", job.id)
         return _json_response(current_app.json.dumps(render_job(job)), 200)
 
 

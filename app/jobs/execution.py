@@ -170,9 +170,15 @@ class RouteAndExecute:
         providers withdrawn since the job was accepted: a provider disabled by a catalog load
         gets no more work, queued jobs included. Prices and endpoints stay the job's own (its
         hold was computed from those prices; a moved endpoint is picked up by new jobs)."""
-        entry = _catalog(self.settings).get(self.session, job.model)
-        self.session.commit()  # a cache miss read the catalog: hand the connection back
+        cache = _catalog(self.settings)
+        entry = cache.get(self.session, job.model)
         current = {o.offering_id: o for o in entry.options} if entry is not None else {}
+        if any(item.get("offering_id") not in current for item in entries):
+            # The web may have read a newer catalog than this worker's memory (an offering
+            # added a moment ago): only a fresh read may withdraw an option.
+            entry = cache.refresh(self.session, job.model)
+            current = {o.offering_id: o for o in entry.options} if entry is not None else {}
+        self.session.commit()  # a catalog read opened a transaction: hand the connection back
         offered = [item for item in entries if item.get("offering_id") in current]
         withdrawn = [item["provider"] for item in entries if item.get("offering_id") not in current]
         return offered, withdrawn

@@ -43,6 +43,8 @@ from config.settings import Settings
 
 log = logging.getLogger(__name__)
 
+RESUME_VERSION_HEADER = "flopex_job_version"
+
 
 @dataclass
 class SweepReport:
@@ -53,9 +55,10 @@ class SweepReport:
 
 # A finished job's webhook is queued right after the job's final commit; if that never happened
 # (the worker died in between, the broker refused the message) or its retry chain was lost, the
-# job row still says `pending`. Quiet = longer than the longest pause between two attempts.
+# job row still says `pending`. Quiet = well past the longest pause between two attempts (10 min,
+# plus the request and a wait in a busy queue), so a live chain is not doubled.
 _WEBHOOK_START_GRACE = timedelta(seconds=60)
-_WEBHOOK_CHAIN_QUIET = timedelta(seconds=webhooks.MAX_COUNTDOWN_S + 60)
+_WEBHOOK_CHAIN_QUIET = timedelta(seconds=webhooks.MAX_COUNTDOWN_S * 3)
 _WEBHOOK_HORIZON = timedelta(days=1)
 
 
@@ -113,21 +116,29 @@ def stuck_jobs(
         states.EXECUTING: now - timedelta(seconds=_executing_budget_s(settings) + grace_s),
         states.SETTLING: now - timedelta(seconds=grace_s),
     }
-    conditions = [(Job.status == s) & (Job.updated_at < c) for s, c in cutoff.items()]
-    quoting_grace_s = min(grace_s, settings.sweep_quoting_grace_s)
-    return [
-        job
-        for job in session.scalars(
-            select(Job)
-            .where(or_(*conditions))
-            .order_by(Job.updated_at)
-            .limit(limit)
-            # Two sweepers never take the same job.
-            .with_for_update(skip_locked=True)
+
+    def stuck(statuses: list[str]) -> list[Job]:
+        conditions = [(Job.status == s) & (Job.updated_at < cutoff[s]) for s in statuses]
+        return list(
+            session.scalars(
+                select(Job)
+                .where(or_(*conditions))
+                .order_by(Job.updated_at)
+                .limit(limit)
+                # Two sweepers never take the same job.
+                .with_for_update(skip_locked=True)
+            )
         )
-        if job.status != states.QUOTING
-        or _requote_due(job, now, longest_deadline_s, quoting_grace_s)
+
+    # Quoting jobs are read apart, because their re-quote backoff is applied here: a backlog of
+    # quoting jobs not due yet must not fill the page and starve the crashed ones.
+    quoting_grace_s = min(grace_s, settings.sweep_quoting_grace_s)
+    due = [
+        job
+        for job in stuck([states.QUOTING])
+        if _requote_due(job, now, longest_deadline_s, quoting_grace_s)
     ]
+    return stuck([states.ROUTING, states.EXECUTING, states.SETTLING]) + due
 
 
 def sweep(
@@ -165,11 +176,16 @@ def sweep(
         report.requoted.append(str(job.id))
     for job in to_resume:
         queue = settings.profiles[job.performance_profile].queue
+        # The version travels as a header, not an argument: a worker still on the previous
+        # code (a rolling deploy) ignores it instead of failing on an unexpected argument.
         celery.send_task(
             "flopex.resume",
-            args=[str(job.id), versions[job.id]],
+            args=[str(job.id)],
             queue=queue,
-            headers=task_headers(str(job.id), request_ids[job.id]),
+            headers={
+                **task_headers(str(job.id), request_ids[job.id]),
+                RESUME_VERSION_HEADER: versions[job.id],
+            },
         )
         report.resumed.append(str(job.id))
     for job_id in hooks:

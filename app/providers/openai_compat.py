@@ -179,7 +179,7 @@ def _parse(body: Any) -> Completion:
         input_tokens=counts[0],
         output_tokens=counts[1],
         # Informational, and stored in 32 characters: anything longer is cut, never an error.
-        finish_reason=finish.replace("\x00", "")[:32] if isinstance(finish, str) else None,
+        finish_reason=_UNSTORABLE.sub("\ufffd", finish)[:32] if isinstance(finish, str) else None,
         provider_response_id=response_id if isinstance(response_id, str) else None,
     )
 

@@ -19,6 +19,11 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    postgres = op.get_bind().dialect.name == "postgresql"
+    if postgres:
+        # ADD COLUMN needs an exclusive lock for an instant; waiting for it behind a long
+        # transaction would queue every request behind the migration. Fail the release instead.
+        op.execute("SET LOCAL lock_timeout = '5s'")
     op.add_column("jobs", sa.Column("webhook_status", sa.String(16), nullable=True))
     op.add_column(
         "jobs", sa.Column("webhook_attempted_at", sa.DateTime(timezone=True), nullable=True)
@@ -26,7 +31,6 @@ def upgrade() -> None:
     # Only the owed ones are indexed: the sweeper's query, never more rows than webhooks in flight.
     # CONCURRENTLY on PostgreSQL: a plain CREATE INDEX would block every write to `jobs` (every
     # request) while it scans the table during the release.
-    postgres = op.get_bind().dialect.name == "postgresql"
     with _outside_transaction(postgres):
         op.create_index(
             "ix_jobs_webhook_owed",

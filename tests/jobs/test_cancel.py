@@ -13,6 +13,7 @@ from app.db import session_factory, session_scope
 from app.exceptions import FlopexError
 from app.jobs import states
 from app.jobs.cancel import cancel
+from app.jobs.execution import close_failed
 from app.models import Job
 from tests.jobs.test_submit import _books, _submit, models  # noqa: F401  (fixture)
 
@@ -47,9 +48,11 @@ def test_a_job_that_started_executing_between_read_and_cancel_is_not_cancellable
 ):
     account = make_account(balance_usd="1")
     assert _cancel_after_a_move(account, models, states.EXECUTING) == "job_not_cancellable"
-    _, ledger, state = _books(account)
+    jobs, ledger, state = _books(account)
     assert [kind for kind, _ in ledger] == ["topup", "hold"]  # the running job keeps its hold
     assert state.held_micros > 0
+    with session_scope() as session:  # end it, so that no later sweep finds it executing
+        close_failed(session, session.get(Job, jobs[0]), "provider_error", "test over")
 
 
 @pytest.mark.parametrize("moved_to", [states.QUOTING, states.ROUTING], ids=["requoted", "claimed"])

@@ -15,34 +15,63 @@ from app.models import Job, Provider
 from config.settings import get_settings
 from tests.conftest import chat_calls
 
+REQUEST = InferenceRequest(
+    model="llama-3.1-8b", prompt="Route me.", max_output_tokens=16, performance_profile="economy"
+)
+
+
+def _accept(account, settings):  # type: ignore[no-untyped-def]
+    """A job accepted by the web (its row and hold), not sent to any worker."""
+    with session_scope() as session:
+        principal = accounts.authenticate(session, account.api_key)
+        return SubmitInference(session, principal, REQUEST, settings).run().job.id
+
+
+def _switch_alpha(enabled: bool) -> None:
+    with session_scope() as session:
+        session.execute(update(Provider).where(Provider.name == "alpha").values(enabled=enabled))
+
 
 def test_a_provider_disabled_after_acceptance_gets_no_more_work(
     pipeline, make_account, redis_client
 ):
     settings = dataclasses.replace(get_settings(), catalog_cache_s=0)
-    account = make_account()
-    request = InferenceRequest(
-        model="llama-3.1-8b",
-        prompt="Route me.",
-        max_output_tokens=16,
-        performance_profile="economy",
-    )
-    with session_scope() as session:
-        principal = accounts.authenticate(session, account.api_key)
-        job_id = SubmitInference(session, principal, request, settings).run().job.id  # queued
+    job_id = _accept(make_account(), settings)
     before = chat_calls(pipeline)
     try:
-        with session_scope() as session:  # a catalog load switched the cheapest provider off
-            session.execute(update(Provider).where(Provider.name == "alpha").values(enabled=False))
+        _switch_alpha(False)  # a catalog load switched the cheapest provider off
         with session_scope() as session:
             outcome = RouteAndExecute(session, redis_client, settings).run(job_id)
         assert outcome is not None and outcome.status == "success"
     finally:
-        with session_scope() as session:
-            session.execute(update(Provider).where(Provider.name == "alpha").values(enabled=True))
+        _switch_alpha(True)
     with session_scope() as session:
         job = session.get(Job, job_id)
         assert job.provider_name != "alpha"
         assert {"provider": "alpha", "reason": "provider_disabled"} in job.routing["dropped"]
         assert "alpha" not in {q["provider"] for q in job.quotes}
     assert chat_calls(pipeline)["alpha"] == before["alpha"]
+
+
+def test_an_offering_newer_than_the_workers_catalog_memory_is_not_withdrawn(
+    pipeline, make_account, redis_client
+):
+    """The web may accept a job with an offering the worker's cached catalog does not know yet
+    (a load a moment ago): the worker reads the catalog again before withdrawing anything."""
+    from app.jobs.execution import _catalog
+
+    settings = dataclasses.replace(get_settings(), catalog_cache_s=600)
+    try:
+        _switch_alpha(False)  # the worker remembers a catalog without alpha
+        with session_scope() as session:
+            _catalog(settings).refresh(session, REQUEST.model)
+    finally:
+        _switch_alpha(True)  # alpha is added back; the web sees it at once
+    job_id = _accept(make_account(), settings)
+    with session_scope() as session:
+        outcome = RouteAndExecute(session, redis_client, settings).run(job_id)
+    assert outcome is not None and outcome.status == "success"
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job.provider_name == "alpha"  # the cheapest, not withdrawn
+        assert all(d["reason"] != "provider_disabled" for d in job.routing["dropped"])

@@ -314,9 +314,10 @@ def test_parse_makes_what_postgresql_cannot_store_storable():
     paid, so its result must be writable (it once left the job executing until the sweeper)."""
     body = _body()
     body["choices"][0]["message"]["content"] = "a\x00b\ud800c"
-    body["choices"][0]["finish_reason"] = "x" * 50
+    body["choices"][0]["finish_reason"] = "\ud800" + "x" * 50
     parsed = _parse(body)
-    assert parsed.text == "a\ufffdb\ufffdc" and parsed.finish_reason == "x" * 32
+    assert parsed.text == "a\ufffdb\ufffdc" and parsed.finish_reason == "\ufffd" + "x" * 31
+    parsed.finish_reason.encode("utf-8")
     parsed.text.encode("utf-8")
 
 
