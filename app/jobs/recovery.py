@@ -9,9 +9,9 @@ its current step can take:
 | routing | grace | back to quoting, quote again (no provider was called yet) |
 | executing | (connect + read timeout) * (retries + 1) + grace | resume: see below |
 | settling | grace | resume: settle from the recorded answer |
-| finished, webhook `pending` | 60 s, no attempt yet; or none for ~11 min | queue the webhook again |
+| finished, webhook `pending` | 60 s, no attempt yet; or none for 30 min | queue the webhook again |
 
-(Webhooks only for jobs finished within a day; ~11 min is the longest pause between attempts.)
+(Webhooks only for jobs finished within a day; 10 min is the longest pause between attempts.)
 
 Resuming an executing job abandons its in-flight attempt (the provider may have run it, so it is
 never re-sent) and goes on with the candidates not yet tried.
