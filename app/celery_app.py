@@ -3,12 +3,11 @@ by name; tasks/ never imports the web app."""
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 from celery import Celery
 from kombu import Queue
 
 from app import broker
+from app.redis_client import is_redis_url
 from config.settings import Settings, get_settings
 
 # Strict order: a worker always takes `fast` work before `balanced`, and `balanced` before
@@ -23,9 +22,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         broker_url=settings.broker_url,
         # kombu's Redis transport with one client per channel (app/broker.py); any other broker
         # URL keeps the transport its scheme names.
-        broker_transport=broker.TRANSPORT
-        if urlsplit(settings.broker_url).scheme in ("redis", "rediss")
-        else None,
+        broker_transport=broker.TRANSPORT if is_redis_url(settings.broker_url) else None,
         # PostgreSQL holds every result; quotes meet in Redis hashes of our own.
         result_backend=None,
         task_ignore_result=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from urllib.parse import urlsplit
 
 import redis
 
@@ -48,6 +49,11 @@ def probe_client(url: str) -> redis.Redis:
         )
         _probes[key] = client
     return client
+
+
+def is_redis_url(url: str) -> bool:
+    """A Redis URL (the broker may be configured as anything kombu supports)."""
+    return urlsplit(url).scheme in ("redis", "rediss")
 
 
 def reset_redis() -> None:

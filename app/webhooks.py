@@ -74,15 +74,6 @@ def valid_url(url: str) -> bool:
         return False
 
 
-def public_destination(url: str) -> bool:
-    """False when the host resolves to an address inside a private network, or not at all."""
-    return destination_problem(url) is None
-
-
-def destination_problem(url: str) -> str | None:
-    return destination(url)[0]
-
-
 def destination(url: str) -> tuple[str | None, str | None]:
     """(problem, address). problem: ``private`` when the host resolves to an address inside a
     private network (never sent), ``unresolved`` when its name does not resolve now (a DNS
@@ -166,12 +157,17 @@ _DELIVERY_NAMESPACE = uuid.UUID("5f0c8e2a-6b1d-4c57-9a43-0d4c1f7e2b90")
 def send(celery: Any, job: Any) -> None:
     """Queue the delivery of a finished job's webhook, if it has a callback_url."""
     if (job.request or {}).get("callback_url"):
-        celery.send_task(
-            "flopex.webhook",
-            args=[str(job.id), delivery_id(job.id)],
-            queue="economy",
-            headers=task_headers(str(job.id), job.request_id),
-        )
+        queue_delivery(celery, job.id, job.request_id)
+
+
+def queue_delivery(celery: Any, job_id: Any, request_id: str | None) -> None:
+    """One flopex.webhook message for the job (its worker, or the sweeper's outbox pass)."""
+    celery.send_task(
+        "flopex.webhook",
+        args=[str(job_id), delivery_id(job_id)],
+        queue="economy",
+        headers=task_headers(str(job_id), request_id),
+    )
 
 
 def headers_for(secret: str, body: bytes, event: str, delivery_id: str) -> dict[str, Any]:

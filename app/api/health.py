@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 
 from flask import Response
 from flask.views import MethodView
@@ -13,13 +12,8 @@ from sqlalchemy import text
 from app.api.schemas import HealthSchema, ReadySchema
 from app.api.session import db
 from app.metrics import render
-from app.redis_client import probe_client
+from app.redis_client import is_redis_url, probe_client
 from config.settings import get_settings
-
-
-def _is_redis(url: str) -> bool:
-    return urlsplit(url).scheme in ("redis", "rediss")
-
 
 blp = Blueprint("health", __name__, description="Process health")
 
@@ -43,7 +37,7 @@ class Metrics(MethodView):
         """Prometheus metrics for every process on this host (see docs/operations.md)."""
         settings = get_settings()
         # Queue depths live in the broker, which may be another Redis than REDIS_URL.
-        broker = settings.broker_url if _is_redis(settings.broker_url) else settings.redis_url
+        broker = settings.broker_url if is_redis_url(settings.broker_url) else settings.redis_url
         body, content_type = render(lambda: probe_client(broker))
         return Response(body, mimetype=content_type.split(";")[0], content_type=content_type)
 
@@ -62,7 +56,7 @@ class Readyz(MethodView):
             checks["database"] = f"error: {type(exc).__name__}"
         settings = get_settings()
         redis_urls = {"redis": settings.redis_url}
-        if settings.broker_url != settings.redis_url and _is_redis(settings.broker_url):
+        if settings.broker_url != settings.redis_url and is_redis_url(settings.broker_url):
             redis_urls["broker"] = settings.broker_url
         for name, url in redis_urls.items():
             try:

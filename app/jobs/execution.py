@@ -24,7 +24,7 @@ from celery import current_app as current_celery
 from sqlalchemy.orm import Session
 
 from app import wallet, webhooks
-from app.catalog import ModelCache
+from app.catalog import ModelCache, ModelEntry
 from app.db import autocommit, defer_durability, make_durable
 from app.failpoints import failpoint
 from app.jobs import rows, states
@@ -171,13 +171,15 @@ class RouteAndExecute:
         gets no more work, queued jobs included. Prices and endpoints stay the job's own (its
         hold was computed from those prices; a moved endpoint is picked up by new jobs)."""
         cache = _catalog(self.settings)
-        entry = cache.get(self.session, job.model)
-        current = {o.offering_id: o for o in entry.options} if entry is not None else {}
+
+        def enabled_ids(entry: ModelEntry | None) -> set[int]:
+            return {o.offering_id for o in entry.options} if entry is not None else set()
+
+        current = enabled_ids(cache.get(self.session, job.model))
         if any(item.get("offering_id") not in current for item in entries):
             # The web may have read a newer catalog than this worker's memory (an offering
             # added a moment ago): only a fresh read may withdraw an option.
-            entry = cache.refresh(self.session, job.model)
-            current = {o.offering_id: o for o in entry.options} if entry is not None else {}
+            current = enabled_ids(cache.refresh(self.session, job.model))
         self.session.commit()  # a catalog read opened a transaction: hand the connection back
         offered = [item for item in entries if item.get("offering_id") in current]
         withdrawn = [item["provider"] for item in entries if item.get("offering_id") not in current]

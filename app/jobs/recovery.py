@@ -62,12 +62,15 @@ _WEBHOOK_CHAIN_QUIET = timedelta(seconds=webhooks.MAX_COUNTDOWN_S * 3)
 _WEBHOOK_HORIZON = timedelta(days=1)
 
 
-def owed_webhooks(session: Session, now: datetime, limit: int = 100) -> list[uuid.UUID]:
-    """Finished jobs whose webhook is owed and whose delivery is not in progress; each marked
-    as attempted now, so that the next sweep leaves the delivery it queues alone."""
-    ids = list(
-        session.scalars(
-            select(Job.id)
+def owed_webhooks(
+    session: Session, now: datetime, limit: int = 100
+) -> list[tuple[uuid.UUID, str | None]]:
+    """(id, request id) of the finished jobs whose webhook is owed and whose delivery is not in
+    progress; each marked as attempted now, so that the next sweep leaves the delivery it
+    queues alone."""
+    owed = list(
+        session.execute(
+            select(Job.id, Job.request_id)
             .where(
                 Job.webhook_status == "pending",
                 Job.finished_at < now - _WEBHOOK_START_GRACE,
@@ -82,9 +85,10 @@ def owed_webhooks(session: Session, now: datetime, limit: int = 100) -> list[uui
             .with_for_update(skip_locked=True)
         )
     )
-    if ids:
+    if owed:
+        ids = [job_id for job_id, _ in owed]
         session.execute(update(Job).where(Job.id.in_(ids)).values(webhook_attempted_at=now))
-    return ids
+    return [(job_id, request_id) for job_id, request_id in owed]
 
 
 def _executing_budget_s(settings: Settings) -> float:
@@ -188,10 +192,8 @@ def sweep(
             },
         )
         report.resumed.append(str(job.id))
-    for job_id in hooks:
-        celery.send_task(
-            "flopex.webhook", args=[str(job_id), webhooks.delivery_id(job_id)], queue="economy"
-        )
+    for job_id, request_id in hooks:
+        webhooks.queue_delivery(celery, job_id, request_id)
         report.webhooks.append(str(job_id))
     if jobs or hooks:
         log.warning(

@@ -278,10 +278,9 @@ def test_callback_url_must_be_an_http_url(client, pipeline, make_account, url):
 
 
 def test_private_destinations_are_recognised():
-    assert webhooks.destination_problem("http://127.0.0.1:9/hook") == "private"
-    assert webhooks.destination_problem("http://10.1.2.3/hook") == "private"
-    assert webhooks.destination_problem("http://no-such-host.invalid/hook") == "unresolved"
-    assert not webhooks.public_destination("http://no-such-host.invalid/hook")
+    assert webhooks.destination("http://127.0.0.1:9/hook") == ("private", None)
+    assert webhooks.destination("http://10.1.2.3/hook") == ("private", None)
+    assert webhooks.destination("http://no-such-host.invalid/hook") == ("unresolved", None)
     assert webhooks.destination("https://93.184.216.34/hook") == (None, "93.184.216.34")
 
 
