@@ -41,6 +41,12 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
             logging.getLogger(__name__).warning(
                 "FLOPEX_WEBHOOK_SECRET is not set: webhooks are signed with a development secret"
             )
+    if settings.trusted_proxy_hops:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        # The client's address (the failed-key guard, the access log) is the one the trusted
+        # proxies saw, not the proxy's own: X-Forwarded-For, read that many hops from the end.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_hops)  # type: ignore[method-assign]
     celery_init_app(app)
     register_api(app)
     return app

@@ -58,7 +58,7 @@ class JsonFormatter(logging.Formatter):
             entry["request_id"] = rid
         if jid:
             entry["job_id"] = jid
-        for key in ("provider", "status", "duration_ms", "task"):
+        for key in ("provider", "status", "duration_ms", "client", "task"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
         if record.exc_info:

@@ -1,4 +1,5 @@
-"""Per-account request rate limits in Redis (GCRA: a token bucket kept as one timestamp).
+"""Request rate limits in Redis (GCRA: a token bucket kept as one timestamp): per account, and
+per client address for failed authentications.
 
 The clock is Redis's own (``TIME`` inside the script), so many web processes on many machines
 share one limit without trusting their clocks.
@@ -27,7 +28,9 @@ local new_tat = tat + interval
 if new_tat - now > tolerance then
   return {0, new_tat - now - tolerance}
 end
-redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+if ARGV[3] ~= '0' then
+  redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+end
 return {1, 0}
 """
 
@@ -45,17 +48,32 @@ class RateLimiter:
     def hit(self, account_id: uuid.UUID, per_minute: int, burst: int) -> Verdict:
         """Take one request from the account's bucket. Fails open if Redis is unreachable: the
         request will meet the same outage at the broker and answer 503 there."""
+        # A key of its own: a process still counting milliseconds (a rolling deploy, a
+        # rollback) would read microseconds as a time far ahead and refuse everyone.
+        return self._run(f"flopex:rl:us:{account_id}", per_minute, burst, consume=True)
+
+    def auth_failure_allowed(self, client: str, per_minute: int) -> Verdict:
+        """May ``client`` (an address) have its key looked up? False once it has failed
+        ``per_minute`` lookups in a burst, until the bucket refills. Takes nothing."""
+        return self._run(_auth_failure_key(client), per_minute, per_minute, consume=False)
+
+    def record_auth_failure(self, client: str, per_minute: int) -> None:
+        """One failed lookup from ``client``."""
+        self._run(_auth_failure_key(client), per_minute, per_minute, consume=True)
+
+    def _run(self, key: str, per_minute: int, burst: int, *, consume: bool) -> Verdict:
         if per_minute <= 0:
             return Verdict(False, 60_000)
         interval_us = -(-60_000_000 // per_minute)  # rounded up: never more than the rate
         try:
             allowed, retry_us = self._script(
-                # A key of its own: a process still counting milliseconds (a rolling deploy,
-                # a rollback) would read microseconds as a time far ahead and refuse everyone.
-                keys=[f"flopex:rl:us:{account_id}"],
-                args=[interval_us, max(burst, 1)],
+                keys=[key], args=[interval_us, max(burst, 1), 1 if consume else 0]
             )
         except redis.RedisError:
             log.warning("rate limiter unavailable; allowing request")
             return Verdict(True)
         return Verdict(bool(allowed), -(-int(retry_us) // 1000))
+
+
+def _auth_failure_key(client: str) -> str:
+    return f"flopex:rl:authfail:{client}"

@@ -74,6 +74,8 @@ class Settings:
     probe_interval_s: float
     catalog_cache_s: float
     auth_cache_s: float
+    auth_failures_per_min: int
+    trusted_proxy_hops: int
     webhook_secret: str
     webhook_allow_private: bool
     webhook_backoff_s: float
@@ -95,6 +97,8 @@ class Settings:
         )
         if _env("FLOPEX_QUOTE_SOURCE", "live") not in ("live", "probe"):
             raise ValueError("FLOPEX_QUOTE_SOURCE is live or probe")
+        if _int("FLOPEX_TRUSTED_PROXY_HOPS", 0) < 0:
+            raise ValueError("FLOPEX_TRUSTED_PROXY_HOPS is a count of proxies, 0 or more")
         if len(weights) != 3:
             raise ValueError(
                 "FLOPEX_BALANCED_WEIGHTS needs three numbers: cost,latency,reliability"
@@ -129,6 +133,8 @@ class Settings:
             probe_interval_s=_float("FLOPEX_PROBE_INTERVAL_S", 10.0),
             catalog_cache_s=_float("FLOPEX_CATALOG_CACHE_S", 5.0),
             auth_cache_s=_float("FLOPEX_AUTH_CACHE_S", 2.0),
+            auth_failures_per_min=_int("FLOPEX_AUTH_FAILURES_PER_MIN", 30),
+            trusted_proxy_hops=_int("FLOPEX_TRUSTED_PROXY_HOPS", 0),
             webhook_secret=_env("FLOPEX_WEBHOOK_SECRET", "dev-only-webhook-secret"),
             webhook_allow_private=_env("FLOPEX_WEBHOOK_ALLOW_PRIVATE", "0") == "1",
             webhook_backoff_s=_float("FLOPEX_WEBHOOK_BACKOFF_S", 1.0),

@@ -85,6 +85,9 @@ os.environ.update(
     # Webhook receivers in tests listen on loopback; retries back off from 0.1 s.
     FLOPEX_WEBHOOK_ALLOW_PRIVATE="1",
     FLOPEX_WEBHOOK_BACKOFF_S="0.1",
+    # Every test client calls from 127.0.0.1: tests that send bad keys on purpose must not
+    # throttle the next test's first lookup. The guard has its own tests with its own limit.
+    FLOPEX_AUTH_FAILURES_PER_MIN="1000000",
 )
 
 from flask.testing import FlaskClient  # noqa: E402

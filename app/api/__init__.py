@@ -36,6 +36,9 @@ def register_api(app: Flask) -> Api:
     init_observability(app)
     errors.register(app)
     app.extensions["flopex_api"] = api
-    app.extensions["flopex_models"] = ModelCache(get_settings().catalog_cache_s)
-    app.extensions["flopex_principals"] = PrincipalCache(get_settings().auth_cache_s)
+    settings = get_settings()
+    app.extensions["flopex_models"] = ModelCache(settings.catalog_cache_s)
+    app.extensions["flopex_principals"] = PrincipalCache(
+        settings.auth_cache_s, settings.auth_failures_per_min
+    )
     return api

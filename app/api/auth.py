@@ -15,29 +15,48 @@ from config.settings import get_settings
 
 
 class RateLimited(FlopexError):
-    def __init__(self, retry_after_s: int) -> None:
-        super().__init__("rate_limited", f"Too many requests; retry after {retry_after_s} s.")
+    def __init__(self, retry_after_s: int, what: str = "Too many requests") -> None:
+        super().__init__("rate_limited", f"{what}; retry after {retry_after_s} s.")
         self.retry_after_s = retry_after_s
 
 
 class PrincipalCache:
     """Seconds of memory for key lookups (FLOPEX_AUTH_CACHE_S; 0 disables): the lookup is a
     query on every request. Keyed by the key's hash, never the key. A revoked key, or a changed
-    rate limit, takes effect within the TTL."""
+    rate limit, takes effect within the TTL.
 
-    def __init__(self, ttl_s: float) -> None:
+    A lookup that reaches the database is guarded per client address
+    (FLOPEX_AUTH_FAILURES_PER_MIN, 0 disables): an address whose keys failed that many times in
+    a burst gets 429 instead of another query until its bucket refills, so guessing keys costs
+    the database a bounded number of queries per address. The bucket is read before the query
+    and charged only on a failure: a valid key never spends it, and a cache hit never reads it.
+    """
+
+    def __init__(self, ttl_s: float, failures_per_min: int = 0) -> None:
         self.ttl_s = ttl_s
+        self.failures_per_min = failures_per_min
         self._entries: dict[str, tuple[float, Principal]] = {}
 
-    def get(self, raw_key: str) -> Principal | None:
-        if self.ttl_s <= 0:
-            return authenticate(db(), raw_key)
-        digest, now = hash_key(raw_key), time.monotonic()
-        hit = self._entries.get(digest)
-        if hit is not None and hit[0] > now:
-            return hit[1]
+    def get(self, raw_key: str, client: str | None = None) -> Principal | None:
+        if self.ttl_s > 0:
+            digest, now = hash_key(raw_key), time.monotonic()
+            hit = self._entries.get(digest)
+            if hit is not None and hit[0] > now:
+                return hit[1]
+        guarded = self.failures_per_min > 0 and client is not None
+        if guarded:
+            verdict = RateLimiter(get_redis()).auth_failure_allowed(client, self.failures_per_min)
+            if not verdict.allowed:
+                raise RateLimited(
+                    max(1, -(-verdict.retry_after_ms // 1000)),
+                    "Too many requests with invalid API keys from your address",
+                )
         principal = authenticate(db(), raw_key)
-        if principal is not None:  # failures are not cached: a new key works at once
+        if principal is None:
+            if guarded:
+                RateLimiter(get_redis()).record_auth_failure(client, self.failures_per_min)
+            return None
+        if self.ttl_s > 0:  # failures are not cached: a new key works at once
             if len(self._entries) > 10_000:
                 self._entries.clear()
             self._entries[digest] = (now + self.ttl_s, principal)
@@ -54,7 +73,7 @@ def require_principal() -> Principal:
     raw = raw.strip()
     if scheme.lower() != "bearer" or not raw:
         raise FlopexError("invalid_api_key", "Send your API key as 'Authorization: Bearer <key>'.")
-    principal = current_app.extensions["flopex_principals"].get(raw)
+    principal = current_app.extensions["flopex_principals"].get(raw, request.remote_addr)
     if principal is None:
         raise FlopexError("invalid_api_key", "The API key is invalid or revoked.")
     g.principal = principal

@@ -61,7 +61,12 @@ def init_observability(app: Flask) -> None:
                 request.method,
                 rule,
                 response.status_code,
-                extra={"status": response.status_code, "duration_ms": round(elapsed * 1000, 2)},
+                extra={
+                    "status": response.status_code,
+                    "duration_ms": round(elapsed * 1000, 2),
+                    # The caller's address (FLOPEX_TRUSTED_PROXY_HOPS: through the proxies).
+                    "client": request.remote_addr,
+                },
             )
         return response
 

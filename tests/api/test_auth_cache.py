@@ -33,3 +33,40 @@ def test_failed_lookups_are_not_cached(flask_app, make_account):
         assert cache.get(make_account().api_key) is not None
         assert len(cache._entries) == 1
         assert not any("fpx_" in digest for digest in cache._entries)  # hashes, never keys
+
+
+def test_an_address_that_keeps_failing_gets_429_without_a_query(
+    flask_app, client, make_account, monkeypatch, redis_client
+):
+    """FLOPEX_AUTH_FAILURES_PER_MIN: unknown keys from one address are looked up that many
+    times in a burst, then refused with 429 before the database is asked; a key already
+    remembered keeps working, and other addresses are not affected (FLOPEX_TRUSTED_PROXY_HOPS
+    decides which address is the client's)."""
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    account = make_account()
+    cache = PrincipalCache(ttl_s=60, failures_per_min=3)
+    monkeypatch.setitem(flask_app.extensions, "flopex_principals", cache)
+    monkeypatch.setattr(flask_app, "wsgi_app", ProxyFix(flask_app.wsgi_app, x_for=1))
+    lookups = []
+    real = auth.authenticate
+    monkeypatch.setattr(auth, "authenticate", lambda s, k: lookups.append(k) or real(s, k))
+
+    def get(key, address):
+        return client.get(
+            "/v1/wallet",
+            headers={"Authorization": f"Bearer {key}", "X-Forwarded-For": address},
+        )
+
+    assert get(account.api_key, "203.0.113.9").status_code == 200  # now remembered
+    bad = "fpx_guess0000_aaaaaaaaaaaaaaaaaaaaaaaa"
+    assert [get(bad, "203.0.113.9").status_code for _ in range(3)] == [401, 401, 401]
+    refused = get(bad, "203.0.113.9")
+    assert refused.status_code == 429
+    assert refused.get_json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 20
+    assert len(lookups) == 4  # the good key once, the bad one three times; not the 429
+    assert get(account.api_key, "203.0.113.9").status_code == 200  # remembered: no lookup
+    assert get(bad, "198.51.100.20").status_code == 401  # another client is looked up
+    assert len(lookups) == 5
+    redis_client.delete("flopex:rl:authfail:203.0.113.9", "flopex:rl:authfail:198.51.100.20")

@@ -6,6 +6,7 @@ import io
 import json
 import uuid
 
+import pytest
 from sqlalchemy import func, select, update
 
 from app.db import session_scope
@@ -66,6 +67,40 @@ def test_a_request_id_is_generated_when_absent_or_unsafe(client, database):
         "X-Request-ID"
     ]
     assert unsafe != "bad id <script>" and len(unsafe) == 32
+
+
+def test_the_access_log_names_the_client_through_trusted_proxies_only(
+    database, redis_client, monkeypatch, caplog
+):
+    """FLOPEX_TRUSTED_PROXY_HOPS: 0 logs the connection's peer whatever X-Forwarded-For says (a
+    client could forge it); 1 takes the address the one trusted proxy appended."""
+    from app import create_app
+    from config.settings import get_settings
+
+    def client_logged(hops: str) -> str:
+        monkeypatch.setenv("FLOPEX_TRUSTED_PROXY_HOPS", hops)
+        get_settings.cache_clear()
+        app = create_app({"TESTING": True})
+        caplog.clear()
+        with caplog.at_level("INFO", logger="flopex.access"):
+            app.test_client().get(
+                "/healthz",
+                headers={"X-Forwarded-For": "192.0.2.1, 203.0.113.5"},
+                environ_base={"REMOTE_ADDR": "10.0.0.7"},
+            )
+        (record,) = [r for r in caplog.records if r.name == "flopex.access"]
+        return record.client
+
+    try:
+        assert client_logged("0") == "10.0.0.7"
+        assert client_logged("1") == "203.0.113.5"
+        monkeypatch.setenv("FLOPEX_TRUSTED_PROXY_HOPS", "-1")
+        get_settings.cache_clear()
+        with pytest.raises(ValueError, match="FLOPEX_TRUSTED_PROXY_HOPS"):
+            get_settings()
+    finally:
+        monkeypatch.delenv("FLOPEX_TRUSTED_PROXY_HOPS")
+        get_settings.cache_clear()
 
 
 def test_raw_api_keys_never_reach_the_logs(client, pipeline, make_account, worker, caplog):
