@@ -28,6 +28,22 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     cur.close()
 
 
+# libpq settings for every PostgreSQL connection. connect_timeout: a server that accepts TCP and
+# never answers fails a new connection within seconds. Keepalives and tcp_user_timeout: a
+# server that vanished (host down, network partition) fails a pooled connection's next
+# statement within about 30 s, and an idle one within about a minute, instead of holding the
+# thread for the kernel's retransmission timeout (~15 minutes). Neither cuts a long query
+# short: a live server acknowledges the query and answers keepalives while it runs.
+PG_CONNECT_ARGS = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+
+
 def build_engine(url: str, pool_size: int = 10) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
@@ -37,14 +53,12 @@ def build_engine(url: str, pool_size: int = 10) -> Engine:
     # per request in the benchmark). A connection the server dropped fails its first statement
     # instead; SQLAlchemy then invalidates the pool, and the request or task is retried by its
     # caller (clients retry with their Idempotency-Key; Celery tasks are idempotent).
-    # connect_timeout: a server that accepts TCP and never answers fails a new connection (and
-    # /readyz) within seconds instead of holding the thread for the kernel's TCP timeout.
     engine = create_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_recycle=1800,
-        connect_args={"connect_timeout": 5} if url.startswith("postgresql") else {},
+        connect_args=PG_CONNECT_ARGS if url.startswith("postgresql") else {},
     )
     event.listen(engine, "checkin", _end_autocommit)
     return engine
@@ -54,6 +68,60 @@ def _end_autocommit(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     # autocommit() switches the DBAPI connection itself; the pool takes it back as it lent it.
     if getattr(dbapi_conn, "autocommit", False):
         dbapi_conn.autocommit = False
+
+
+def probe_database(url: str, timeout_s: float) -> None:
+    """Raises unless the database at ``url`` answers ``SELECT 1`` within ``timeout_s``: a bound
+    on the whole check, whatever the server does (refuses, accepts and hangs, stops mid-query).
+
+    PostgreSQL: a new connection of its own, driven asynchronously so that every wait is a
+    ``select`` with the remaining time; a pooled connection could block on a hung server for as
+    long as the kernel keeps the socket (readiness probes are frequent: each would hold a web
+    thread). Other databases: the pooled engine."""
+    if not url.startswith("postgresql"):
+        with get_engine().connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return
+    import select as select_module
+    import time
+
+    import psycopg2
+    import psycopg2.extensions
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    params = {
+        k: v
+        for k, v in parsed.translate_connect_args(database="dbname", username="user").items()
+        if v is not None
+    }
+    params.update({k: v for k, v in parsed.query.items() if isinstance(v, str)})
+    deadline = time.monotonic() + timeout_s
+    conn = psycopg2.connect(**params, connect_timeout=max(1, int(timeout_s)), async_=True)
+
+    def wait() -> None:
+        while True:
+            state = conn.poll()
+            if state == psycopg2.extensions.POLL_OK:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no answer from the database within {timeout_s} s")
+            fd = conn.fileno()
+            if state == psycopg2.extensions.POLL_READ:
+                select_module.select([fd], [], [], remaining)
+            else:
+                select_module.select([], [fd], [], remaining)
+
+    try:
+        wait()
+        cursor = conn.cursor()
+        cursor.execute("SELECT 1")
+        wait()
+        if cursor.fetchone() != (1,):
+            raise RuntimeError("SELECT 1 did not answer 1")
+    finally:
+        conn.close()
 
 
 def get_engine() -> Engine:

@@ -83,3 +83,15 @@ def test_autocommit_leaves_a_session_bound_to_someone_elses_connection_alone(dat
         assert a == b  # still the outer transaction
         session.close()
         outer.rollback()
+
+
+def test_pooled_connections_detect_a_vanished_server(database):
+    """Every PostgreSQL connection carries keepalives and a TCP user timeout (app.db
+    PG_CONNECT_ARGS), so a partitioned server fails a statement instead of hanging a thread."""
+    session = session_factory()()
+    try:
+        dsn = session.connection().connection.dbapi_connection.get_dsn_parameters()
+    finally:
+        session.close()
+    assert dsn["keepalives"] == "1" and dsn["keepalives_idle"] == "30"
+    assert dsn["keepalives_count"] == "3" and dsn["tcp_user_timeout"] == "30000"

@@ -7,15 +7,17 @@ from typing import Any
 from flask import Response
 from flask.views import MethodView
 from flask_smorest import Blueprint
-from sqlalchemy import text
 
 from app.api.schemas import HealthSchema, ReadySchema
-from app.api.session import db
+from app.db import probe_database
 from app.metrics import render
 from app.redis_client import is_redis_url, probe_client
 from config.settings import get_settings
 
 blp = Blueprint("health", __name__, description="Process health")
+
+# Each check of /readyz gives up after this long (Redis: app.redis_client.probe_client).
+_PROBE_TIMEOUT_S = 2.0
 
 
 @blp.route("/healthz")
@@ -49,12 +51,12 @@ class Readyz(MethodView):
     def get(self) -> Any:
         """The database and the broker are reachable."""
         checks: dict[str, str] = {}
+        settings = get_settings()
         try:
-            db().execute(text("SELECT 1"))
+            probe_database(settings.database_url, _PROBE_TIMEOUT_S)
             checks["database"] = "ok"
         except Exception as exc:  # any failure means not ready
             checks["database"] = f"error: {type(exc).__name__}"
-        settings = get_settings()
         redis_urls = {"redis": settings.redis_url}
         if settings.broker_url != settings.redis_url and is_redis_url(settings.broker_url):
             redis_urls["broker"] = settings.broker_url

@@ -56,3 +56,30 @@ def test_readyz_checks_a_separate_broker_too(client, monkeypatch):
     assert resp.status_code == 503
     checks = resp.get_json()["checks"]
     assert checks["redis"] == "ok" and checks["broker"].startswith("error")
+
+
+@pytest.mark.parametrize("how", ["refused", "hung"])
+def test_readyz_reports_an_unreachable_or_hung_database(client, monkeypatch, silent_server, how):
+    """A PostgreSQL that accepts connections and never answers fails the check on the probe's
+    own clock (TimeoutError), not libpq's or the kernel's; the pool is not involved."""
+    port = 1 if how == "refused" else int(silent_server.rsplit(":", 1)[1].split("/")[0])
+    _with_urls(monkeypatch, database_url=f"postgresql+psycopg2://postgres@127.0.0.1:{port}/x")
+    resp = client.get("/readyz")
+    assert resp.status_code == 503
+    checks = resp.get_json()["checks"]
+    assert checks["redis"] == "ok"
+    assert checks["database"] == (
+        "error: OperationalError" if how == "refused" else "error: TimeoutError"
+    )
+
+
+def test_the_database_probe_reads_every_part_of_the_url(database):
+    """User, host, port, database and query options (here an application_name) reach libpq;
+    a wrong database name is an error, not a silent success against another database."""
+    import psycopg2
+
+    from app.db import probe_database
+
+    probe_database(database + "?application_name=flopex-readyz", 2.0)
+    with pytest.raises(psycopg2.OperationalError, match="does not exist"):
+        probe_database(database.rsplit("/", 1)[0] + "/no_such_database_here", 2.0)
