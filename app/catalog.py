@@ -62,6 +62,9 @@ class LoadReport:
     providers: int
     models: int
     offerings: int
+    # Not errors (the load's process need not hold the providers' secrets; the workers must):
+    # what would make an enabled provider answer 401 if the workers' environment is the same.
+    warnings: tuple[str, ...] = ()
 
 
 # The keys each table may have: the file is the whole truth, so a misspelt key (`enable =
@@ -90,6 +93,13 @@ def _check_shape(data: dict[str, Any]) -> None:
             unknown = set(entry) - _KEYS[table]
             if unknown:
                 raise ValueError(f"{table}[{i}]: unknown keys {sorted(unknown)}")
+        for i, entry in enumerate(data.get(table, [])):
+            # bool("false") is True: a quoted value would leave the provider serving.
+            if not isinstance(entry.get("enabled", True), bool):
+                raise ValueError(
+                    f"{table}[{i}]: enabled must be true or false (a TOML boolean, unquoted), "
+                    f"not {entry['enabled']!r}"
+                )
     for table, key in (
         ("providers", ("name",)),
         ("models", ("alias",)),
@@ -175,7 +185,15 @@ def load_catalog(session: Session, path: Path, allow_empty: bool = False) -> Loa
             "catalog: no enabled offering of an enabled model on an enabled provider; "
             "load it with --allow-empty if that is the intent"
         )
-    return LoadReport(len(providers), len(models), len(offerings))
+    warnings = tuple(
+        f"provider {name}: api_key_env {spec['api_key_env']} is not set in this environment; "
+        "the workers need it, or the provider is called without a key"
+        for name, spec in providers.items()
+        if spec.get("api_key_env")
+        and provider_rows[name].enabled
+        and not os.environ.get(spec["api_key_env"])
+    )
+    return LoadReport(len(providers), len(models), len(offerings), warnings)
 
 
 @dataclass(frozen=True)

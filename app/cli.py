@@ -5,27 +5,33 @@ Examples::
     flopex db upgrade
     flopex catalog load config/catalog.dev.toml
     flopex account create "Acme" --top-up 25
+    flopex account set-limit <account-id> --per-min 600 --burst 50
     flopex key issue <account-id>
-    flopex key revoke <prefix>
+    flopex key list <account-id>
+    flopex key revoke <key, fpx_<prefix> or prefix>
     flopex wallet top-up <account-id> 10.00 --memo "invoice 42"
+    flopex wallet refund <job-id> [--amount 0.0012] --memo "ticket 7: truncated answer"
+    flopex wallet adjust <account-id> -5.00 --memo "top-up entered twice"
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import uuid
 from decimal import Decimal
 from pathlib import Path
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 
 from app import accounts, wallet
 from app.catalog import load_catalog
 from app.db import session_scope
-from app.models import Account, ApiKey, Wallet
+from app.models import Account, ApiKey, Job, Wallet
 from app.money import micros_to_usd, usd_to_micros
 from config.settings import get_settings
 
@@ -49,9 +55,18 @@ def cmd_db_upgrade(_: argparse.Namespace) -> None:
 
 
 def cmd_catalog_load(args: argparse.Namespace) -> None:
+    # No silent default: the file is the whole truth, and the development catalog loaded by
+    # mistake would disable every real provider. FLOPEX_CATALOG names the deployment's file.
+    if not args.path and not os.environ.get("FLOPEX_CATALOG"):
+        raise ValueError(
+            "name the catalog file (flopex catalog load <path>) or set FLOPEX_CATALOG; "
+            "the development catalog is config/catalog.dev.toml"
+        )
     path = Path(args.path) if args.path else get_settings().catalog_path
     with session_scope() as session:
         report = load_catalog(session, path, allow_empty=args.allow_empty)
+    for warning in report.warnings:
+        print(f"flopex: warning: {warning}", file=sys.stderr)
     _print({"catalog": str(path), **report.__dict__})
 
 
@@ -60,9 +75,22 @@ def cmd_catalog_load(args: argparse.Namespace) -> None:
 _MAX_CREDIT_USD = Decimal(1_000_000_000)
 
 
+# Plain decimal notation only: `1e3` is a valid Decimal but not how anyone writes $1,000.
+_AMOUNT = re.compile(r"^[+-]?\d+(\.\d+)?$")
+
+
+def _micros(amount: str) -> int:
+    if not _AMOUNT.match(amount.strip()):
+        raise ValueError(f"an amount is written in USD like 10 or 0.25, not {amount!r}")
+    micros = usd_to_micros(amount.strip())
+    if abs(micros) > usd_to_micros(_MAX_CREDIT_USD):
+        raise ValueError(f"an amount above ${_MAX_CREDIT_USD:,} is refused: {amount}")
+    return micros
+
+
 def _credit_micros(amount: str) -> int:
     """A top-up amount: positive, at most six decimals, at most _MAX_CREDIT_USD."""
-    micros = usd_to_micros(amount)
+    micros = _micros(amount)
     if micros <= 0:
         raise ValueError(f"a top-up must be a positive amount, not {amount}")
     if micros > usd_to_micros(_MAX_CREDIT_USD):
@@ -80,7 +108,14 @@ def cmd_account_create(args: argparse.Namespace) -> None:
         if credit is not None:
             wid = _wallet_id(session, str(account.id))
             balance = wallet.top_up(session, wid, credit, "initial credit").balance_micros
-    _print({"account_id": account.id, "api_key": raw, "balance_usd": str(micros_to_usd(balance))})
+    _print(
+        {
+            "account_id": account.id,
+            "api_key": raw,
+            "key_prefix": accounts.key_prefix(raw),
+            "balance_usd": str(micros_to_usd(balance)),
+        }
+    )
 
 
 def cmd_key_issue(args: argparse.Namespace) -> None:
@@ -89,11 +124,52 @@ def cmd_key_issue(args: argparse.Namespace) -> None:
     _print({"api_key": raw, "prefix": row.prefix})
 
 
+# `fpx_<prefix>` or `fpx_<prefix>_` as copied from a key or a log line.
+_PREFIX_FORM = re.compile(r"^fpx_([A-Za-z0-9]{8,24})_?$")
+
+
 def cmd_key_revoke(args: argparse.Namespace) -> None:
+    """Takes the key itself, `fpx_<prefix>` or the bare prefix: whatever the operator has."""
+    given = args.key.strip()
+    form = _PREFIX_FORM.match(given)
+    candidates = [form.group(1)] if form else [given, accounts.key_prefix(given)]
     with session_scope() as session:
-        if not accounts.revoke_key(session, args.prefix):
-            raise SystemExit(f"no key with prefix {args.prefix}")
-    _print({"revoked": args.prefix})
+        for prefix in dict.fromkeys(candidates):
+            row = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+            if row is not None:
+                break
+        else:
+            raise LookupError(f"no key matches {given!r} (give the key, fpx_<prefix> or prefix)")
+        already = row.revoked_at is not None
+        accounts.revoke_key(session, row.prefix)
+        result = {
+            "prefix": row.prefix,
+            "account_id": row.account_id,
+            "name": row.name,
+            "revoked_at": row.revoked_at,
+            "already_revoked": already,
+        }
+    _print(result)
+
+
+def cmd_key_list(args: argparse.Namespace) -> None:
+    with session_scope() as session:
+        _wallet_id(session, args.account_id)  # the account exists
+        rows = session.scalars(
+            select(ApiKey)
+            .where(ApiKey.account_id == uuid.UUID(args.account_id))
+            .order_by(ApiKey.created_at)
+        ).all()
+        keys = [
+            {
+                "prefix": r.prefix,
+                "name": r.name,
+                "created_at": r.created_at,
+                "revoked_at": r.revoked_at,
+            }
+            for r in rows
+        ]
+    _print({"account_id": args.account_id, "keys": keys})
 
 
 def cmd_wallet_top_up(args: argparse.Namespace) -> None:
@@ -102,6 +178,64 @@ def cmd_wallet_top_up(args: argparse.Namespace) -> None:
             session, _wallet_id(session, args.account_id), _credit_micros(args.amount), args.memo
         )
     _print({"balance_usd": str(micros_to_usd(state.balance_micros))})
+
+
+def cmd_wallet_refund(args: argparse.Namespace) -> None:
+    amount = None if args.amount is None else _micros(args.amount)
+    if amount is not None and amount <= 0:
+        raise ValueError(f"a refund must be a positive amount, not {args.amount}")
+    with session_scope() as session:
+        done = wallet.refund(session, uuid.UUID(args.job_id), amount, args.memo)
+        account_id = session.scalar(select(Job.account_id).where(Job.id == uuid.UUID(args.job_id)))
+    _print(
+        {
+            "job_id": args.job_id,
+            "account_id": account_id,
+            "refunded_usd": str(micros_to_usd(done.amount_micros)),
+            "job_charged_usd": str(micros_to_usd(done.captured_micros)),
+            "job_refunded_total_usd": str(micros_to_usd(done.refunded_micros)),
+            "balance_usd": str(micros_to_usd(done.state.balance_micros)),
+        }
+    )
+
+
+def cmd_wallet_adjust(args: argparse.Namespace) -> None:
+    amount = _micros(args.amount)
+    with session_scope() as session:
+        state = wallet.adjust(session, _wallet_id(session, args.account_id), amount, args.memo)
+    _print(
+        {
+            "adjusted_usd": str(micros_to_usd(amount)),
+            "balance_usd": str(micros_to_usd(state.balance_micros)),
+            "available_usd": str(micros_to_usd(state.available_micros)),
+        }
+    )
+
+
+def cmd_account_set_limit(args: argparse.Namespace) -> None:
+    """The account's own rate limit; --default returns it to the deployment's settings."""
+    if args.default == (args.per_min is not None or args.burst is not None):
+        raise ValueError("give --per-min (and optionally --burst), or --default")
+    for name, value in (("--per-min", args.per_min), ("--burst", args.burst)):
+        if value is not None and value < 0:
+            raise ValueError(f"{name} cannot be negative")
+    with session_scope() as session:
+        account = session.get(Account, uuid.UUID(args.account_id))
+        if account is None:
+            raise LookupError(f"no account {args.account_id}")
+        account.rate_limit_per_min = None if args.default else args.per_min
+        account.rate_limit_burst = None if args.default else args.burst
+    settings = get_settings()
+    _print(
+        {
+            "account_id": args.account_id,
+            "rate_limit_per_min": args.per_min if not args.default else None,
+            "rate_limit_burst": args.burst if not args.default else None,
+            "deployment_default": f"{settings.rate_limit_per_min}/min, burst "
+            f"{settings.rate_limit_burst}",
+            "takes_effect": f"within FLOPEX_AUTH_CACHE_S ({settings.auth_cache_s:g} s)",
+        }
+    )
 
 
 def ensure_demo_account(raw_key: str, credit_usd: Decimal) -> str:
@@ -137,6 +271,9 @@ def cmd_account_show(args: argparse.Namespace) -> None:
             "balance_usd": str(micros_to_usd(state.balance_micros)),
             "held_usd": str(micros_to_usd(state.held_micros)),
             "available_usd": str(micros_to_usd(state.available_micros)),
+            # None: the deployment's FLOPEX_RATE_LIMIT_PER_MIN / _BURST apply.
+            "rate_limit_per_min": account.rate_limit_per_min,
+            "rate_limit_burst": account.rate_limit_burst,
         }
     )
 
@@ -167,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     show = account.add_parser("show", help="an account's wallet")
     show.add_argument("account_id")
     show.set_defaults(func=cmd_account_show)
+    limit = account.add_parser("set-limit", help="an account's own rate limit (0 refuses all)")
+    limit.add_argument("account_id")
+    limit.add_argument("--per-min", type=int, help="requests per minute")
+    limit.add_argument("--burst", type=int, help="burst (default: at most a minute of the rate)")
+    limit.add_argument("--default", action="store_true", help="use the deployment's limit")
+    limit.set_defaults(func=cmd_account_set_limit)
     demo = account.add_parser("demo", help="ensure the demo account exists (idempotent)")
     demo.add_argument("--key", required=True)
     demo.add_argument("--credit", default="10.00")
@@ -177,9 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("account_id")
     issue.add_argument("--name", default="")
     issue.set_defaults(func=cmd_key_issue)
-    revoke = key.add_parser("revoke", help="revoke a key by its prefix")
-    revoke.add_argument("prefix")
+    revoke = key.add_parser("revoke", help="revoke a key (the key, fpx_<prefix> or prefix)")
+    revoke.add_argument("key")
     revoke.set_defaults(func=cmd_key_revoke)
+    listing = key.add_parser("list", help="an account's keys (prefixes, never the keys)")
+    listing.add_argument("account_id")
+    listing.set_defaults(func=cmd_key_list)
 
     wallet_p = sub.add_parser("wallet").add_subparsers(dest="cmd", required=True)
     top = wallet_p.add_parser("top-up", help="credit a wallet (a ledger entry)")
@@ -187,6 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("amount", help="USD, at most six decimals")
     top.add_argument("--memo", default="")
     top.set_defaults(func=cmd_wallet_top_up)
+    ref = wallet_p.add_parser("refund", help="credit back part or all of a job's charge")
+    ref.add_argument("job_id")
+    ref.add_argument("--amount", help="USD (default: all that is left of the charge)")
+    ref.add_argument("--memo", required=True, help="why, and who asked")
+    ref.set_defaults(func=cmd_wallet_refund)
+    adj = wallet_p.add_parser("adjust", help="correct a balance (+ credit, - debit)")
+    adj.add_argument("account_id")
+    adj.add_argument("amount", help="USD, signed: -5.00 debits, 5.00 credits")
+    adj.add_argument("--memo", required=True, help="why, and who asked")
+    adj.set_defaults(func=cmd_wallet_adjust)
     return parser
 
 
@@ -202,6 +358,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as exc:  # e.g. a catalog file that does not exist
         print(f"flopex: {exc}", file=sys.stderr)
+        return 2
+    except OperationalError as exc:  # the database is down, or the URL names none
+        print(f"flopex: cannot reach the database: {exc.orig}".rstrip(), file=sys.stderr)
+        return 1
+    except ArgumentError as exc:  # e.g. DATABASE_URL=postgres://...
+        print(
+            f"flopex: DATABASE_URL is not usable ({exc}); PostgreSQL URLs are "
+            "postgresql+psycopg2://user@host:5432/name",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

@@ -400,6 +400,90 @@ def settle(
     return state
 
 
+@dataclass(frozen=True)
+class Refund:
+    wallet_id: uuid.UUID
+    amount_micros: int
+    refunded_micros: int  # for this job so far, this refund included
+    captured_micros: int
+    state: WalletState
+
+
+def refund(session: Session, job_id: uuid.UUID, amount_micros: int | None, memo: str) -> Refund:
+    """Credit back part or all of what a job was charged: a ``refund`` entry naming the job.
+
+    A job's refunds never add up to more than its capture: the job's row is locked while its
+    entries are summed, so two refunds of one job cannot both pass the check. ``None`` refunds
+    whatever is left. The job itself keeps the charge it was billed (its ``billing`` is what
+    the provider's usage cost); the refund is a movement of its own, in the ledger."""
+    if not memo.strip():
+        raise ValueError("a refund needs a memo (why, and who asked)")
+    wallet_id = session.scalar(select(Job.wallet_id).where(Job.id == job_id).with_for_update())
+    if wallet_id is None:
+        raise LookupError(f"no job {job_id}")
+    c = LedgerEntry
+    captured, refunded = session.execute(
+        select(
+            -func.coalesce(func.sum(c.amount_micros).filter(c.kind == "capture"), 0),
+            func.coalesce(func.sum(c.amount_micros).filter(c.kind == "refund"), 0),
+        ).where(c.job_id == job_id)
+    ).one()
+    captured, refunded = int(captured), int(refunded)
+    left = captured - refunded
+    if amount_micros is None:
+        amount_micros = left
+    if left <= 0:
+        raise ValueError(
+            f"job {job_id} has nothing left to refund (charged {captured}, refunded {refunded} "
+            "micro-USD)"
+        )
+    if not 0 < amount_micros <= left:
+        raise ValueError(
+            f"a refund of job {job_id} must be between 1 and {left} micro-USD "
+            f"(charged {captured}, refunded {refunded}), not {amount_micros}"
+        )
+    state = _move(
+        session,
+        wallet_id,
+        job_id,
+        amount_micros,
+        0,
+        [_Entry("refund", amount_micros, 0)],
+        memo=memo,
+    )
+    assert state is not None  # the job's wallet exists (foreign key)
+    return Refund(wallet_id, amount_micros, refunded + amount_micros, captured, state)
+
+
+def adjust(session: Session, wallet_id: uuid.UUID, amount_micros: int, memo: str) -> WalletState:
+    """A correction of the balance by an operator (a mistaken top-up, a goodwill credit): an
+    ``adjustment`` entry, positive or negative. A debit never takes money that is on hold or
+    not there: it needs that much available, checked in the same UPDATE."""
+    if not memo.strip():
+        raise ValueError("an adjustment needs a memo (why, and who asked)")
+    if amount_micros == 0:
+        raise ValueError("an adjustment of zero changes nothing")
+    state = _move(
+        session,
+        wallet_id,
+        None,
+        amount_micros,
+        0,
+        [_Entry("adjustment", amount_micros, 0)],
+        require_available=-amount_micros if amount_micros < 0 else None,
+        memo=memo,
+    )
+    if state is None:
+        if amount_micros > 0:
+            raise LookupError(f"wallet {wallet_id} not found")
+        available = get_state(session, wallet_id).available_micros
+        raise ValueError(
+            f"a debit of {-amount_micros} micro-USD exceeds the {available} available "
+            "(balance less holds)"
+        )
+    return state
+
+
 def ledger_sums(session: Session, wallet_id: uuid.UUID) -> WalletState:
     balance, held = session.execute(
         select(

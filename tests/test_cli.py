@@ -54,7 +54,8 @@ def test_account_create_with_top_up_prints_a_working_key_and_the_balance(databas
     name = unique("Acme")
     out = run(capsys, "account", "create", name, "--top-up", "2.50")
 
-    assert set(out) == {"account_id", "api_key", "balance_usd"}
+    assert set(out) == {"account_id", "api_key", "key_prefix", "balance_usd"}
+    assert out["key_prefix"] == accounts.key_prefix(out["api_key"])
     assert out["balance_usd"] == "2.500000"
     principal = authenticate(out["api_key"])
     assert principal is not None
@@ -123,7 +124,7 @@ def test_bad_credit_amounts_exit_2_and_write_nothing(database, capsys, argv):
     account_id = run(capsys, "account", "create", unique("Credit"))["account_id"]
     argv = [account_id if a == "ACCOUNT" else a for a in argv]
     assert main(argv) == 2
-    assert "top-up" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("flopex: ")
     assert ledger(account_id) == []
 
 
@@ -151,11 +152,133 @@ def test_key_issue_and_revoke(database, capsys):
     principal = authenticate(issued["api_key"])
     assert principal is not None and str(principal.account_id) == account_id
 
-    assert run(capsys, "key", "revoke", issued["prefix"]) == {"revoked": issued["prefix"]}
+    revoked = run(capsys, "key", "revoke", issued["prefix"])
+    assert revoked["prefix"] == issued["prefix"] and revoked["already_revoked"] is False
+    assert revoked["account_id"] == account_id and revoked["revoked_at"]
     assert authenticate(issued["api_key"]) is None
+    assert run(capsys, "key", "revoke", issued["prefix"])["already_revoked"] is True
 
-    with pytest.raises(SystemExit, match="no key with prefix"):
-        main(["key", "revoke", f"missing{uuid.uuid4().hex[:8]}"])
+    assert main(["key", "revoke", f"missing{uuid.uuid4().hex[:8]}"]) == 2
+    assert "no key matches" in capsys.readouterr().err
+
+
+def test_key_revoke_takes_the_key_or_either_form_of_its_prefix(database, capsys):
+    """An operator has whatever the customer pasted: the whole key, `fpx_<prefix>` from a log,
+    the bare prefix; an imported key (no visible prefix) is found by the key itself."""
+    account_id = run(capsys, "account", "create", unique("Forms"))["account_id"]
+    keys = [run(capsys, "key", "issue", account_id)["api_key"] for _ in range(3)]
+    prefixes = [accounts.key_prefix(k) for k in keys]
+    for given in (keys[0], f"fpx_{prefixes[1]}", f"fpx_{prefixes[2]}_"):
+        run(capsys, "key", "revoke", given)
+    imported = f"imported-{uuid.uuid4().hex}"
+    run(capsys, "key", "issue", account_id)  # a fourth, left alone
+    with session_scope() as session:
+        accounts.issue_key(session, uuid.UUID(account_id), name="import", raw_key=imported)
+    assert run(capsys, "key", "revoke", imported)["prefix"] == accounts.key_prefix(imported)
+    assert [authenticate(k) for k in (*keys, imported)] == [None] * 4
+
+    listed = run(capsys, "key", "list", account_id)["keys"]
+    # The account's default key first, then in the order issued.
+    assert [k["prefix"] for k in listed][1:4] == prefixes
+    assert [k["revoked_at"] is not None for k in listed] == [False, True, True, True, False, True]
+    assert not any(k in json.dumps(listed) for k in keys)  # prefixes, never keys
+
+
+def _charged_job(account_id: str, charge: int) -> str:
+    """A job of the account with a hold of 100,000 micro-USD settled for ``charge``."""
+    from tests.test_wallet import make_job
+
+    wid = wallet_of(account_id)
+    with session_scope() as session:
+        job_id = make_job(session, uuid.UUID(account_id), wid)
+        wallet.hold(session, wid, job_id, 100_000)
+        wallet.settle(session, wid, job_id, 100_000, charge)
+    return str(job_id)
+
+
+def test_wallet_refund_pays_back_part_then_the_rest_and_no_more(database, capsys):
+    account_id = run(capsys, "account", "create", unique("Refund"), "--top-up", "1")["account_id"]
+    job_id = _charged_job(account_id, 30_000)
+
+    part = run(capsys, "wallet", "refund", job_id, "--amount", "0.01", "--memo", "ticket 7")
+    assert part["refunded_usd"] == "0.010000" and part["job_charged_usd"] == "0.030000"
+    assert part["account_id"] == account_id
+    rest = run(capsys, "wallet", "refund", job_id, "--memo", "ticket 7, the rest")
+    assert rest["refunded_usd"] == "0.020000" and rest["job_refunded_total_usd"] == "0.030000"
+    assert rest["balance_usd"] == "1.000000"
+    assert main(["wallet", "refund", job_id, "--memo", "once more"]) == 2
+    assert "nothing left to refund" in capsys.readouterr().err
+    refunds = [e for e in ledger(account_id) if e[0] == "refund"]
+    assert refunds == [("refund", 10_000, "ticket 7"), ("refund", 20_000, "ticket 7, the rest")]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["wallet", "refund", "JOB", "--amount", "0.05", "--memo", "more than charged"],
+        ["wallet", "refund", "JOB", "--amount", "-0.01", "--memo", "negative"],
+        ["wallet", "refund", "JOB", "--amount", "1e-2", "--memo", "exponent"],
+        ["wallet", "refund", "JOB", "--memo", " "],
+        ["wallet", "refund", str(uuid.uuid4()), "--memo", "no such job"],
+        ["wallet", "adjust", "ACCOUNT", "-1.01", "--memo", "more than available"],
+        ["wallet", "adjust", "ACCOUNT", "0", "--memo", "zero"],
+        ["wallet", "adjust", "ACCOUNT", "5", "--memo", ""],
+        ["wallet", "top-up", "ACCOUNT", "1e3"],
+    ],
+    ids=["over", "negative", "exponent", "no-memo", "no-job", "overdraw", "zero", "memo", "1e3"],
+)
+def test_bad_refunds_and_adjustments_exit_2_and_write_nothing(database, capsys, argv):
+    account_id = run(capsys, "account", "create", unique("Bad"), "--top-up", "1")["account_id"]
+    job_id = _charged_job(account_id, 30_000)
+    before = ledger(account_id)
+    argv = [{"ACCOUNT": account_id, "JOB": job_id}.get(a, a) for a in argv]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("flopex: ")
+    assert ledger(account_id) == before
+
+
+def test_wallet_adjust_corrects_the_balance_both_ways(database, capsys):
+    account_id = run(capsys, "account", "create", unique("Adjust"), "--top-up", "2")["account_id"]
+    debit = run(capsys, "wallet", "adjust", account_id, "-1.5", "--memo", "entered twice")
+    assert debit == {
+        "adjusted_usd": "-1.500000",
+        "balance_usd": "0.500000",
+        "available_usd": "0.500000",
+    }
+    run(capsys, "wallet", "adjust", account_id, "0.25", "--memo", "goodwill")
+    assert ledger(account_id)[1:] == [
+        ("adjustment", -1_500_000, "entered twice"),
+        ("adjustment", 250_000, "goodwill"),
+    ]
+
+
+def test_account_set_limit_and_back_to_the_default(database, capsys):
+    account_id = run(capsys, "account", "create", unique("Limits"))["account_id"]
+    out = run(capsys, "account", "set-limit", account_id, "--per-min", "600", "--burst", "50")
+    assert (out["rate_limit_per_min"], out["rate_limit_burst"]) == (600, 50)
+    shown = run(capsys, "account", "show", account_id)
+    assert (shown["rate_limit_per_min"], shown["rate_limit_burst"]) == (600, 50)
+    run(capsys, "account", "set-limit", account_id, "--default")
+    shown = run(capsys, "account", "show", account_id)
+    assert (shown["rate_limit_per_min"], shown["rate_limit_burst"]) == (None, None)
+    for bad in (["--per-min", "-1"], [], ["--default", "--per-min", "5"]):
+        assert main(["account", "set-limit", account_id, *bad]) == 2
+        capsys.readouterr()
+    assert main(["account", "set-limit", str(uuid.uuid4()), "--per-min", "5"]) == 2
+
+
+def test_an_unreachable_database_is_one_line_not_a_traceback(database, capsys, monkeypatch):
+    from sqlalchemy.orm import sessionmaker
+
+    from app import db
+
+    engine = db.build_engine("postgresql+psycopg2://postgres@127.0.0.1:1/nowhere")
+    monkeypatch.setattr(db, "_engine", engine)
+    monkeypatch.setattr(db, "_factory", sessionmaker(engine))
+    assert main(["account", "show", str(uuid.uuid4())]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("flopex: cannot reach the database") and "Traceback" not in err
+    engine.dispose()
 
 
 def test_account_demo_is_idempotent(database, capsys):
@@ -209,9 +332,58 @@ def test_catalog_load_of_the_session_catalog_changes_nothing(catalog, capsys):
     assert {p[1] for p in enabled_before} >= {"alpha", "bravo", "charlie"}
 
     out = run(capsys, "catalog", "load", str(CATALOG_PATH))
-    assert out == {"catalog": str(CATALOG_PATH), "providers": 3, "models": 3, "offerings": 5}
+    assert out == {
+        "catalog": str(CATALOG_PATH),
+        "providers": 3,
+        "models": 3,
+        "offerings": 5,
+        "warnings": [],
+    }
     assert catalog_snapshot() == before
 
     # Without a path the command loads FLOPEX_CATALOG, which the tests point at the same file.
     assert run(capsys, "catalog", "load")["catalog"] == str(CATALOG_PATH)
     assert catalog_snapshot() == before
+
+
+def test_catalog_load_without_a_file_or_flopex_catalog_loads_nothing(catalog, capsys, monkeypatch):
+    """No silent default: the development catalog loaded by mistake would disable every real
+    provider of a deployment."""
+    before = catalog_snapshot()
+    monkeypatch.delenv("FLOPEX_CATALOG")
+    assert main(["catalog", "load"]) == 2
+    assert "set FLOPEX_CATALOG" in capsys.readouterr().err
+    assert catalog_snapshot() == before
+
+
+def test_a_quoted_enabled_flag_fails_the_load(catalog, capsys, tmp_path):
+    before = catalog_snapshot()
+    quoted = tmp_path / "quoted.toml"
+    quoted.write_text(
+        CATALOG_PATH.read_text().replace('name = "alpha"', 'name = "alpha"\nenabled = "false"')
+    )
+    assert main(["catalog", "load", str(quoted)]) == 2
+    assert "enabled must be true or false" in capsys.readouterr().err
+    assert catalog_snapshot() == before
+
+
+def test_a_provider_key_missing_from_the_environment_is_a_warning(catalog, tmp_path, monkeypatch):
+    from app.catalog import load_catalog
+    from app.db import session_factory
+
+    monkeypatch.delenv("FLOPEX_TEST_UNSET_KEY", raising=False)
+    monkeypatch.setenv("FLOPEX_TEST_SET_KEY", "sk-test")
+    keyed = tmp_path / "keyed.toml"
+    keyed.write_text(
+        CATALOG_PATH.read_text()
+        .replace('name = "alpha"', 'name = "alpha"\napi_key_env = "FLOPEX_TEST_UNSET_KEY"')
+        .replace('name = "bravo"', 'name = "bravo"\napi_key_env = "FLOPEX_TEST_SET_KEY"')
+    )
+    session = session_factory()()
+    try:
+        report = load_catalog(session, keyed)
+    finally:
+        session.rollback()
+        session.close()
+    (warning,) = report.warnings
+    assert warning.startswith("provider alpha: api_key_env FLOPEX_TEST_UNSET_KEY is not set")

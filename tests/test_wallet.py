@@ -465,3 +465,88 @@ def test_a_solo_settlement_against_another_wallet_writes_nothing(make_account):
 def wallet_state(account: Any) -> WalletState:
     with session_scope() as session:
         return wallet.get_state(session, account.wallet_id)
+
+
+def _charged_job(session: Session, charge: int) -> tuple[uuid.UUID, uuid.UUID]:
+    """A wallet with $1 and one job charged ``charge`` (of a 100,000 hold)."""
+    account_id, wid = make_wallet(session)
+    wallet.top_up(session, wid, USD)
+    job_id = make_job(session, account_id, wid)
+    wallet.hold(session, wid, job_id, 100_000)
+    wallet.settle(session, wid, job_id, 100_000, charge)
+    return wid, job_id
+
+
+def test_refunds_credit_the_wallet_and_never_exceed_the_charge(db_session):
+    wid, job_id = _charged_job(db_session, 30_000)
+    first = wallet.refund(db_session, job_id, 10_000, "ticket 1")
+    assert (first.amount_micros, first.refunded_micros, first.captured_micros) == (
+        10_000,
+        10_000,
+        30_000,
+    )
+    with pytest.raises(ValueError, match="between 1 and 20000"):
+        wallet.refund(db_session, job_id, 20_001, "too much")
+    rest = wallet.refund(db_session, job_id, None, "the rest")  # None: whatever is left
+    assert rest.amount_micros == 20_000 and rest.refunded_micros == 30_000
+    with pytest.raises(ValueError, match="nothing left to refund"):
+        wallet.refund(db_session, job_id, None, "again")
+    state = assert_invariants(db_session, wid)
+    assert state == WalletState(USD, 0)  # the whole charge came back
+    assert entries(db_session, wid)[-2:] == [
+        ("refund", job_id, 10_000, 0, USD - 20_000, 0),
+        ("refund", job_id, 20_000, 0, USD, 0),
+    ]
+
+
+def test_a_refund_needs_a_memo_and_a_charged_job(db_session):
+    wid, job_id = _charged_job(db_session, 0)  # failed job: nothing captured
+    with pytest.raises(ValueError, match="memo"):
+        wallet.refund(db_session, job_id, 1, " ")
+    with pytest.raises(ValueError, match="nothing left"):
+        wallet.refund(db_session, job_id, None, "nothing was charged")
+    with pytest.raises(LookupError):
+        wallet.refund(db_session, uuid.uuid4(), None, "no such job")
+    assert [e[0] for e in entries(db_session, wid)] == ["topup", "hold", "release"]
+
+
+def test_concurrent_refunds_of_one_job_pay_back_the_charge_once(make_account):
+    account = make_account("1.00")
+    with session_scope() as session:
+        job_id = make_job(session, account.account_id, account.wallet_id)
+        wallet.hold(session, account.wallet_id, job_id, 100_000)
+        wallet.settle(session, account.wallet_id, job_id, 100_000, 40_000)
+
+    def refund_all() -> str:
+        try:
+            with session_scope() as session:
+                wallet.refund(session, job_id, None, "duplicate support tickets")
+            return "refunded"
+        except ValueError:
+            return "refused"
+
+    assert sorted(run_together([refund_all] * 6)) == ["refunded"] + ["refused"] * 5
+    with session_scope() as session:
+        assert assert_invariants(session, account.wallet_id) == WalletState(USD, 0)
+
+
+def test_adjustments_credit_or_debit_only_what_is_available(db_session):
+    account_id, wid = make_wallet(db_session)
+    wallet.top_up(db_session, wid, 50_000)
+    assert wallet.adjust(db_session, wid, 7_000, "goodwill") == WalletState(57_000, 0)
+    wallet.hold(db_session, wid, make_job(db_session, account_id, wid), 40_000)
+    with pytest.raises(ValueError, match="exceeds the 17000 available"):
+        wallet.adjust(db_session, wid, -17_001, "would take money on hold")
+    assert wallet.adjust(db_session, wid, -17_000, "top-up entered twice") == WalletState(
+        40_000, 40_000
+    )
+    for amount, memo in ((0, "nothing"), (5, "")):
+        with pytest.raises(ValueError):
+            wallet.adjust(db_session, wid, amount, memo)
+    assert assert_invariants(db_session, wid) == WalletState(40_000, 40_000)
+    assert [e[0] for e in entries(db_session, wid)] == [
+        "topup",
+        "adjustment",
+        "hold",
+        "adjustment",
+    ]
