@@ -18,22 +18,44 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+_INDEX = "ix_jobs_webhook_owed"
+
+
 def upgrade() -> None:
+    """Re-runnable on PostgreSQL after a failure half-way: the columns commit before the index
+    is built (CONCURRENTLY cannot run in a transaction), so a release that failed while building
+    it leaves the columns, and perhaps an INVALID index, behind at revision 0003."""
     postgres = op.get_bind().dialect.name == "postgresql"
     if postgres:
         # ADD COLUMN needs an exclusive lock for an instant; waiting for it behind a long
         # transaction would queue every request behind the migration. Fail the release instead.
         op.execute("SET LOCAL lock_timeout = '5s'")
-    op.add_column("jobs", sa.Column("webhook_status", sa.String(16), nullable=True))
     op.add_column(
-        "jobs", sa.Column("webhook_attempted_at", sa.DateTime(timezone=True), nullable=True)
+        "jobs", sa.Column("webhook_status", sa.String(16), nullable=True), if_not_exists=postgres
+    )
+    op.add_column(
+        "jobs",
+        sa.Column("webhook_attempted_at", sa.DateTime(timezone=True), nullable=True),
+        if_not_exists=postgres,
     )
     # Only the owed ones are indexed: the sweeper's query, never more rows than webhooks in flight.
     # CONCURRENTLY on PostgreSQL: a plain CREATE INDEX would block every write to `jobs` (every
     # request) while it scans the table during the release.
     with _outside_transaction(postgres):
+        if postgres:
+            valid = op.get_bind().scalar(
+                sa.text(
+                    "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                    "WHERE c.relname = :name"
+                ),
+                {"name": _INDEX},
+            )
+            if valid:
+                return
+            if valid is not None:  # a failed build's leftover: it is maintained but never used
+                op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {_INDEX}")
         op.create_index(
-            "ix_jobs_webhook_owed",
+            _INDEX,
             "jobs",
             ["finished_at"],
             postgresql_where=sa.text("webhook_status = 'pending'"),
@@ -45,7 +67,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     postgres = op.get_bind().dialect.name == "postgresql"
     with _outside_transaction(postgres):
-        op.drop_index("ix_jobs_webhook_owed", table_name="jobs", postgresql_concurrently=postgres)
+        op.drop_index(_INDEX, table_name="jobs", postgresql_concurrently=postgres)
     op.drop_column("jobs", "webhook_attempted_at")
     op.drop_column("jobs", "webhook_status")
 
