@@ -112,12 +112,10 @@ def test_sqlite_enforces_the_wallet_checks(sqlite_url):
         engine.dispose()
 
 
-def test_postgres_downgrades_to_base_and_upgrades_again(database):
-    """Every migration's downgrade works too (0004 builds and drops its index CONCURRENTLY,
-    outside the migration's transaction), on a scratch database."""
+@pytest.fixture
+def scratch_postgres(database: str) -> Any:
+    """An empty PostgreSQL database of its own and an Alembic config pointing at it."""
     import uuid
-
-    from alembic import command
 
     from tests.conftest import PG_ADMIN_URL
 
@@ -126,72 +124,62 @@ def test_postgres_downgrades_to_base_and_upgrades_again(database):
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    cfg = Config(str(ROOT / "alembic.ini"))
+    cfg.set_main_option("script_location", str(ROOT / "migrations"))
+    cfg.attributes["database_url"] = url
+    cfg.attributes["configure_logging"] = False
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
     try:
-        cfg = Config(str(ROOT / "alembic.ini"))
-        cfg.set_main_option("script_location", str(ROOT / "migrations"))
-        cfg.attributes["database_url"] = url
-        cfg.attributes["configure_logging"] = False
-        command.upgrade(cfg, "head")
-        command.downgrade(cfg, "base")
-        command.upgrade(cfg, "head")
-        engine = create_engine(url)
-        with engine.connect() as conn:
-            assert not schema_diffs(conn)
-            assert "ix_jobs_webhook_owed" in {i["name"] for i in inspect(conn).get_indexes("jobs")}
-        engine.dispose()
+        yield engine, cfg
     finally:
+        engine.dispose()
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
 
 
-def test_0004_runs_again_after_failing_half_way_on_postgres(database):
+def test_postgres_downgrades_to_base_and_upgrades_again(scratch_postgres):
+    """Every migration's downgrade works too (0004 builds and drops its index CONCURRENTLY,
+    outside the migration's transaction), on a scratch database."""
+    from alembic import command
+
+    engine, cfg = scratch_postgres
+    command.upgrade(cfg, "head")
+    command.downgrade(cfg, "base")
+    command.upgrade(cfg, "head")
+    with engine.connect() as conn:
+        assert not schema_diffs(conn)
+        assert "ix_jobs_webhook_owed" in {i["name"] for i in inspect(conn).get_indexes("jobs")}
+
+
+def test_0004_runs_again_after_failing_half_way_on_postgres(scratch_postgres):
     """A release that failed while 0004 built its index (CONCURRENTLY, after the columns had
     committed) leaves the columns and an INVALID index at revision 0003; running the upgrade
     again completes it instead of failing on "column already exists"."""
-    import uuid
-
     from alembic import command
 
-    from tests.conftest import PG_ADMIN_URL
-
-    name = f"flopex_mig_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    engine = create_engine(url, isolation_level="AUTOCOMMIT")
-    try:
-        cfg = Config(str(ROOT / "alembic.ini"))
-        cfg.set_main_option("script_location", str(ROOT / "migrations"))
-        cfg.attributes["database_url"] = url
-        cfg.attributes["configure_logging"] = False
-        command.upgrade(cfg, "0003")
-        with engine.connect() as conn:
-            conn.execute(text("ALTER TABLE jobs ADD COLUMN webhook_status VARCHAR(16)"))
-            conn.execute(
-                text("ALTER TABLE jobs ADD COLUMN webhook_attempted_at TIMESTAMP WITH TIME ZONE")
+    engine, cfg = scratch_postgres
+    command.upgrade(cfg, "0003")
+    with engine.connect() as conn:
+        conn.execute(text("ALTER TABLE jobs ADD COLUMN webhook_status VARCHAR(16)"))
+        conn.execute(
+            text("ALTER TABLE jobs ADD COLUMN webhook_attempted_at TIMESTAMP WITH TIME ZONE")
+        )
+        # What an interrupted CREATE INDEX CONCURRENTLY leaves (a lock timeout, a cancelled
+        # release): the index exists, marked invalid (superuser-only catalog edit).
+        conn.execute(text("CREATE UNIQUE INDEX ix_jobs_webhook_owed ON jobs (id)"))
+        conn.execute(
+            text(
+                "UPDATE pg_index SET indisvalid = false "
+                "WHERE indexrelid = 'ix_jobs_webhook_owed'::regclass"
             )
-            # What an interrupted CREATE INDEX CONCURRENTLY leaves (a lock timeout, a cancelled
-            # release): the index exists, marked invalid (superuser-only catalog edit).
-            conn.execute(text("CREATE UNIQUE INDEX ix_jobs_webhook_owed ON jobs (id)"))
-            conn.execute(
-                text(
-                    "UPDATE pg_index SET indisvalid = false "
-                    "WHERE indexrelid = 'ix_jobs_webhook_owed'::regclass"
-                )
+        )
+    command.upgrade(cfg, "head")
+    with engine.connect() as conn:
+        assert not schema_diffs(conn)
+        assert conn.scalar(
+            text(
+                "SELECT i.indisvalid AND NOT i.indisunique FROM pg_index i "
+                "JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = 'ix_jobs_webhook_owed'"
             )
-        command.upgrade(cfg, "head")
-        with engine.connect() as conn:
-            assert not schema_diffs(conn)
-            assert conn.scalar(
-                text(
-                    "SELECT i.indisvalid AND NOT i.indisunique FROM pg_index i "
-                    "JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = 'ix_jobs_webhook_owed'"
-                )
-            )
-    finally:
-        engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        )
