@@ -86,17 +86,34 @@ def destination(url: str) -> tuple[str | None, str | None]:
     except OSError:
         return "unresolved", None
     for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if (
-            address.is_private
-            or address.is_loopback
-            or address.is_link_local
-            or address.is_reserved
-            or address.is_multicast
-            or address.is_unspecified
-        ):
+        if _inward(ipaddress.ip_address(info[4][0])):
             return "private", None
     return None, str(infos[0][4][0]) if infos else None
+
+
+def _inward(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return (
+        address.is_private
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_reserved
+        or address.is_multicast
+        or address.is_unspecified
+    )
+
+
+def names_private_host(url: str) -> bool:
+    """The URL's host is, on its face, never public: an IP literal inside a private network, or
+    ``localhost``. Refused at submission (no DNS lookup on the request path: a name is checked
+    when the webhook is sent, ``destination``), so the customer learns at once instead of from
+    a delivery that never comes."""
+    host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return _inward(ipaddress.ip_address(host))
+    except ValueError:  # a name
+        return False
 
 
 def post(

@@ -362,7 +362,8 @@ def start_worker(var: Path) -> Child:
             "--without-gossip", "--without-mingle",
             "-n", f"{worker_node_name()}@%h",
             "-B", "-s", str(var / "celerybeat-schedule"),
-            "-l", "warning",
+            # Quiet by default (Celery's INFO is a line per task); LOG_LEVEL=info shows them.
+            "-l", os.environ.get("LOG_LEVEL", "warning"),
         ],
     )  # fmt: skip
 

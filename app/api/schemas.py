@@ -11,7 +11,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate, valida
 
 from app.jobs import states
 from app.routing import PROFILES, STRATEGIES
-from app.webhooks import valid_url
+from app.webhooks import names_private_host, valid_url
 from config.settings import get_settings
 
 MAX_OUTPUT_TOKENS_LIMIT = 128_000
@@ -144,6 +144,13 @@ class InferenceRequestSchema(Schema):
         callback = data.get("callback_url")
         if callback is not None and not valid_url(callback):
             raise ValidationError("Must be an http or https URL.", "callback_url")
+        private = callback is not None and names_private_host(callback)
+        if private and not settings.webhook_allow_private:
+            raise ValidationError(
+                "Must be reachable from the internet: private, loopback and link-local "
+                "addresses never receive webhooks.",
+                "callback_url",
+            )
         ref = data.get("customer_ref")
         if ref is not None and not 1 <= len(ref) <= settings.max_customer_ref_len:
             raise ValidationError(

@@ -340,3 +340,44 @@ def test_signatures_expire():
     assert webhooks.verify("whsec_x", header, body, now=1_100)
     assert not webhooks.verify("whsec_x", header, body, now=2_000)
     assert not webhooks.verify("whsec_y", header, body, now=1_100)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/x",
+        "http://10.0.0.5/hook",
+        "https://[::1]/hook",
+        "http://LOCALHOST:8080/hook",
+        "http://api.localhost./hook",
+        "http://169.254.169.254/latest/meta-data",
+    ],
+)
+def test_a_callback_url_that_names_a_private_host_is_refused_at_submission(
+    client, make_account, monkeypatch, url
+):
+    """The customer hears at once (400, nothing held or created), not from a webhook that never
+    comes; a host name is checked at delivery (no DNS lookup on the request path)."""
+    import dataclasses
+
+    from app.api import schemas
+
+    strict = dataclasses.replace(schemas.get_settings(), webhook_allow_private=False)
+    monkeypatch.setattr(schemas, "get_settings", lambda: strict)
+    account = make_account()
+    resp = client.post(
+        "/v1/inference",
+        json={"model": "qwen-7b", "input": "hi", "max_output_tokens": 8, "callback_url": url},
+        headers=account.headers,
+    )
+    assert resp.status_code == 400
+    error = resp.get_json()["error"]
+    assert error["code"] == "invalid_request" and error["param"] == "callback_url"
+    assert client.get("/v1/inference", headers=account.headers).get_json()["data"] == []
+
+
+def test_only_hosts_private_on_their_face_are_refused_without_a_lookup():
+    assert not webhooks.names_private_host("https://hooks.example.com/x")
+    assert not webhooks.names_private_host("https://8.8.8.8/x")
+    assert not webhooks.names_private_host("https://localhost.example.com/x")
+    assert webhooks.names_private_host("http://[fe80::1]/x")
