@@ -34,6 +34,17 @@ def _float(name: str, default: float) -> float:
     return float(_env(name, str(default)))
 
 
+def _optional_port(name: str) -> int | None:
+    """A TCP port, or None when the variable is unset or empty (the feature is off)."""
+    value = _env(name, "")
+    if value == "":
+        return None
+    port = int(value)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{name} is a TCP port, 1 to 65535 (leave it unset to turn it off)")
+    return port
+
+
 @dataclass(frozen=True)
 class ProfilePolicy:
     """What a performance profile sets besides the ranking rule."""
@@ -81,6 +92,9 @@ class Settings:
     webhook_backoff_s: float
     quote_source: str
     rate_limit_burst: int
+    # The Celery worker's own /metrics listener (workers/signals.py); None: not served.
+    worker_metrics_port: int | None = None
+    worker_metrics_host: str = "127.0.0.1"
     profiles: dict[str, ProfilePolicy] = field(default_factory=dict)
 
     @property
@@ -99,6 +113,7 @@ class Settings:
             raise ValueError("FLOPEX_QUOTE_SOURCE is live or probe")
         if _int("FLOPEX_TRUSTED_PROXY_HOPS", 0) < 0:
             raise ValueError("FLOPEX_TRUSTED_PROXY_HOPS is a count of proxies, 0 or more")
+        worker_metrics_port = _optional_port("FLOPEX_WORKER_METRICS_PORT")
         if len(weights) != 3:
             raise ValueError(
                 "FLOPEX_BALANCED_WEIGHTS needs three numbers: cost,latency,reliability"
@@ -139,6 +154,10 @@ class Settings:
             webhook_allow_private=_env("FLOPEX_WEBHOOK_ALLOW_PRIVATE", "0") == "1",
             webhook_backoff_s=_float("FLOPEX_WEBHOOK_BACKOFF_S", 1.0),
             quote_source=_env("FLOPEX_QUOTE_SOURCE", "live"),
+            worker_metrics_port=worker_metrics_port,
+            # Loopback unless told otherwise: setting only the port must not publish the
+            # worker's series beyond the host (docs/operations.md, "Metrics").
+            worker_metrics_host=_env("FLOPEX_WORKER_METRICS_HOST", "127.0.0.1"),
             profiles={
                 "fast": ProfilePolicy(_int("FLOPEX_QUOTE_DEADLINE_MS_FAST", 300), "fast", 0),
                 "balanced": ProfilePolicy(

@@ -231,7 +231,13 @@ class Worker:
         return self.log.read_text()
 
 
-def start_worker(log: Path, concurrency: int = 8) -> Worker:
+def start_worker(
+    log: Path,
+    concurrency: int = 8,
+    queues: str = "fast,balanced,economy",
+    env: dict[str, str] | None = None,
+) -> Worker:
+    """A real Celery worker process; ``env`` is added to this process's environment."""
     out = log.open("wb")
     proc = subprocess.Popen(
         [
@@ -246,7 +252,7 @@ def start_worker(log: Path, concurrency: int = 8) -> Worker:
             "--concurrency",
             str(concurrency),
             "-Q",
-            "fast,balanced,economy",
+            queues,
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",
@@ -254,7 +260,7 @@ def start_worker(log: Path, concurrency: int = 8) -> Worker:
             "info",
         ],
         cwd=ROOT,
-        env=os.environ.copy(),
+        env={**os.environ, **(env or {})},
         stdout=out,
         stderr=subprocess.STDOUT,
     )
@@ -423,3 +429,15 @@ def run_together(tasks: list[Any], timeout_s: float = 120) -> list[Any]:
     if errors:
         raise errors[0]
     return results
+
+
+def metric_samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The values of one sample name in a Prometheus text exposition, by their sorted labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        tuple(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    }

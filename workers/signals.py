@@ -1,23 +1,34 @@
 """Worker process hooks: JSON logging, the request id of each task, fresh connections per
-process, and metrics files cleaned up on exit."""
+process, the optional metrics listener (FLOPEX_WORKER_METRICS_PORT), and metrics files cleaned
+up on exit."""
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from celery.signals import (
     setup_logging,
     task_postrun,
     task_prerun,
     worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
     worker_shutdown,
 )
 
 from app.db import dispose_engine
 from app.logs import HEADER_JOB_ID, HEADER_REQUEST_ID, configure_logging, job_id_var, request_id_var
-from app.metrics import mark_process_dead
+from app.metrics import mark_process_dead, serve_worker_metrics
 from app.redis_client import reset_redis
+from config.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+# The metrics listener of this process, by pid: started at most once per process.
+_metrics_servers: dict[int, WSGIServer] = {}
 
 
 @setup_logging.connect
@@ -45,6 +56,47 @@ def _unbind_ids(**_: Any) -> None:
     job_id_var.set(None)
 
 
+@worker_ready.connect
+def _serve_metrics(**_: Any) -> WSGIServer | None:
+    """Starts the worker's metrics listener when FLOPEX_WORKER_METRICS_PORT is set.
+
+    worker_ready is sent once, in the worker's main process only (never in a prefork pool
+    child, and never by `celery beat`), once the worker consumes: the listener answering means
+    the worker started. A port already taken (another worker process on this host was told
+    the same port) is logged and the worker runs on without it: with PROMETHEUS_MULTIPROC_DIR
+    the process that holds the port already serves the whole host, and a worker must not stop
+    taking jobs over its metrics."""
+    settings = get_settings()
+    if settings.worker_metrics_port is None:
+        return None
+    pid = os.getpid()
+    if pid in _metrics_servers:
+        return _metrics_servers[pid]
+    try:
+        server = serve_worker_metrics(settings.worker_metrics_port, settings.worker_metrics_host)
+    except OSError:
+        log.exception(
+            "worker metrics: cannot listen on %s:%s; this worker serves no metrics",
+            settings.worker_metrics_host,
+            settings.worker_metrics_port,
+        )
+        return None
+    _metrics_servers[pid] = server
+    log.info(
+        "worker metrics on http://%s:%s/metrics",
+        settings.worker_metrics_host,
+        server.server_port,
+    )
+    return server
+
+
 @worker_shutdown.connect
 def _metrics_cleanup(**_: Any) -> None:
+    # The main process: with --pool threads the only one that writes metrics.
+    mark_process_dead(os.getpid())
+
+
+@worker_process_shutdown.connect
+def _pool_child_metrics_cleanup(**_: Any) -> None:
+    # A prefork pool child, in the child itself just before it exits: its own pid.
     mark_process_dead(os.getpid())

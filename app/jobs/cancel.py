@@ -8,6 +8,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from app.exceptions import FlopexError
 from app.jobs import states
 from app.jobs.execution import close_unserved
+from app.metrics import job_finished_on_commit
 from app.models import Job
 
 # A job that is still cancellable moves only a few times (its quotes re-sent by the sweeper):
@@ -19,11 +20,14 @@ def cancel(session: Session, job: Job) -> Job:
     """Releases the hold and marks the job cancelled, in one transaction. The version bump
     fences off a router that already claimed the job: it stops before calling any provider.
     A job that moved between the caller's read and this write (the router claimed it, the
-    sweeper re-quoted it) is read again and judged on its new state."""
+    sweeper re-quoted it) is read again and judged on its new state. The caller commits; the
+    commit counts the job in ``flopex_jobs_finished_total`` (status ``cancelled``)."""
     for attempt in range(_ATTEMPTS):
         _check_cancellable(job)
         try:
             close_unserved(session, job, states.CANCELLED)
+            # Counted when the caller commits the cancellation, not if it rolls it back.
+            job_finished_on_commit(session, job.status, job.error_code)
             return job
         except StaleDataError:
             session.rollback()  # expires the job: its next read is fresh

@@ -31,11 +31,11 @@ from app.jobs import rows, states
 from app.jobs.notify import queue_signal
 from app.jobs.quoting import collect_quotes, discard_quotes
 from app.metrics import (
-    JOBS_FINISHED,
     PROVIDER_ERRORS,
     PROVIDER_LATENCY,
     WALLET_CAPTURED_MICROS,
     WALLET_CAPTURES,
+    job_finished,
 )
 from app.models import Job, utcnow
 from app.money import ceil_micros, customer_charge, provider_cost
@@ -351,7 +351,7 @@ class RouteAndExecute:
         success is recorded (its health window and breaker) in the same round trip."""
         self.session.commit()
         make_durable(self.session)
-        JOBS_FINISHED.labels(job.status, job.error_code or "").inc()
+        job_finished(job.status, job.error_code)
         if job.status == states.SUCCESS and job.charge_micros:
             WALLET_CAPTURES.inc()
             WALLET_CAPTURED_MICROS.inc(job.charge_micros)
@@ -416,7 +416,8 @@ def settle(
 
 def close_unserved(session: Session, job: Job, status: str, **pending: Any) -> None:
     """The job ends without a provider's answer: release the whole hold, charge nothing, in
-    one fenced write of the job (caller commits)."""
+    one fenced write of the job (caller commits, and counts the job in
+    ``flopex_jobs_finished_total``: RouteAndExecute after its commit, cancel() on commit)."""
     now = utcnow()
     values = {"settled_at": now, **pending, **finish_values(job, status, now)}
     if job.hold_micros:

@@ -11,7 +11,7 @@ import pytest
 
 from app import wallet
 from app.db import session_scope
-from tests.conftest import chat_calls, decimal_json, ledger_kinds
+from tests.conftest import chat_calls, decimal_json, ledger_kinds, metric_samples
 
 BODY = {
     "model": "qwen-7b",
@@ -134,11 +134,22 @@ def test_list_filters_and_paginates(client, pipeline, make_account):
     assert nul.get_json()["error"]["param"] == "customer_ref"
 
 
+def _finished(client: Any) -> dict[tuple[tuple[str, str], ...], float]:
+    """flopex_jobs_finished_total as GET /metrics shows it, by (code, status)."""
+    return metric_samples(
+        client.get("/metrics").get_data(as_text=True), "flopex_jobs_finished_total"
+    )
+
+
+CANCELLED = (("code", ""), ("status", "cancelled"))
+
+
 def test_cancel_before_execution_releases_the_hold(client, pipeline, make_account):
     account = make_account()
     for provider in pipeline.values():
         provider.configure(latency_ms=1500)  # the quotes take a while: the job stays queued
     job = submit(client, account, {**BODY, "performance_profile": "economy"}, **ASYNC).get_json()
+    cancelled_before = _finished(client).get(CANCELLED, 0.0)
     resp = client.post(f"/v1/inference/{job['id']}/cancel", headers=account.headers)
     assert resp.status_code == 200, resp.text
     body = resp.get_json()
@@ -153,6 +164,9 @@ def test_cancel_before_execution_releases_the_hold(client, pipeline, make_accoun
     assert sum(chat_calls(pipeline).values()) == 0
     again = client.post(f"/v1/inference/{job['id']}/cancel", headers=account.headers)
     assert again.status_code == 409 and again.get_json()["error"]["code"] == "job_not_cancellable"
+    # Counted once, by the cancellation: not by the refused second one, nor by the routing that
+    # found the job cancelled.
+    assert _finished(client).get(CANCELLED, 0.0) == cancelled_before + 1
 
 
 def test_a_finished_job_cannot_be_cancelled(client, pipeline, make_account):

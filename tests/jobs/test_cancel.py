@@ -68,3 +68,48 @@ def test_a_job_moved_but_not_yet_executing_is_cancelled(
     _, ledger, state = _books(account)
     assert [kind for kind, _ in ledger] == ["topup", "hold", "release"]
     assert state == wallet.WalletState(state.balance_micros, 0)
+
+
+def _cancelled_count() -> float:
+    """flopex_jobs_finished_total{status="cancelled"} as /metrics aggregates it."""
+    from prometheus_client import generate_latest
+
+    from app.metrics import host_registry
+    from tests.conftest import metric_samples
+
+    text = generate_latest(host_registry()).decode()
+    return metric_samples(text, "flopex_jobs_finished_total").get(
+        (("code", ""), ("status", "cancelled")), 0.0
+    )
+
+
+def test_a_cancellation_is_counted_once_when_committed_never_when_rolled_back(
+    models,  # noqa: F811
+    make_account,
+):
+    account = make_account(balance_usd="1")
+    with session_scope() as session:
+        rolled_back, committed = (_submit(session, account, models).job.id for _ in range(2))
+    start = _cancelled_count()
+    session = session_factory()()
+    try:
+        cancel(session, session.get(Job, rolled_back))
+        session.rollback()
+        assert _cancelled_count() == start  # not cancelled after all
+        cancel(session, session.get(Job, committed))
+        assert _cancelled_count() == start  # not committed yet
+        session.commit()
+        assert _cancelled_count() == start + 1
+        session.commit()  # a later commit of the same session counts nothing again
+        with pytest.raises(FlopexError, match="already finished"):
+            cancel(session, session.get(Job, committed))
+        session.rollback()
+        session.commit()
+        assert _cancelled_count() == start + 1
+    finally:
+        session.close()
+    with session_scope() as session:
+        assert session.get(Job, rolled_back).status == states.QUOTING
+        # End it, so that no later sweep finds it (cancelled: counted once more).
+        cancel(session, session.get(Job, rolled_back))
+    assert _cancelled_count() == start + 2
