@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from flask import Flask
 
-from config.settings import get_settings
+from config.settings import DEV_WEBHOOK_SECRET, get_settings
 
 
 def create_app(overrides: dict[str, Any] | None = None) -> Flask:
@@ -36,10 +35,13 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     if not app.testing:
         from app.logs import configure_logging
 
-        configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
-        if "FLOPEX_WEBHOOK_SECRET" not in os.environ:
+        configure_logging(settings.log_level)
+        # Compared with the effective secret, not the environment: an empty value falls back to
+        # the development secret too (config/settings.py:_env), and so does one copied from it.
+        if settings.webhook_secret == DEV_WEBHOOK_SECRET:
             logging.getLogger(__name__).warning(
-                "FLOPEX_WEBHOOK_SECRET is not set: webhooks are signed with a development secret"
+                "FLOPEX_WEBHOOK_SECRET is unset, empty or the development default: webhooks are "
+                "signed with a development secret anyone can read; set it in production"
             )
     if settings.trusted_proxy_hops:
         from werkzeug.middleware.proxy_fix import ProxyFix

@@ -349,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        # Every command needs the settings (the database URL at least): read them first, so a
+        # malformed or out-of-range variable stops the command before it does anything, as the
+        # one-line ValueError below that names the variable (config/settings.py).
+        get_settings()
         args.func(args)
     except (ValueError, LookupError, ArithmeticError) as exc:
         print(f"flopex: {exc}", file=sys.stderr)

@@ -6,12 +6,17 @@ waiting on a job costs a little memory and one Redis connection, never a CPU.
 
 import os
 
+from config.settings import get_settings
+
+# Parsed and checked by the settings (a bad value stops gunicorn with the variable's name), not
+# read again here with a parser of our own.
+_settings = get_settings()
 bind = f"{os.environ.get('BIND_HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
 worker_class = "gthread"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 threads = int(os.environ.get("WEB_THREADS", "32"))
 # A sync request may legitimately wait up to FLOPEX_SYNC_TIMEOUT_S for its provider.
-timeout = int(float(os.environ.get("FLOPEX_SYNC_TIMEOUT_S", "60"))) + 30
+timeout = int(_settings.sync_timeout_s) + 30
 graceful_timeout = 30
 keepalive = 5
 # Each worker accepts on its own socket: the kernel spreads connections evenly between them.
@@ -20,7 +25,7 @@ max_requests = int(os.environ.get("WEB_MAX_REQUESTS", "0"))
 max_requests_jitter = 100
 accesslog = os.environ.get("WEB_ACCESS_LOG") or None
 errorlog = "-"
-loglevel = os.environ.get("LOG_LEVEL", "info")
+loglevel = _settings.log_level.lower()
 # Import the app once in the master; workers fork with it loaded.
 preload_app = True
 

@@ -3,13 +3,19 @@
 Every knob lives here so that no module reads ``os.environ`` on the request path. ``get_settings()``
 is cached per process; tests that change the environment call ``get_settings.cache_clear()``.
 The table in README.md mirrors this file.
+
+Every value is parsed and range-checked in ``Settings.from_env``, which every process (web,
+worker, beat, the ``flopex`` CLI) runs before doing any work: a malformed or out-of-range value
+stops the process with a ``ValueError`` that names the variable, the form it expects and what it
+got, instead of a bare parse error at start-up or a wrong charge later.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,18 +26,101 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ("economy", "balanced", "fast")
 
+# What FLOPEX_WEBHOOK_SECRET falls back to when unset or empty; create_app() (web, worker, beat)
+# warns whenever the effective secret is this one: anyone who reads this file can forge a webhook
+# signed with it.
+DEV_WEBHOOK_SECRET = "dev-only-webhook-secret"
+
+# The levels that every consumer of LOG_LEVEL understands: our JSON logging, Celery's `-l`
+# (the Procfile passes LOG_LEVEL there) and gunicorn's loglevel. Aliases such as WARN or FATAL
+# are left out because not all three accept them.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# Job.markup is a VARCHAR(16): a markup written with more characters would be accepted here and
+# then make every job's INSERT fail on PostgreSQL.
+_MARKUP_MAX_CHARS = 16
+
 
 def _env(name: str, default: str) -> str:
+    # Empty counts as unset, so `FOO=` in an env file means "use the default".
     value = os.environ.get(name)
     return default if value is None or value == "" else value
 
 
-def _int(name: str, default: int) -> int:
-    return int(_env(name, str(default)))
+def _invalid(name: str, expected: str, raw: str) -> ValueError:
+    return ValueError(f"{name} must be {expected}, got {raw!r}")
 
 
-def _float(name: str, default: float) -> float:
-    return float(_env(name, str(default)))
+def _int(name: str, default: int, *, minimum: int, what: str = "a whole number") -> int:
+    """A whole number of at least ``minimum`` (``what`` names the unit in the error)."""
+    raw = _env(name, str(default))
+    expected = f"{what}, {minimum} or more"
+    try:
+        value = int(raw)
+    except ValueError:
+        raise _invalid(name, expected, raw) from None
+    if value < minimum:
+        raise _invalid(name, expected, raw)
+    return value
+
+
+def _seconds(name: str, default: float, *, zero_means: str | None = None) -> float:
+    """A finite duration in seconds, above 0; 0 as well when ``zero_means`` says what it does
+    (the settings that document 0 as "disables")."""
+    raw = _env(name, str(default))
+    expected = (
+        f"a number of seconds, 0 or more (0 {zero_means})"
+        if zero_means
+        else "a number of seconds above 0"
+    )
+    try:
+        value = float(raw)
+    except ValueError:
+        raise _invalid(name, expected, raw) from None
+    # float() also accepts 'inf' and 'nan': neither is a usable timeout or interval.
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_means):
+        raise _invalid(name, expected, raw)
+    return value
+
+
+def _markup(name: str, default: str) -> Decimal:
+    """A fraction of provider cost, 0 <= markup < 1. 1 itself is refused: it would be a 100 %
+    markup (double the provider cost), far more likely a typo for 1 % than a decision, the same
+    mistake as 15 meant as 15 % (which charged 16 times the cost)."""
+    raw = _env(name, default)
+    expected = "a decimal fraction of at least 0 and below 1 (0.15 = 15 %)"
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        raise _invalid(name, expected, raw) from None
+    # is_finite() first: comparing a NaN Decimal raises InvalidOperation.
+    if not value.is_finite() or not 0 <= value < 1:
+        raise _invalid(name, expected, raw)
+    if len(str(value)) > _MARKUP_MAX_CHARS:
+        raise _invalid(name, f"written in at most {_MARKUP_MAX_CHARS} characters", raw)
+    return value
+
+
+def _weights(name: str, default: str) -> tuple[Decimal, Decimal, Decimal]:
+    """Three weights, each 0 or more, not all 0 (all 0 would rank every provider the same)."""
+    raw = _env(name, default)
+    expected = "three numbers, each 0 or more and not all 0, as cost,latency,reliability"
+    try:
+        values = tuple(Decimal(part.strip()) for part in raw.split(","))
+    except InvalidOperation:
+        raise _invalid(name, expected, raw) from None
+    if len(values) != 3 or any(not v.is_finite() or v < 0 for v in values) or not any(values):
+        raise _invalid(name, expected, raw)
+    return values[0], values[1], values[2]
+
+
+def _choice(name: str, default: str, choices: tuple[str, ...], *, fold_case: bool = False) -> str:
+    raw = _env(name, default)
+    value = raw.strip().upper() if fold_case else raw
+    if value not in choices:
+        shown = [c.lower() for c in choices] if fold_case else list(choices)
+        raise _invalid(name, "one of " + ", ".join(shown), raw)
+    return value
 
 
 def _optional_port(name: str) -> int | None:
@@ -39,9 +128,13 @@ def _optional_port(name: str) -> int | None:
     value = _env(name, "")
     if value == "":
         return None
-    port = int(value)
+    expected = "a TCP port, 1 to 65535 (leave it unset to turn it off)"
+    try:
+        port = int(value)
+    except ValueError:
+        raise _invalid(name, expected, value) from None
     if not 1 <= port <= 65535:
-        raise ValueError(f"{name} is a TCP port, 1 to 65535 (leave it unset to turn it off)")
+        raise _invalid(name, expected, value)
     return port
 
 
@@ -92,6 +185,7 @@ class Settings:
     webhook_backoff_s: float
     quote_source: str
     rate_limit_burst: int
+    log_level: str
     # The Celery worker's own /metrics listener (workers/signals.py); None: not served.
     worker_metrics_port: int | None = None
     worker_metrics_host: str = "127.0.0.1"
@@ -105,69 +199,107 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
+        """Every setting parsed and range-checked here, in one place (see the module docstring).
+        Durations are above 0 unless 0 has a documented meaning; counts of things that must
+        exist (pool connections, bytes, characters, failures before the breaker opens) are 1 or
+        more; retries and the rate limits may be 0."""
         redis_url = _env("REDIS_URL", "redis://127.0.0.1:6379/0")
-        weights = tuple(
-            Decimal(w.strip()) for w in _env("FLOPEX_BALANCED_WEIGHTS", "0.4,0.4,0.2").split(",")
-        )
-        if _env("FLOPEX_QUOTE_SOURCE", "live") not in ("live", "probe"):
-            raise ValueError("FLOPEX_QUOTE_SOURCE is live or probe")
-        if _int("FLOPEX_TRUSTED_PROXY_HOPS", 0) < 0:
-            raise ValueError("FLOPEX_TRUSTED_PROXY_HOPS is a count of proxies, 0 or more")
         worker_metrics_port = _optional_port("FLOPEX_WORKER_METRICS_PORT")
-        if len(weights) != 3:
-            raise ValueError(
-                "FLOPEX_BALANCED_WEIGHTS needs three numbers: cost,latency,reliability"
-            )
         return cls(
             database_url=_env("DATABASE_URL", f"sqlite:///{ROOT / 'var' / 'flopex.sqlite3'}"),
             redis_url=redis_url,
             broker_url=_env("CELERY_BROKER_URL", redis_url),
             catalog_path=Path(_env("FLOPEX_CATALOG", str(ROOT / "config" / "catalog.dev.toml"))),
-            markup=Decimal(_env("FLOPEX_MARKUP", "0.15")),
-            sync_timeout_s=_float("FLOPEX_SYNC_TIMEOUT_S", 60.0),
-            provider_connect_timeout_s=_float("FLOPEX_PROVIDER_CONNECT_TIMEOUT_S", 2.0),
-            provider_read_timeout_s=_float("FLOPEX_PROVIDER_READ_TIMEOUT_S", 30.0),
-            provider_retries=_int("FLOPEX_PROVIDER_RETRIES", 2),
-            max_body_bytes=_int("FLOPEX_MAX_BODY_BYTES", 1_048_576),
-            max_input_chars=_int("FLOPEX_MAX_INPUT_CHARS", 400_000),
-            max_metadata_bytes=_int("FLOPEX_MAX_METADATA_BYTES", 16_384),
-            max_customer_ref_len=_int("FLOPEX_MAX_CUSTOMER_REF_LEN", 255),
-            balanced_weights=weights,  # type: ignore[arg-type]
-            health_window_s=_int("FLOPEX_HEALTH_WINDOW_S", 300),
-            db_pool_size=_int("FLOPEX_DB_POOL_SIZE", 10),
-            sweep_grace_s=_float("FLOPEX_SWEEP_GRACE_S", 15.0),
-            sweep_quoting_grace_s=_float("FLOPEX_SWEEP_QUOTING_GRACE_S", 3.0),
-            sweep_interval_s=_float("FLOPEX_SWEEP_INTERVAL_S", 5.0),
-            idempotency_ttl_s=_int("FLOPEX_IDEMPOTENCY_TTL_S", 86_400),
-            max_wait_s=_float("FLOPEX_MAX_WAIT_S", 60.0),
-            rate_limit_per_min=_int("FLOPEX_RATE_LIMIT_PER_MIN", 6000),
-            rate_limit_burst=_int("FLOPEX_RATE_LIMIT_BURST", 200),
-            breaker_threshold=_int("FLOPEX_BREAKER_THRESHOLD", 5),
-            breaker_window_s=_float("FLOPEX_BREAKER_WINDOW_S", 60.0),
-            breaker_cooldown_s=_float("FLOPEX_BREAKER_COOLDOWN_S", 30.0),
-            probe_interval_s=_float("FLOPEX_PROBE_INTERVAL_S", 10.0),
-            catalog_cache_s=_float("FLOPEX_CATALOG_CACHE_S", 5.0),
-            auth_cache_s=_float("FLOPEX_AUTH_CACHE_S", 2.0),
-            auth_failures_per_min=_int("FLOPEX_AUTH_FAILURES_PER_MIN", 30),
-            trusted_proxy_hops=_int("FLOPEX_TRUSTED_PROXY_HOPS", 0),
-            webhook_secret=_env("FLOPEX_WEBHOOK_SECRET", "dev-only-webhook-secret"),
+            markup=_markup("FLOPEX_MARKUP", "0.15"),
+            sync_timeout_s=_seconds("FLOPEX_SYNC_TIMEOUT_S", 60.0),
+            provider_connect_timeout_s=_seconds("FLOPEX_PROVIDER_CONNECT_TIMEOUT_S", 2.0),
+            provider_read_timeout_s=_seconds("FLOPEX_PROVIDER_READ_TIMEOUT_S", 30.0),
+            # 0 is a valid choice: one attempt per provider, then the fallback.
+            provider_retries=_int("FLOPEX_PROVIDER_RETRIES", 2, minimum=0),
+            max_body_bytes=_int(
+                "FLOPEX_MAX_BODY_BYTES", 1_048_576, minimum=1, what="a whole number of bytes"
+            ),
+            max_input_chars=_int(
+                "FLOPEX_MAX_INPUT_CHARS", 400_000, minimum=1, what="a whole number of characters"
+            ),
+            max_metadata_bytes=_int(
+                "FLOPEX_MAX_METADATA_BYTES", 16_384, minimum=1, what="a whole number of bytes"
+            ),
+            max_customer_ref_len=_int(
+                "FLOPEX_MAX_CUSTOMER_REF_LEN", 255, minimum=1, what="a whole number of characters"
+            ),
+            balanced_weights=_weights("FLOPEX_BALANCED_WEIGHTS", "0.4,0.4,0.2"),
+            health_window_s=_int(
+                "FLOPEX_HEALTH_WINDOW_S", 300, minimum=1, what="a whole number of seconds"
+            ),
+            # The engine opens this many connections plus as many overflow (app/db.py).
+            db_pool_size=_int("FLOPEX_DB_POOL_SIZE", 10, minimum=1),
+            # A grace of 0 would count a job as stuck the moment it changed state, and the
+            # sweeper would re-drive jobs that are progressing normally.
+            sweep_grace_s=_seconds("FLOPEX_SWEEP_GRACE_S", 15.0),
+            sweep_quoting_grace_s=_seconds("FLOPEX_SWEEP_QUOTING_GRACE_S", 3.0),
+            # A beat schedule of 0 s would send sweeps back to back.
+            sweep_interval_s=_seconds("FLOPEX_SWEEP_INTERVAL_S", 5.0),
+            # 0 would expire every Idempotency-Key record at once: retries would run twice.
+            idempotency_ttl_s=_int(
+                "FLOPEX_IDEMPOTENCY_TTL_S", 86_400, minimum=1, what="a whole number of seconds"
+            ),
+            # A cap, not a timeout: 0 makes `Prefer: wait` and `?wait=` answer at once
+            # (app/jobs/notify.py never blocks for less than 10 ms, so 0 cannot hang).
+            max_wait_s=_seconds("FLOPEX_MAX_WAIT_S", 60.0, zero_means="turns long polls off"),
+            # 0 refuses every request of every account without its own limit (app/ratelimit.py).
+            rate_limit_per_min=_int(
+                "FLOPEX_RATE_LIMIT_PER_MIN", 6000, minimum=0, what="a whole number of requests"
+            ),
+            # The limiter treats a burst below 1 as 1 (app/ratelimit.py): refuse the 0 that
+            # looks like "no requests" but is not.
+            rate_limit_burst=_int(
+                "FLOPEX_RATE_LIMIT_BURST", 200, minimum=1, what="a whole number of requests"
+            ),
+            # A threshold of 0 would behave as 1 (the breaker opens at fails >= threshold).
+            breaker_threshold=_int(
+                "FLOPEX_BREAKER_THRESHOLD", 5, minimum=1, what="a whole number of failures"
+            ),
+            breaker_window_s=_seconds("FLOPEX_BREAKER_WINDOW_S", 60.0),
+            # A cool-down of 0 would close an opened breaker at once: no protection at all.
+            breaker_cooldown_s=_seconds("FLOPEX_BREAKER_COOLDOWN_S", 30.0),
+            probe_interval_s=_seconds("FLOPEX_PROBE_INTERVAL_S", 10.0),
+            catalog_cache_s=_seconds("FLOPEX_CATALOG_CACHE_S", 5.0, zero_means="disables"),
+            auth_cache_s=_seconds("FLOPEX_AUTH_CACHE_S", 2.0, zero_means="disables"),
+            # 0 disables the guard (app/api/auth.py only consults it when above 0).
+            auth_failures_per_min=_int(
+                "FLOPEX_AUTH_FAILURES_PER_MIN", 30, minimum=0, what="a whole number of failures"
+            ),
+            trusted_proxy_hops=_int(
+                "FLOPEX_TRUSTED_PROXY_HOPS", 0, minimum=0, what="a count of proxies"
+            ),
+            webhook_secret=_env("FLOPEX_WEBHOOK_SECRET", DEV_WEBHOOK_SECRET),
             webhook_allow_private=_env("FLOPEX_WEBHOOK_ALLOW_PRIVATE", "0") == "1",
-            webhook_backoff_s=_float("FLOPEX_WEBHOOK_BACKOFF_S", 1.0),
-            quote_source=_env("FLOPEX_QUOTE_SOURCE", "live"),
+            # 0 would spend every retry of a failing delivery within milliseconds.
+            webhook_backoff_s=_seconds("FLOPEX_WEBHOOK_BACKOFF_S", 1.0),
+            quote_source=_choice("FLOPEX_QUOTE_SOURCE", "live", ("live", "probe")),
+            log_level=_choice("LOG_LEVEL", "INFO", LOG_LEVELS, fold_case=True),
             worker_metrics_port=worker_metrics_port,
             # Loopback unless told otherwise: setting only the port must not publish the
             # worker's series beyond the host (docs/operations.md, "Metrics").
             worker_metrics_host=_env("FLOPEX_WORKER_METRICS_HOST", "127.0.0.1"),
             profiles={
-                "fast": ProfilePolicy(_int("FLOPEX_QUOTE_DEADLINE_MS_FAST", 300), "fast", 0),
-                "balanced": ProfilePolicy(
-                    _int("FLOPEX_QUOTE_DEADLINE_MS_BALANCED", 800), "balanced", 3
-                ),
-                "economy": ProfilePolicy(
-                    _int("FLOPEX_QUOTE_DEADLINE_MS_ECONOMY", 2000), "economy", 6
-                ),
+                "fast": ProfilePolicy(_deadline_ms("FAST", 300), "fast", 0),
+                "balanced": ProfilePolicy(_deadline_ms("BALANCED", 800), "balanced", 3),
+                "economy": ProfilePolicy(_deadline_ms("ECONOMY", 2000), "economy", 6),
             },
         )
+
+
+def _deadline_ms(profile: str, default: int) -> int:
+    # A deadline of 0 has passed before any provider is pinged: every quote would be
+    # `deadline_passed` (app/jobs/quoting.py).
+    return _int(
+        f"FLOPEX_QUOTE_DEADLINE_MS_{profile}",
+        default,
+        minimum=1,
+        what="a whole number of milliseconds",
+    )
 
 
 @lru_cache(maxsize=1)

@@ -33,8 +33,9 @@ _metrics_servers: dict[int, WSGIServer] = {}
 
 @setup_logging.connect
 def _logging(loglevel: Any = None, **_: Any) -> None:
-    # Celery passes the -l level (as a number or a name); LOG_LEVEL applies when it passes none.
-    configure_logging(loglevel if loglevel else os.environ.get("LOG_LEVEL", "INFO"))
+    # Celery passes the -l level (as a number or a name); LOG_LEVEL applies when it passes none
+    # (read through the settings, which refuse a level name logging does not know).
+    configure_logging(loglevel if loglevel else get_settings().log_level)
 
 
 @worker_process_init.connect
