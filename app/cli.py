@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     except OperationalError as exc:  # the database is down, or the URL names none
         print(f"flopex: cannot reach the database: {exc.orig}".rstrip(), file=sys.stderr)
         return 1
-    except ArgumentError as exc:  # e.g. DATABASE_URL=postgres://...
+    except ArgumentError as exc:  # e.g. DATABASE_URL=mysql://... (no driver installed)
         print(
             f"flopex: DATABASE_URL is not usable ({exc}); PostgreSQL URLs are "
             "postgresql+psycopg2://user@host:5432/name",

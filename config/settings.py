@@ -123,6 +123,16 @@ def _choice(name: str, default: str, choices: tuple[str, ...], *, fold_case: boo
     return value
 
 
+def _database_url(url: str) -> str:
+    """PostgreSQL URLs as platforms hand them out (``postgres://``, Heroku's; ``postgresql://``
+    with no driver, which SQLAlchemy 2.1 maps to psycopg 3, not installed) name psycopg2, the
+    driver this project ships with."""
+    for scheme in ("postgres://", "postgresql://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg2://" + url[len(scheme) :]
+    return url
+
+
 def _optional_port(name: str) -> int | None:
     """A TCP port, or None when the variable is unset or empty (the feature is off)."""
     value = _env(name, "")
@@ -206,7 +216,9 @@ class Settings:
         redis_url = _env("REDIS_URL", "redis://127.0.0.1:6379/0")
         worker_metrics_port = _optional_port("FLOPEX_WORKER_METRICS_PORT")
         return cls(
-            database_url=_env("DATABASE_URL", f"sqlite:///{ROOT / 'var' / 'flopex.sqlite3'}"),
+            database_url=_database_url(
+                _env("DATABASE_URL", f"sqlite:///{ROOT / 'var' / 'flopex.sqlite3'}")
+            ),
             redis_url=redis_url,
             broker_url=_env("CELERY_BROKER_URL", redis_url),
             catalog_path=Path(_env("FLOPEX_CATALOG", str(ROOT / "config" / "catalog.dev.toml"))),

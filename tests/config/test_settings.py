@@ -362,3 +362,18 @@ def test_the_cli_prints_a_bad_setting_as_one_line_and_exits_2(
     assert len(lines) == 1
     assert lines[0].startswith(f"flopex: {name} must be ")
     assert lines[0].endswith(repr(value))
+
+
+@pytest.mark.parametrize(
+    ("given", "used"),
+    [
+        ("postgres://u:p@db:5432/x", "postgresql+psycopg2://u:p@db:5432/x"),
+        ("postgresql://u@db/x?sslmode=require", "postgresql+psycopg2://u@db/x?sslmode=require"),
+        ("postgresql+psycopg2://u@db/x", "postgresql+psycopg2://u@db/x"),
+        ("sqlite:///var/x.sqlite3", "sqlite:///var/x.sqlite3"),
+    ],
+)
+def test_platform_style_database_urls_use_the_shipped_driver(
+    monkeypatch: pytest.MonkeyPatch, given: str, used: str
+) -> None:
+    assert load(monkeypatch, DATABASE_URL=given).database_url == used
