@@ -22,6 +22,7 @@ import ipaddress
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -74,21 +75,24 @@ def valid_url(url: str) -> bool:
         return False
 
 
-def destination(url: str) -> tuple[str | None, str | None]:
-    """(problem, address). problem: ``private`` when the host resolves to an address inside a
+def destination(url: str) -> tuple[str | None, list[str]]:
+    """(problem, addresses). problem: ``private`` when the host resolves to any address inside a
     private network (never sent), ``unresolved`` when its name does not resolve now (a DNS
-    failure may pass: retried), else None, with the public address to connect to: the POST
-    goes to that address (``post``), so a name that resolves elsewhere a moment later (DNS
-    rebinding) cannot lead it inward."""
+    failure may pass: retried), else None, with the public addresses to connect to, in the
+    resolver's order: the POST goes to those addresses (``post``), so a name that resolves
+    elsewhere a moment later (DNS rebinding) cannot lead it inward."""
     host = urlsplit(url).hostname or ""
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except OSError:
-        return "unresolved", None
+        return "unresolved", []
+    addresses: list[str] = []
     for info in infos:
         if _inward(ipaddress.ip_address(info[4][0])):
-            return "private", None
-    return None, str(infos[0][4][0]) if infos else None
+            return "private", []
+        if str(info[4][0]) not in addresses:
+            addresses.append(str(info[4][0]))
+    return None, addresses
 
 
 def _inward(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -121,13 +125,33 @@ def post(
     body: bytes,
     headers: dict[str, Any],
     *,
-    address: str | None,
+    addresses: Sequence[str] | None,
     timeout: tuple[float, float],
     ca_certs: str | None = None,
 ) -> int:
     """POSTs ``body`` and returns the answer's status; never follows a redirect. With
-    ``address``, the connection goes to that IP whatever the name resolves to now, while the
-    name still gives the Host header, the TLS server name (SNI) and the certificate check."""
+    ``addresses``, the connection goes to those IPs whatever the name resolves to now, while the
+    name still gives the Host header, the TLS server name (SNI) and the certificate check. An
+    address that cannot be connected to (an unreachable IPv6 beside a working IPv4, one host of
+    several down) passes to the next; once a connection is made, its answer (or failure) is the
+    attempt's: the POST is never sent twice in one attempt."""
+    for i, address in enumerate(addresses or [None]):
+        try:
+            return _post_to(url, body, headers, address, timeout, ca_certs)
+        except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError):
+            if addresses is None or i == len(addresses) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _post_to(
+    url: str,
+    body: bytes,
+    headers: dict[str, Any],
+    address: str | None,
+    timeout: tuple[float, float],
+    ca_certs: str | None,
+) -> int:
     parts = urlsplit(url)
     host = parts.hostname or ""
     https = parts.scheme == "https"

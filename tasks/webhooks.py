@@ -45,7 +45,9 @@ def deliver_webhook(self, job_id: str, delivery_id: str | None = None) -> str:  
         session.execute(
             update(Job).where(Job.id == job.id).values(webhook_attempted_at=datetime.now(UTC))
         )
-    problem, address = (None, None) if settings.webhook_allow_private else webhooks.destination(url)
+    problem, addresses = (
+        (None, None) if settings.webhook_allow_private else webhooks.destination(url)
+    )
     if problem == "private":
         log.warning("webhook for job %s refused: %s is not a public address", job_id, url)
         return _end(job_id, "refused")
@@ -57,7 +59,7 @@ def deliver_webhook(self, job_id: str, delivery_id: str | None = None) -> str:  
                 url,
                 body,
                 webhooks.headers_for(secret, body, event, delivery_id),
-                address=address,  # the address just checked, not a second lookup
+                addresses=addresses,  # the addresses just checked, not a second lookup
                 timeout=(3, 10),
             )
             ok = 200 <= status < 300

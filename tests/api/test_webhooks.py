@@ -181,12 +181,12 @@ def test_a_dns_failure_is_retried_and_a_private_address_refused(
     job_id = resp.get_json()["id"]
     assert delivered(job_id)
     set_webhook_row(job_id, webhook_status="pending")  # as if that delivery had been lost
-    monkeypatch.setattr(webhooks, "destination", lambda url: ("unresolved", None))
+    monkeypatch.setattr(webhooks, "destination", lambda url: ("unresolved", []))
     with pytest.raises(Retried) as retried:
         task_module.deliver_webhook.run(job_id, "d1")
     assert retried.value.args[0]["args"] == [job_id, "d1"]
     assert webhook_row(job_id)[0] == "pending"
-    monkeypatch.setattr(webhooks, "destination", lambda url: ("private", None))
+    monkeypatch.setattr(webhooks, "destination", lambda url: ("private", []))
     assert task_module.deliver_webhook.run(job_id, "d1") == "refused"
     assert webhook_row(job_id)[0] == "refused"
     assert task_module.deliver_webhook.run(job_id, "d1") == "done"  # ended: never sent again
@@ -195,7 +195,7 @@ def test_a_dns_failure_is_retried_and_a_private_address_refused(
     set_webhook_row(job_id, webhook_status="pending")
     checked = []
     monkeypatch.setattr(
-        webhooks, "destination", lambda url: checked.append(url) or (None, "127.0.0.1")
+        webhooks, "destination", lambda url: checked.append(url) or (None, ["127.0.0.1"])
     )
     assert task_module.deliver_webhook.run(job_id, "d1") == "delivered"
     task_module._end(job_id, "failed")  # a late end of another chain
@@ -278,10 +278,10 @@ def test_callback_url_must_be_an_http_url(client, pipeline, make_account, url):
 
 
 def test_private_destinations_are_recognised():
-    assert webhooks.destination("http://127.0.0.1:9/hook") == ("private", None)
-    assert webhooks.destination("http://10.1.2.3/hook") == ("private", None)
-    assert webhooks.destination("http://no-such-host.invalid/hook") == ("unresolved", None)
-    assert webhooks.destination("https://93.184.216.34/hook") == (None, "93.184.216.34")
+    assert webhooks.destination("http://127.0.0.1:9/hook") == ("private", [])
+    assert webhooks.destination("http://10.1.2.3/hook") == ("private", [])
+    assert webhooks.destination("http://no-such-host.invalid/hook") == ("unresolved", [])
+    assert webhooks.destination("https://93.184.216.34/hook") == (None, ["93.184.216.34"])
 
 
 class TlsReceiver(Receiver):
@@ -312,12 +312,27 @@ def test_a_post_goes_to_the_checked_address_with_the_name_for_host_and_tls(tls_h
     hook, ca_file = tls_hook
     url = f"https://hooks.example.test:{hook.port}/hook?x=1"
     status = webhooks.post(
-        url, b"{}", {"X-T": "1"}, address="127.0.0.1", timeout=(3, 10), ca_certs=ca_file
+        url, b"{}", {"X-T": "1"}, addresses=["127.0.0.1"], timeout=(3, 10), ca_certs=ca_file
     )
     assert status == 200
     hook.wait_for(1)
     headers, body = hook.received[0]
     assert body == b"{}" and headers["Host"] == f"hooks.example.test:{hook.port}"
+
+
+def test_an_address_that_refuses_the_connection_passes_to_the_next(tls_hook):
+    """A receiver published on two addresses, one of them down (an unreachable IPv6 beside a
+    working IPv4): the attempt connects to the next one instead of failing every retry."""
+    hook, ca_file = tls_hook
+    url = f"https://hooks.example.test:{hook.port}/hook"
+    status = webhooks.post(
+        url, b"{}", {}, addresses=["127.0.0.2", "127.0.0.1"], timeout=(3, 10), ca_certs=ca_file
+    )
+    assert status == 200
+    hook.wait_for(1)
+    assert len(hook.received) == 1
+    with pytest.raises(urllib3.exceptions.NewConnectionError):  # every address down
+        webhooks.post(url, b"{}", {}, addresses=["127.0.0.2"], timeout=(3, 10), ca_certs=ca_file)
 
 
 def test_a_pinned_post_still_checks_the_certificate_against_the_name(tls_hook):
@@ -327,7 +342,7 @@ def test_a_pinned_post_still_checks_the_certificate_against_the_name(tls_hook):
             f"https://elsewhere.example.test:{hook.port}/hook",
             b"{}",
             {},
-            address="127.0.0.1",
+            addresses=["127.0.0.1"],
             timeout=(3, 10),
             ca_certs=ca_file,
         )
