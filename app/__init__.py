@@ -68,6 +68,7 @@ def _spec_description() -> str:
         "performance profile and charges your prepaid wallet exactly.\n\n"
         "Authenticate with `Authorization: Bearer <key>`. Every response carries `X-Request-ID` "
         "(send your own to correlate). Rate-limited requests get 429 with `Retry-After`.\n\n"
-        'Every error is `{"error": {"type", "code", "message", "param"}}`:\n\n'
+        'Every error is `{"error": {"type", "code", "message", "param"}}`; one about a job '
+        "that exists (its failure, a refused cancellation) also carries `job_id`:\n\n"
         "| status | code | type |\n|---|---|---|\n" + rows
     )

@@ -3,6 +3,8 @@ offending parameter, so the API layer renders every failure the same way."""
 
 from __future__ import annotations
 
+import uuid
+
 # code -> (http status, error type). The single table of public error codes.
 ERROR_CODES: dict[str, tuple[int, str]] = {
     "invalid_request": (400, "invalid_request_error"),
@@ -42,13 +44,21 @@ def type_for(code: str) -> str:
 class FlopexError(Exception):
     """An error with a public code. Raising one before a job is committed changes nothing."""
 
-    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        param: str | None = None,
+        job_id: uuid.UUID | str | None = None,
+    ) -> None:
         if code not in ERROR_CODES:
             raise ValueError(f"unknown error code {code!r}")
         super().__init__(message)
         self.code = code
         self.message = message
         self.param = param
+        # An error about a job that exists names it as error.job_id (docs/api.md).
+        self.job_id = job_id
 
     @property
     def http_status(self) -> int:

@@ -65,6 +65,8 @@ class Decision:
                 for r in self.ranked
             ],
             "dropped": self.dropped,
+            # The first ranked, decided before any provider is called; the API's
+            # routing.winner is the provider that served (app/jobs/render.py).
             "winner": self.winner.provider if self.winner else None,
             "reason": self.reason,
         }
@@ -170,7 +172,12 @@ def select(
         def key(q: Quote) -> tuple[Any, ...]:
             return (_latency(q), q.estimated_charge_micros, q.provider)
 
-        rule = "lowest estimated latency"
+        # Unknown latencies sort last; when none is known the order is the charge's alone,
+        # and the reason must not claim a latency comparison that never happened.
+        if all(q.estimated_latency_ms is None for q in eligible):
+            rule = "no latency known, so lowest estimated charge"
+        else:
+            rule = "lowest estimated latency"
     elif profile == "balanced":
         scores = _balanced_scores(eligible, weights)
 
@@ -193,10 +200,15 @@ def select(
 
     ordered = sorted(eligible, key=key)
     decision.ranked = [Ranked(q, str(scores[q.provider]) if scores else None) for q in ordered]
-    winner = ordered[0]
+    first = ordered[0]
+    # "ranked first", not "won": execution may fall back to the next candidate, and the
+    # response appends what happened (app/jobs/render.py). Plain words, no Python reprs.
+    latency = (
+        "unknown" if first.estimated_latency_ms is None else f"{first.estimated_latency_ms} ms"
+    )
     decision.reason = (
-        f"{profile}/{strategy}: {rule}; {winner.provider} won among {len(eligible)} eligible "
-        f"of {len(quotes)} quotes (estimated charge {winner.estimated_charge_micros} micro-USD, "
-        f"estimated latency {winner.estimated_latency_ms} ms, live={winner.live})"
+        f"{profile}/{strategy}: {rule}; {first.provider} ranked first among {len(eligible)} "
+        f"eligible of {len(quotes)} quotes (estimated charge {first.estimated_charge_micros} "
+        f"micro-USD, estimated latency {latency}, {'live' if first.live else 'not live'})"
     )
     return decision

@@ -249,7 +249,10 @@ def test_decision_to_dict_shape_for_balanced():
         {"provider": "alpha", "score": "0.600000"},
     ]
     assert data["winner"] == "charlie"
-    assert data["reason"].startswith("balanced/lowest_cost: lowest balanced score; charlie won")
+    # "ranked first", not "won": execution may still fall back (the response tells the rest).
+    assert data["reason"].startswith(
+        "balanced/lowest_cost: lowest balanced score; charlie ranked first"
+    )
     assert "among 2 eligible of 3 quotes" in data["reason"]
     json.dumps(data)  # stored in jobs.routing as JSON
 
@@ -398,3 +401,23 @@ def test_every_circuit_open_is_no_provider_available():
 
     decision = run([dataclasses.replace(q, circuit_open=True) for q in TRIO], "fast")
     assert decision.error_code == "no_provider_available" and decision.winner is None
+
+
+def test_reasons_use_plain_words_and_never_claim_an_unknown_latency():
+    # Every latency unknown (no provider answered its ping in time): fast orders by charge
+    # and says so; the reason never prints Python's None or True.
+    quotes = [
+        quote("a", 300, None, live=False),
+        quote("b", 100, None, live=False),
+        quote("c", 200, None, live=False),
+    ]
+    decision = run(quotes, "fast")
+    assert order(decision) == ["b", "c", "a"]
+    assert "lowest estimated latency" not in decision.reason
+    assert "no latency known, so lowest estimated charge" in decision.reason
+    assert "estimated latency unknown" in decision.reason and "not live" in decision.reason
+    assert "None" not in decision.reason and "live=" not in decision.reason
+    # One known latency is a real comparison again.
+    known = run([*quotes[:2], quote("c", 200, 30)], "fast")
+    assert order(known)[0] == "c" and "lowest estimated latency" in known.reason
+    assert "estimated latency 30 ms, live)" in known.reason

@@ -11,7 +11,7 @@ from app.api.catalog import blp as catalog_blp
 from app.api.health import blp as health_blp
 from app.api.inference import blp as inference_blp
 from app.api.observability import init_observability
-from app.api.schemas import ApiErrorSchema
+from app.api.schemas import ApiErrorSchema, number_or_string_property
 from app.api.session import init_session
 from app.api.wallet import blp as wallet_blp
 from app.catalog import ModelCache
@@ -25,6 +25,8 @@ class FlopexApi(Api):
 
 def register_api(app: Flask) -> Api:
     api = FlopexApi(app)
+    # Before any blueprint: its schemas are converted to the OpenAPI document as it registers.
+    api.ma_plugin.converter.add_attribute_function(number_or_string_property)
     api.spec.components.security_scheme(
         "bearerAuth", {"type": "http", "scheme": "bearer", "description": "Flopex API key"}
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from flask.views import MethodView
@@ -11,13 +12,18 @@ from sqlalchemy import select
 from app.api.auth import authenticate_and_limit
 from app.api.schemas import ModelListSchema, ProviderListSchema
 from app.api.session import db
-from app.models import ModelAlias, Offering, Provider
+from app.models import ModelAlias, Offering, Provider, iso_utc
 from app.money import micros_to_usd
 from app.providers import health
 from app.providers.breaker import Breaker
 from app.providers.probe import last_probe
 from app.redis_client import get_redis
 from config.settings import get_settings
+
+
+def _rfc3339(unix_s: float) -> str | None:
+    return iso_utc(datetime.fromtimestamp(unix_s, UTC))
+
 
 blp = Blueprint("catalog", __name__, url_prefix="/v1", description="Models and providers")
 blp.before_request(authenticate_and_limit)
@@ -123,7 +129,8 @@ class Providers(MethodView):
                     "models": aliases,
                     "live": probe["live"] if probe else None,
                     "latency_ms": probe["latency_ms"] if probe else None,
-                    "checked_at": probe["checked_at"] if probe else None,
+                    # The probe keeps Unix time; the API writes every time as RFC 3339.
+                    "checked_at": _rfc3339(probe["checked_at"]) if probe else None,
                     "success_rate": rate,
                     "circuit": breaker.state(name),
                 }

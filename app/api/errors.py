@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from app.exceptions import FlopexError, error_body
@@ -23,9 +23,23 @@ _HTTP_CODES = {
 }
 
 
-def error_response(code: str, message: str, param: str | None, status: int) -> Any:
-    resp = jsonify({"error": error_body(code, message, param)})
+# RFC 6750 §3: a 401 names the scheme that would be accepted. A key that was sent but is not
+# valid is an invalid_token; a request without one gets the bare challenge.
+_CHALLENGE = 'Bearer realm="flopex"'
+_CHALLENGE_INVALID = 'Bearer realm="flopex", error="invalid_token"'
+
+
+def error_response(
+    code: str, message: str, param: str | None, status: int, job_id: Any = None
+) -> Any:
+    body = error_body(code, message, param)
+    if job_id is not None:
+        body["job_id"] = str(job_id)
+    resp = jsonify({"error": body})
     resp.status_code = status
+    if status == 401:
+        sent = request.headers.get("Authorization", "").strip()
+        resp.headers["WWW-Authenticate"] = _CHALLENGE_INVALID if sent else _CHALLENGE
     return resp
 
 
@@ -46,10 +60,14 @@ def _first_problem(messages: Any, prefix: str = "") -> tuple[str | None, str]:
 def register(app: Flask) -> None:
     @app.errorhandler(FlopexError)
     def _domain(err: FlopexError) -> Any:
-        response = error_response(err.code, err.message, err.param, err.http_status)
+        response = error_response(
+            err.code, err.message, err.param, err.http_status, getattr(err, "job_id", None)
+        )
         retry_after = getattr(err, "retry_after_s", None)
         if retry_after is not None:
             response.headers["Retry-After"] = str(retry_after)
+        # Headers an error class declares (a 415's Accept-Encoding).
+        response.headers.update(getattr(err, "headers", None) or {})
         return response
 
     @app.errorhandler(HTTPException)
@@ -74,7 +92,14 @@ def register(app: Flask) -> None:
                 413,
             )
         code = _HTTP_CODES.get(status, "internal_error" if status >= 500 else "invalid_request")
-        return error_response(code, err.description or err.name, None, status)
+        response = error_response(code, err.description or err.name, None, status)
+        if status == 405:
+            # RFC 9110 §15.5.6: a 405 lists the methods the resource supports. Werkzeug knows
+            # them (its own page carries them); the JSON envelope must not lose them.
+            allow = [v for k, v in err.get_headers() if k.lower() == "allow"]
+            if allow:
+                response.headers["Allow"] = allow[0]
+        return response
 
     @app.errorhandler(Exception)
     def _unexpected(err: Exception) -> Any:

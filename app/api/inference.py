@@ -17,7 +17,7 @@ from app import idempotency, webhooks
 from app.accounts import Principal
 from app.api.auth import authenticate_and_limit, require_principal
 from app.api.parser import FlopexParser
-from app.api.prefer import parse_prefer
+from app.api.prefer import Preferences, parse_prefer
 from app.api.schemas import (
     ApiErrorSchema,
     InferenceRequestSchema,
@@ -57,7 +57,9 @@ _PREFER_DOC = {
     "required": False,
     "schema": {"type": "string"},
     "description": "RFC 7240. `respond-async`: answer 202 with the job at once. `wait=N`: a synchronous "
-    "call waits at most N seconds, then answers 202 with the job while it carries on.",
+    "call waits at most N seconds (capped by FLOPEX_MAX_WAIT_S), then answers 202 with the job "
+    "while it carries on. Honoured preferences are named in Preference-Applied; unknown or "
+    "unparsable ones (`wait=soon`) are ignored, never an error.",
 }
 _IDEMPOTENCY_DOC = {
     "name": "Idempotency-Key",
@@ -67,6 +69,32 @@ _IDEMPOTENCY_DOC = {
     "description": "Same key + same body returns the first outcome (header `Idempotent-Replayed: true`) "
     "without executing or charging again. Scoped to your account; kept 24 hours.",
 }
+
+
+def _header(description: str, example: str | None = None) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    if example is not None:
+        schema["example"] = example
+    return {"description": description, "schema": schema}
+
+
+# Response headers, declared in the OpenAPI document where they are sent.
+REQUEST_ID = {"X-Request-ID": _header("This request's id (yours when you sent one); in our logs")}
+LOCATION = {"Location": _header("The job to poll", "/v1/inference/{id}")}
+RETRY_AFTER = {"Retry-After": _header("Seconds to wait before retrying", "1")}
+REPLAYED = {
+    "Idempotent-Replayed": _header(
+        "`true` when this answers an Idempotency-Key already used (docs/idempotency.md)", "true"
+    )
+}
+APPLIED = {
+    "Preference-Applied": _header(
+        "The Prefer preferences honoured: `respond-async`, or `wait=N` (the seconds actually "
+        "allowed, capped by FLOPEX_MAX_WAIT_S)",
+        "wait=10",
+    )
+}
+CHALLENGE = {"WWW-Authenticate": _header("RFC 6750 challenge", 'Bearer realm="flopex"')}
 
 
 # Authentication and the rate limit come before validation, as with Stripe: an unauthenticated
@@ -117,7 +145,7 @@ def _accepted(body: str, job_id: Any, replayed: bool = False) -> Any:
     return response
 
 
-def _own_job(principal: Principal, job_id: str, param: str = "id") -> Job:
+def _own_job(principal: Principal, job_id: str, param: str = "job_id") -> Job:
     """Another account's job is indistinguishable from one that does not exist."""
     try:
         parsed = uuid.UUID(job_id)
@@ -138,22 +166,40 @@ class InferenceCollection(MethodView):
     # Schema instances, not classes, in every @blp.arguments: webargs instantiates a class on
     # every request (~0.2 ms of CPU); a marshmallow 4 schema keeps no state between loads.
     @blp.arguments(InferenceRequestSchema())
-    @blp.response(200, InferenceResponseSchema)
+    @blp.response(200, InferenceResponseSchema, headers={**REQUEST_ID, **REPLAYED, **APPLIED})
     @blp.alt_response(
-        202, schema=JobObjectSchema, description="Accepted: the job runs on (Location to poll)"
+        202,
+        schema=JobObjectSchema,
+        description="Accepted: the job runs on (Location to poll)",
+        headers={**LOCATION, **APPLIED, **REPLAYED, **REQUEST_ID},
     )
     @blp.alt_response(
-        400, schema=ApiErrorSchema, description="invalid_request, model cap, context length"
+        400,
+        schema=ApiErrorSchema,
+        description="invalid_request (a duplicate key in the body included), model cap, "
+        "context length",
     )
-    @blp.alt_response(401, schema=ApiErrorSchema, description="invalid_api_key")
+    @blp.alt_response(401, schema=ApiErrorSchema, description="invalid_api_key", headers=CHALLENGE)
     @blp.alt_response(402, schema=ApiErrorSchema, description="insufficient_balance")
     @blp.alt_response(404, schema=ApiErrorSchema, description="model_not_found")
-    @blp.alt_response(409, schema=ApiErrorSchema, description="idempotency_key_in_use")
+    @blp.alt_response(
+        409,
+        schema=ApiErrorSchema,
+        description="idempotency_key_in_use (error.job_id names the running job)",
+        headers={**LOCATION, **RETRY_AFTER},
+    )
+    @blp.alt_response(
+        415,
+        schema=ApiErrorSchema,
+        description="unsupported_media_type: a Content-Encoding other than identity",
+        headers={"Accept-Encoding": _header("The codings accepted", "identity")},
+    )
     @blp.alt_response(
         422,
         schema=ApiErrorSchema,
         description="max_price_exceeded, max_latency_exceeded, idempotency_key_reused_with_different_request",
     )
+    @blp.alt_response(429, schema=ApiErrorSchema, description="rate_limited", headers=RETRY_AFTER)
     @blp.alt_response(502, schema=ApiErrorSchema, description="provider_error")
     @blp.alt_response(503, schema=ApiErrorSchema, description="no_provider_available")
     @blp.alt_response(504, schema=ApiErrorSchema, description="timeout")
@@ -183,11 +229,14 @@ class InferenceCollection(MethodView):
             )
             if claim.state != "new":
                 session.commit()
-                return _answer_duplicate(
+                response = _answer_duplicate(
                     claim,
                     settings.sync_timeout_s if prefer.wait_s is None else prefer.wait_s,
                     prefer.respond_async,
                 )
+                # A stored outcome is replayed as it was; only a duplicate that waited for
+                # the running first request applied the wait.
+                return _wait_applied(response, prefer) if claim.state == "in_progress" else response
             record_id = claim.record_id
 
         # The claim, the job and its hold commit together; a rejection rolls all three back.
@@ -237,10 +286,13 @@ class InferenceCollection(MethodView):
             make_durable(session)
             return _json_response(current_app.json.dumps(render_job(job)), 202, job_id=job.id)
         wait_s = settings.sync_timeout_s if prefer.wait_s is None else prefer.wait_s
-        return _await_outcome(job.id, record_id, wait_s)
+        return _wait_applied(_await_outcome(job.id, record_id, wait_s), prefer)
 
     @blp.arguments(JobListQuerySchema(), location="query")
-    @blp.response(200, JobListSchema)
+    @blp.response(200, JobListSchema, headers=REQUEST_ID)
+    @blp.alt_response(
+        404, schema=ApiErrorSchema, description="job_not_found (param starting_after)"
+    )
     @blp.doc(security=[{"bearerAuth": []}])
     def get(self, query: dict[str, Any]) -> Any:
         """Your jobs, newest first; filter by status, customer_ref and creation time."""
@@ -276,8 +328,8 @@ class InferenceCollection(MethodView):
 @blp.route("/inference/<job_id>")
 class InferenceItem(MethodView):
     @blp.arguments(JobGetQuerySchema(), location="query")
-    @blp.response(200, JobObjectSchema)
-    @blp.alt_response(404, schema=ApiErrorSchema, description="job_not_found")
+    @blp.response(200, JobObjectSchema, headers=REQUEST_ID)
+    @blp.alt_response(404, schema=ApiErrorSchema, description="job_not_found (param job_id)")
     @blp.doc(security=[{"bearerAuth": []}])
     def get(self, query: dict[str, Any], job_id: str) -> Any:
         """A job: its state while queued or running; the full result once finished.
@@ -297,15 +349,27 @@ class InferenceItem(MethodView):
 
 @blp.route("/inference/<job_id>/cancel")
 class InferenceCancel(MethodView):
-    @blp.response(200, JobObjectSchema)
-    @blp.alt_response(404, schema=ApiErrorSchema, description="job_not_found")
-    @blp.alt_response(409, schema=ApiErrorSchema, description="job_not_cancellable")
+    @blp.response(200, JobObjectSchema, headers=REQUEST_ID)
+    @blp.alt_response(404, schema=ApiErrorSchema, description="job_not_found (param job_id)")
+    @blp.alt_response(
+        409,
+        schema=ApiErrorSchema,
+        description="job_not_cancellable (error.job_id names the job)",
+    )
     @blp.doc(security=[{"bearerAuth": []}])
     def post(self, job_id: str) -> Any:
         """Cancel a job that has not started executing: its hold is released, nothing charged."""
         principal = require_principal()
         session = db()
-        job = cancel(session, _own_job(principal, job_id))
+        found = _own_job(principal, job_id)
+        found_id = found.id  # read now: a failed attempt expires the object
+        try:
+            job = cancel(session, found)
+        except FlopexError as exc:
+            # The job exists (it is the caller's): its errors name it, as every error about a
+            # created job does (docs/api.md).
+            exc.job_id = exc.job_id or found_id
+            raise
         session.commit()
         signal_done(get_redis(), job.id)
         try:
@@ -314,6 +378,16 @@ class InferenceCancel(MethodView):
             # The cancellation is committed; the outbox sweeper posts its webhook later.
             log.exception("queueing the webhook of cancelled job %s failed", job.id)
         return _json_response(current_app.json.dumps(render_job(job)), 200)
+
+
+def _wait_applied(response: Any, prefer: Preferences) -> Any:
+    """RFC 7240 §3: a honoured preference is named in Preference-Applied. ``wait`` bounded this
+    synchronous call (with the value actually used, the cap when more was asked); with
+    respond-async the call did not wait at all, and that is what the header already says."""
+    token = prefer.applied_wait()
+    if token is not None and not prefer.respond_async:
+        response.headers["Preference-Applied"] = token
+    return response
 
 
 def _publish_after_response(
@@ -354,7 +428,9 @@ def _await_outcome(
     assert job is not None
     if job.status not in states.FINAL:
         if respond_async:
-            return _accepted(current_app.json.dumps(render_job(job)), job.id)
+            # Not a new execution but the first request's job: marked as a replay, like every
+            # answer to a key already used except its errors (docs/idempotency.md).
+            return _accepted(current_app.json.dumps(render_job(job)), job.id, replayed=replayed)
         if replayed:
             return _key_in_use(job.id)
         # Degrade to async: the job carries on and is settled when it completes.

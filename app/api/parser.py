@@ -15,7 +15,7 @@ import flask
 from webargs import core
 from webargs.flaskparser import FlaskParser
 
-from app.exceptions import InvalidRequest
+from app.exceptions import FlopexError, InvalidRequest
 
 
 class JsonNumber(float):
@@ -28,6 +28,40 @@ class JsonNumber(float):
 
 class _NotJson(ValueError):
     pass
+
+
+class UnsupportedMediaType(FlopexError):
+    """415: a body we cannot read as sent. RFC 9110 §15.5.16 asks a 415 caused by a content
+    coding to say in Accept-Encoding which codings would have been accepted: none but identity."""
+
+    headers = {"Accept-Encoding": "identity"}
+
+    def __init__(self, message: str) -> None:
+        super().__init__("unsupported_media_type", message, "Content-Encoding")
+
+
+def _repeated_key(pairs: list[tuple[str, typing.Any]]) -> str:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            return key
+        seen.add(key)
+    raise AssertionError("no repeated key")
+
+
+def _path_to(root: typing.Any, target: dict[str, typing.Any]) -> list[str] | None:
+    """The keys (and list indexes) leading from ``root`` to the object ``target``, found by
+    identity; an explicit stack, since the body may nest as deep as the parser allowed."""
+    stack: list[tuple[typing.Any, list[str]]] = [(root, [])]
+    while stack:
+        node, path = stack.pop()
+        if node is target:
+            return path
+        if isinstance(node, dict):
+            stack.extend((value, [*path, str(key)]) for key, value in node.items())
+        elif isinstance(node, list):
+            stack.extend((value, [*path, str(i)]) for i, value in enumerate(node))
+    return None
 
 
 def _number(text: str) -> JsonNumber:
@@ -43,15 +77,43 @@ def _constant(name: str) -> typing.NoReturn:
 
 
 def load_json(data: bytes) -> typing.Any:
-    """Strict JSON from a request body (UTF-8, no byte order mark); InvalidRequest otherwise."""
+    """Strict JSON from a request body (UTF-8, no byte order mark, no key twice in one object);
+    InvalidRequest otherwise."""
+    # Python's json keeps the last of two equal keys silently ({"model": "a", "model": "b"}
+    # ran b); RFC 8259 leaves their meaning undefined, so a strict parser refuses rather than
+    # guess which one the client meant. The first object found with one is remembered and
+    # reported once the whole body parsed, with its path from the top.
+    repeated: list[tuple[str, dict[str, typing.Any]]] = []
+
+    def unique_object(pairs: list[tuple[str, typing.Any]]) -> dict[str, typing.Any]:
+        obj = dict(pairs)
+        if len(obj) != len(pairs) and not repeated:
+            repeated.append((_repeated_key(pairs), obj))
+        return obj
+
     try:
-        return json.loads(data.decode("utf-8"), parse_float=_number, parse_constant=_constant)
+        body = json.loads(
+            data.decode("utf-8"),
+            parse_float=_number,
+            parse_constant=_constant,
+            object_pairs_hook=unique_object,
+        )
     except _NotJson as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidRequest("The request body is nested too deeply.") from None
     except ValueError:  # JSONDecodeError, UnicodeDecodeError
         raise InvalidRequest("The request body is not valid JSON.") from None
+    if repeated:
+        key, holder = repeated[0]
+        # `param` names it like any invalid parameter: "model", or "metadata.env" inside one.
+        param = ".".join([*(_path_to(body, holder) or []), key])
+        raise InvalidRequest(
+            f'The request body is not valid JSON: the key "{key}" appears more than once '
+            f"in one object ({param}).",
+            param,
+        )
+    return body
 
 
 class FlopexParser(FlaskParser):
@@ -63,6 +125,14 @@ class FlopexParser(FlaskParser):
     DEFAULT_VALIDATION_STATUS = 400
 
     def _raw_load_json(self, req: flask.Request) -> typing.Any:
+        # Bodies are read as sent: a compressed one would only fail as "not valid JSON",
+        # hiding the cause. Any coding but identity is 415, as the error table says.
+        codings = [c.strip().lower() for c in req.headers.get("Content-Encoding", "").split(",")]
+        if any(c not in ("", "identity") for c in codings):
+            raise UnsupportedMediaType(
+                f"Content-Encoding: {req.headers['Content-Encoding'][:40]} is not supported; "
+                "send the JSON body uncompressed."
+            )
         data = req.get_data(cache=True)
         if not data:
             return core.missing

@@ -45,6 +45,23 @@ class ExactDecimal(fields.Decimal):
         return super()._deserialize(getattr(value, "text", value), attr, data, **kwargs)
 
 
+def number_or_string_property(
+    self: Any, field: fields.Field, ret: dict[str, Any], **kwargs: Any
+) -> dict[str, Any]:
+    """An apispec attribute function (registered in app/api/__init__.py): an ExactDecimal
+    accepts a JSON number or a string holding one, and the OpenAPI document says both instead
+    of `type: number` alone. Runs after apispec's own, so the type it set is replaced here."""
+    if not isinstance(field, ExactDecimal):
+        return {}
+    ret.pop("type", None)
+    return {
+        "anyOf": [
+            {"type": "number"},
+            {"type": "string", "pattern": f"^{_JSON_NUMBER.pattern}$"},
+        ]
+    }
+
+
 # Far above any charge one request can reach, far below what a BIGINT of micro-USD can hold.
 MAX_PRICE_USD = 1_000_000
 MAX_METADATA_DEPTH = 32
@@ -108,7 +125,11 @@ class InferenceRequestSchema(Schema):
         allow_none=True,
         validate=validate.Range(min=0, max=MAX_PRICE_USD),
         as_string=False,
-        metadata={"description": "Reject if the estimated charge (markup included) exceeds this."},
+        metadata={
+            "description": "Reject if the estimated charge (markup included) exceeds this. A "
+            'JSON number or a string holding one ("0.02"), read as the exact decimal written '
+            "and floored to whole micro-USD."
+        },
     )
     max_latency_ms = StrictInteger(
         load_default=None, allow_none=True, validate=validate.Range(min=1, max=600_000)
@@ -199,8 +220,16 @@ class InferenceResponseSchema(Schema):
     customer_ref = fields.String(allow_none=True)
     metadata = fields.Dict(allow_none=True)
     created_at = fields.String()
+    finished_at = fields.String(metadata={"description": "When the job ended; RFC 3339"})
     provider = fields.String(metadata={"description": "The provider that served the job."})
-    routing = fields.Dict(metadata={"description": "Quotes considered and why the winner won."})
+    routing = fields.Dict(
+        metadata={
+            "description": "The route: `winner` (the provider that served, as `provider`; null "
+            "when none did), `ranked_first`, `order` (the ranking, each with its `score` for "
+            "balanced), `reason`, `dropped`, `quotes` and `attempts` (each with `outcome` "
+            "success or failed, and the `failure` kind when failed). See docs/routing.md."
+        }
+    )
 
 
 class ApiErrorDetailSchema(Schema):
@@ -223,13 +252,39 @@ class WalletSchema(Schema):
     available_usd = fields.Decimal(as_string=False)
 
 
+class LedgerCursor(fields.String):
+    """A ledger entry id as the API writes it: a string of digits (entry ``id``, ``next_cursor``),
+    declared so in the OpenAPI document, and loaded as the integer it is. A malformed one is a
+    400; a well-formed one that is not an entry of the caller's is a 404 (app/api/wallet.py)."""
+
+    _MAX = 2**63 - 1  # a BIGINT: beyond it no entry can exist, and PostgreSQL would refuse it
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if (
+            not (text.isascii() and text.isdigit())
+            or len(text) > 19
+            or text != str(int(text))
+            or not 1 <= int(text) <= self._MAX
+        ):
+            raise ValidationError("Must be a ledger entry id (the next_cursor of a page).")
+        return int(text)
+
+
 class LedgerQuerySchema(Schema):
     class Meta:
         unknown = RAISE
 
     limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
-    starting_after = fields.Integer(
-        load_default=None, allow_none=True, validate=validate.Range(min=1, max=2**63 - 1)
+    starting_after = LedgerCursor(
+        load_default=None,
+        allow_none=True,
+        metadata={
+            "pattern": "^[1-9][0-9]{0,18}$",
+            "description": "A ledger entry id (the previous page's `next_cursor`): the page "
+            "after it. An id that is not one of your entries is `404 not_found` with `param` "
+            "`starting_after`.",
+        },
     )
 
 
@@ -266,7 +321,9 @@ class JobObjectSchema(InferenceResponseSchema):
     """An inference job: the synchronous body once it succeeded, else its state or error."""
 
     error = fields.Nested(ApiErrorDetailSchema)
-    finished_at = fields.String()
+    finished_at = fields.String(
+        metadata={"description": "When the job ended (success, failed or cancelled); RFC 3339"}
+    )
 
 
 class UtcDateTime(fields.AwareDateTime):
@@ -292,8 +349,19 @@ class JobListQuerySchema(Schema):
             validate.ContainsNoneOf("\x00", error="Must not contain NUL characters."),
         ]
     )
-    created_after = UtcDateTime(metadata={"description": "ISO 8601 with a time zone"})
-    created_before = UtcDateTime(metadata={"description": "ISO 8601 with a time zone"})
+    created_after = UtcDateTime(
+        metadata={
+            "description": "Only jobs created strictly after this time (exclusive: a job "
+            "created at exactly this instant is not listed). ISO 8601 with a time zone, "
+            "microsecond precision, e.g. a `created_at` of the API."
+        }
+    )
+    created_before = UtcDateTime(
+        metadata={
+            "description": "Only jobs created strictly before this time (exclusive). ISO 8601 "
+            "with a time zone. With created_after: the open interval between the two."
+        }
+    )
     limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
     starting_after = fields.UUID(metadata={"description": "a job id: the page after it"})
 
@@ -306,11 +374,15 @@ class JobGetQuerySchema(Schema):
     class Meta:
         unknown = RAISE
 
+    # Up to an hour is accepted (a client's generous timeout is not an error) and then capped
+    # by FLOPEX_MAX_WAIT_S; the description says so, since the schema's maximum is not the cap.
     wait = fields.Integer(
         load_default=0,
         validate=validate.Range(min=0, max=3600),
         metadata={
-            "description": "Long-poll: wait up to this many seconds (capped) for the job to finish"
+            "description": "Long-poll: wait up to this many seconds for the job to finish. "
+            "Values above the server's cap, FLOPEX_MAX_WAIT_S (60 s by default), are accepted "
+            "and waited as the cap; above 3600 is a 400."
         },
     )
 
@@ -345,10 +417,18 @@ class ProviderSchema(Schema):
     models = fields.List(fields.String())
     live = fields.Boolean(allow_none=True, metadata={"description": "last health probe answered"})
     latency_ms = fields.Integer(allow_none=True, metadata={"description": "last probe round trip"})
-    checked_at = fields.Float(
-        allow_none=True, metadata={"description": "Unix time of the last probe"}
+    checked_at = fields.String(
+        allow_none=True,
+        metadata={"description": "When the last probe ran: RFC 3339 in UTC with a Z"},
     )
-    success_rate = fields.Decimal(as_string=False, allow_none=True)
+    success_rate = fields.Decimal(
+        as_string=False,
+        allow_none=True,
+        metadata={
+            "description": "ok / (ok + failed) over the health window, a number with four "
+            "decimals (0.9375); null without history. routing.quotes[].success_rate is the same."
+        },
+    )
     circuit = fields.String(metadata={"description": "closed, open or half_open"})
 
 

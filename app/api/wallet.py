@@ -11,8 +11,15 @@ from sqlalchemy import select
 from app import wallet
 from app.api.auth import authenticate_and_limit, require_principal
 from app.api.parser import FlopexParser
-from app.api.schemas import LedgerPageSchema, LedgerQuerySchema, WalletSchema, WebhookSecretSchema
+from app.api.schemas import (
+    ApiErrorSchema,
+    LedgerPageSchema,
+    LedgerQuerySchema,
+    WalletSchema,
+    WebhookSecretSchema,
+)
 from app.api.session import db
+from app.exceptions import FlopexError
 from app.models import LedgerEntry, iso_utc
 from app.money import micros_to_usd
 from app.webhooks import webhook_secret
@@ -61,6 +68,11 @@ def _entry(e: LedgerEntry) -> dict[str, Any]:
 class LedgerView(MethodView):
     @blp.arguments(LedgerQuerySchema(), location="query")
     @blp.response(200, LedgerPageSchema)
+    @blp.alt_response(
+        404,
+        schema=ApiErrorSchema,
+        description="not_found (param starting_after): the cursor is not one of your entries",
+    )
     @blp.doc(security=[{"bearerAuth": []}])
     def get(self, query: dict[str, Any]) -> Any:
         """Ledger entries, newest first. Pass `starting_after` (an entry id, usually the previous
@@ -68,8 +80,19 @@ class LedgerView(MethodView):
         principal = require_principal()
         limit = query["limit"]
         stmt = select(LedgerEntry).where(LedgerEntry.wallet_id == principal.wallet_id)
-        if query.get("starting_after") is not None:
-            stmt = stmt.where(LedgerEntry.id < query["starting_after"])
+        cursor = query.get("starting_after")
+        if cursor is not None:
+            # The cursor must be one of the caller's own entries, as the job list requires of
+            # its cursor: an unknown id silently gave the first page, another account's an
+            # empty one. Both are the same 404, so nothing is learnt about other wallets.
+            own = db().scalar(
+                select(LedgerEntry.id).where(
+                    LedgerEntry.id == cursor, LedgerEntry.wallet_id == principal.wallet_id
+                )
+            )
+            if own is None:
+                raise FlopexError("not_found", f"No ledger entry {cursor}.", "starting_after")
+            stmt = stmt.where(LedgerEntry.id < cursor)
         rows = list(db().scalars(stmt.order_by(LedgerEntry.id.desc()).limit(limit + 1)))
         has_more = len(rows) > limit
         rows = rows[:limit]

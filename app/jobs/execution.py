@@ -38,7 +38,7 @@ from app.metrics import (
     job_finished,
 )
 from app.models import Job, utcnow
-from app.money import ceil_micros, customer_charge, provider_cost
+from app.money import ceil_micros, customer_charge, display_usd, provider_cost
 from app.providers import health
 from app.providers.breaker import Breaker
 from app.providers.openai_compat import Completion, ProviderFailure, complete, resolve_api_key
@@ -444,7 +444,8 @@ def _no_route_message(decision: Decision, job: Job) -> str:
     if decision.error_code == "insufficient_balance":
         return _FAILURE_MESSAGES["insufficient_balance"]
     if decision.error_code == "max_price_exceeded":
-        return "Every quote's estimated charge exceeds max_price_usd."
+        limit = display_usd(job.max_price_micros or 0)
+        return f"Every quote's estimated charge exceeds max_price_usd ({limit})."
     if decision.error_code == "max_latency_exceeded":
         return (
             f"No live quote's estimated latency is within max_latency_ms ({job.max_latency_ms} ms)."

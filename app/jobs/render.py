@@ -3,6 +3,7 @@ are the extra keys the contract allows."""
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from app.exceptions import error_body, status_for
@@ -40,36 +41,95 @@ def render_success(job: Job) -> dict[str, Any]:
         "customer_ref": job.customer_ref,
         "metadata": job.metadata_,
         "created_at": iso_utc(job.created_at),
+        # Every finished job carries it, as failed and cancelled ones always did (docs/api.md).
+        "finished_at": iso_utc(job.finished_at),
         "provider": job.provider_name,
         "routing": routing_summary(job),
     }
 
 
+def _decimal(value: Any) -> Decimal | None:
+    """A decimal the job stores as a string (a success rate, a balanced score), written as an
+    exact JSON number like every amount of the API: the stored digits, not a float's."""
+    return None if value is None else Decimal(str(value))
+
+
+def _attempt(stored: dict[str, Any]) -> dict[str, Any]:
+    """One attempt in the public shape: ``outcome`` is ``success`` or ``failed``, and a failed
+    one says its ``failure`` kind (connect, timeout, http, ...). The worker stores a failure
+    as its kind alone; an attempt with neither in a finished job is one whose worker died
+    mid-call, which the resume counted as ``interrupted``."""
+    attempt: dict[str, Any] = {"provider": stored.get("provider")}
+    if stored.get("outcome") == "success":
+        attempt["outcome"] = "success"
+    else:
+        attempt["outcome"] = "failed"
+        attempt["failure"] = stored.get("failure") or "interrupted"
+    if "latency_ms" in stored:
+        attempt["latency_ms"] = stored["latency_ms"]
+    return attempt
+
+
+def _story(
+    decision: str | None, ranked_first: str | None, attempts: list[dict[str, Any]]
+) -> str | None:
+    """The stored reason explains the ranking; when execution did not simply run the first
+    ranked provider, what happened next is appended, so the reason never names a provider
+    that failed as the one that won."""
+    if decision is None or not attempts:
+        return decision
+    if ranked_first is not None:
+        # Rows written before the wording changed said "<first> won among ...".
+        decision = decision.replace(
+            f"{ranked_first} won among", f"{ranked_first} ranked first among"
+        )
+    if [(a["provider"], a["outcome"]) for a in attempts] == [(ranked_first, "success")]:
+        return decision
+    steps = [
+        f"{a['provider']} served"
+        if a["outcome"] == "success"
+        else f"{a['provider']} failed ({a['failure']})"
+        for a in attempts
+    ]
+    return f"{decision}; " + "; ".join(steps)
+
+
 def routing_summary(job: Job) -> dict[str, Any]:
-    """Why this route: the decision and every quote considered, enough to replay it."""
+    """Why this route: the ranking, every quote considered and dropped, and what each attempt
+    did; enough to replay the decision (docs/routing.md)."""
     quotes = [
         {
             "provider": q.get("provider"),
             "live": q.get("live"),
             "estimated_latency_ms": q.get("estimated_latency_ms"),
             "estimated_charge_usd": micros_to_usd(q["estimated_charge_micros"]),
-            "success_rate": q.get("success_rate"),
+            # A number, as in GET /v1/providers (the job stores the decimal as a string).
+            "success_rate": _decimal(q.get("success_rate")),
         }
         for q in (job.quotes or [])
         if "live" in q
     ]
     routing = job.routing or {}
+    order = [
+        {"provider": r.get("provider"), **({"score": _decimal(r["score"])} if "score" in r else {})}
+        for r in routing.get("order", [])
+    ]
+    # The stored decision's "winner" is the first ranked; older rows may lack the order.
+    ranked_first = order[0]["provider"] if order else routing.get("winner")
+    attempts = [_attempt(a) for a in (job.attempts or [])]
+    # The winner is the provider that served, the response's `provider`; none when no
+    # candidate did. Who ranked first stays visible as ranked_first and order[0].
+    served = job.provider_name if job.status == states.SUCCESS else None
     return {
         "performance_profile": job.performance_profile,
         "routing_strategy": job.routing_strategy,
-        "winner": routing.get("winner"),
-        "reason": routing.get("reason"),
+        "winner": served,
+        "ranked_first": ranked_first,
+        "reason": _story(routing.get("reason"), ranked_first, attempts),
+        "order": order,
         "dropped": routing.get("dropped", []),
         "quotes": quotes,
-        "attempts": [
-            {k: a.get(k) for k in ("provider", "outcome", "failure", "latency_ms") if k in a}
-            for a in (job.attempts or [])
-        ],
+        "attempts": attempts,
     }
 
 

@@ -142,7 +142,9 @@ class SubmitInference:
                 raise FlopexError(
                     "max_price_exceeded",
                     f"The cheapest quote's estimated charge ({display_usd(cheapest)}) "
-                    f"exceeds max_price_usd (${req.max_price_usd}).",
+                    # The binding limit (floored to whole micro-USD), not the digits sent:
+                    # "1E-400" or "0.0000099999" would not say what was compared.
+                    f"exceeds max_price_usd ({display_usd(self._max_price_micros)}).",
                     "max_price_usd",
                 )
         else:

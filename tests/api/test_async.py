@@ -174,7 +174,42 @@ def test_a_finished_job_cannot_be_cancelled(client, pipeline, make_account):
     job = submit(client, account).get_json()
     resp = client.post(f"/v1/inference/{job['id']}/cancel", headers=account.headers)
     assert resp.status_code == 409
-    assert resp.get_json()["error"]["code"] == "job_not_cancellable"
+    error = resp.get_json()["error"]
+    # An error about a job that exists names it (docs/api.md).
+    assert error["code"] == "job_not_cancellable" and error["job_id"] == job["id"]
+
+
+def test_job_path_errors_name_the_job_id_parameter(client, pipeline, make_account):
+    account = make_account()
+    for resp in (
+        client.get("/v1/inference/not-a-uuid", headers=account.headers),
+        client.post(f"/v1/inference/{'0' * 32}/cancel", headers=account.headers),
+    ):
+        assert resp.status_code == 404
+        # The path parameter is {job_id} in the OpenAPI document; the error says the same.
+        assert resp.get_json()["error"]["param"] == "job_id"
+        assert "job_id" not in resp.get_json()["error"]  # no job exists to name
+
+
+def test_created_after_and_created_before_are_exclusive(client, pipeline, make_account):
+    account = make_account()
+    job = submit(client, account).get_json()
+    at = datetime.fromisoformat(job["created_at"].replace("Z", "+00:00"))
+    micro = timedelta(microseconds=1)
+
+    def listed(**query: str) -> list[str]:
+        resp = client.get("/v1/inference", query_string=query, headers=account.headers)
+        assert resp.status_code == 200, resp.text
+        return [j["id"] for j in resp.get_json()["data"]]
+
+    assert listed(created_after=job["created_at"]) == []
+    assert listed(created_before=job["created_at"]) == []
+    assert listed(created_after=(at - micro).isoformat()) == [job["id"]]
+    assert listed(created_before=(at + micro).isoformat()) == [job["id"]]
+    spec = client.get("/openapi.json").get_json()
+    params = {p["name"]: p for p in spec["paths"]["/v1/inference"]["get"]["parameters"]}
+    assert "strictly after" in params["created_after"]["description"]
+    assert "strictly before" in params["created_before"]["description"]
 
 
 def test_other_accounts_jobs_are_404_and_never_listed(client, pipeline, make_account):
@@ -206,10 +241,28 @@ def test_async_idempotency_replays_the_same_job(client, pipeline, make_account):
     assert sum(chat_calls(pipeline).values()) == 1
 
 
-def test_bad_prefer_wait_is_400(client, pipeline, make_account):
+def test_a_prefer_header_is_never_an_error(client, pipeline, make_account):
+    # RFC 7240 §2: a preference the server does not understand or cannot parse is ignored.
     account = make_account()
-    resp = submit(client, account, Prefer="wait=soon")
-    assert resp.status_code == 400 and resp.get_json()["error"]["param"] == "Prefer"
+    resp = submit(client, account, Prefer='wait=soon, wait=5, x-unknown="1", ;;, =3')
+    assert resp.status_code == 200, resp.text
+    # The first wait counts (§2), and it was unusable: nothing bounded the wait, nothing applied.
+    assert "Preference-Applied" not in resp.headers
+    assert submit(client, account, Prefer="wait=-1").status_code == 200
+    assert submit(client, account, Prefer="wait=1.5").status_code == 200
+
+
+def test_an_honoured_wait_is_named_in_preference_applied(client, pipeline, make_account):
+    account = make_account()
+    resp = submit(client, account, Prefer="wait=20")
+    assert resp.status_code == 200 and resp.headers["Preference-Applied"] == "wait=20"
+    # More than the cap: the value actually allowed.
+    capped = submit(client, account, Prefer="wait=100000")
+    assert capped.headers["Preference-Applied"] == "wait=60"
+    # With respond-async the call did not wait: only respond-async was applied.
+    both = submit(client, account, Prefer="respond-async, wait=20")
+    assert both.status_code == 202 and both.headers["Preference-Applied"] == "respond-async"
+    client.get(f"{both.headers['Location']}?wait=30", headers=account.headers)
 
 
 def assert_one_provider_call(job: dict[str, Any]) -> None:

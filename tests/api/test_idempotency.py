@@ -256,6 +256,8 @@ def test_retries_of_a_key_whose_job_runs_or_finished_never_wait_for_nothing(
     assert running.status_code == 202 and running.get_json()["id"] == job_id
     assert running.headers["Location"] == f"/v1/inference/{job_id}"
     assert running.headers["Preference-Applied"] == "respond-async"
+    # Not a new execution: the first request's job, marked as such (docs/idempotency.md).
+    assert running.headers["Idempotent-Replayed"] == "true"
     assert waits == []
 
     # Willing to wait, but not long enough: 409 that names the job to poll.
@@ -265,6 +267,8 @@ def test_retries_of_a_key_whose_job_runs_or_finished_never_wait_for_nothing(
     assert error["code"] == "idempotency_key_in_use" and error["job_id"] == job_id
     assert busy.headers["Location"] == f"/v1/inference/{job_id}"
     assert busy.headers["Retry-After"] == "1"
+    assert busy.headers["Preference-Applied"] == "wait=0"  # it waited, as long as asked
+    assert "Idempotent-Replayed" not in busy.headers  # an error about the key, not a replay
 
     final = client.get(f"/v1/inference/{job_id}?wait=30", headers=account.headers).get_json()
     assert final["status"] == "success"
