@@ -8,7 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any
+
+from app.money import provider_cost
 
 PROFILES = ("economy", "balanced", "fast")
 STRATEGIES = ("lowest_cost", "prefer_live")
@@ -76,14 +79,39 @@ def _latency(q: Quote) -> int:
     return _INF if q.estimated_latency_ms is None else q.estimated_latency_ms
 
 
-def _balanced_scores(quotes: list[Quote], weights: tuple[Decimal, ...]) -> dict[str, Decimal]:
+def _exact_cost(
+    q: Quote, estimated_input_tokens: int | None, max_output_tokens: int | None
+) -> Fraction:
+    """The quote's worst case before the one rounding rule: what ``estimated_charge_micros``
+    rounds up. Rounded estimates of small requests tie (0.4 and 0.9 micro-USD both become 1)
+    although one provider is truly cheaper, so costs are compared on this. It is the
+    provider's cost, without the markup: the markup is the job's, the same for every quote, so
+    it changes neither the order of two costs nor their ratio. Derived from stored fields only
+    (the quote's prices, the job's token counts), so a decision replays from the row. Without
+    the token counts (a caller that has none), the rounded estimate stands in."""
+    if estimated_input_tokens is None or max_output_tokens is None:
+        return Fraction(q.estimated_charge_micros)
+    return provider_cost(
+        estimated_input_tokens,
+        max_output_tokens,
+        q.input_price_micros_per_m,
+        q.output_price_micros_per_m,
+    )
+
+
+def _balanced_scores(
+    quotes: list[Quote], weights: tuple[Decimal, ...], costs: dict[str, Fraction]
+) -> dict[str, Decimal]:
     w_cost, w_latency, w_reliability = weights
-    max_charge = max(q.estimated_charge_micros for q in quotes) or 1
+    # Exact costs, not the rounded estimates: on small requests rounding to whole micro-USD
+    # distorts the ratio (0.4 and 0.9 micro-USD would both score as the most expensive).
+    max_cost = max(costs[q.provider] for q in quotes) or Fraction(1)
     known = [q.estimated_latency_ms for q in quotes if q.estimated_latency_ms is not None]
     max_latency = max(known) if known else 0
     scores = {}
     for q in quotes:
-        cost = Decimal(q.estimated_charge_micros) / Decimal(max_charge)
+        ratio = costs[q.provider] / max_cost
+        cost = Decimal(ratio.numerator) / Decimal(ratio.denominator)
         if q.estimated_latency_ms is None:
             latency = Decimal(1)
         else:
@@ -107,7 +135,11 @@ def select(
     max_latency_ms: int | None,
     weights: tuple[Decimal, Decimal, Decimal],
     hold_micros: int | None = None,
+    estimated_input_tokens: int | None = None,
+    max_output_tokens: int | None = None,
 ) -> Decision:
+    """``estimated_input_tokens`` and ``max_output_tokens`` (the job's) make cost comparisons
+    exact (``_exact_cost``); every filter still uses the stored, rounded estimates."""
     decision = Decision()
     if not quotes:
         decision.error_code = "no_provider_available"
@@ -160,17 +192,23 @@ def select(
         decision.reason = f"all {len(available)} quotes dropped"
         return decision
 
+    # The rounded estimate first (what the filters and the hold use), then the exact cost: it
+    # can never disagree with the rounded order (rounding up keeps the order), so it only
+    # breaks the ties rounding made.
+    costs = {
+        q.provider: _exact_cost(q, estimated_input_tokens, max_output_tokens) for q in eligible
+    }
     scores: dict[str, Decimal] = {}
     if profile == "economy":
 
         def key(q: Quote) -> tuple[Any, ...]:
-            return (q.estimated_charge_micros, _latency(q), q.provider)
+            return (q.estimated_charge_micros, costs[q.provider], _latency(q), q.provider)
 
         rule = "lowest estimated charge"
     elif profile == "fast":
 
         def key(q: Quote) -> tuple[Any, ...]:
-            return (_latency(q), q.estimated_charge_micros, q.provider)
+            return (_latency(q), q.estimated_charge_micros, costs[q.provider], q.provider)
 
         # Unknown latencies sort last; when none is known the order is the charge's alone,
         # and the reason must not claim a latency comparison that never happened.
@@ -179,10 +217,16 @@ def select(
         else:
             rule = "lowest estimated latency"
     elif profile == "balanced":
-        scores = _balanced_scores(eligible, weights)
+        scores = _balanced_scores(eligible, weights, costs)
 
         def key(q: Quote) -> tuple[Any, ...]:
-            return (scores[q.provider], q.estimated_charge_micros, _latency(q), q.provider)
+            return (
+                scores[q.provider],
+                q.estimated_charge_micros,
+                costs[q.provider],
+                _latency(q),
+                q.provider,
+            )
 
         rule = "lowest balanced score"
     else:

@@ -9,10 +9,24 @@ from __future__ import annotations
 
 import functools
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Update, bindparam, exists, func, insert, select, union_all, update
+from sqlalchemy import (
+    BigInteger,
+    Select,
+    Update,
+    bindparam,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    union_all,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -344,6 +358,140 @@ def hold(
         solo=solo,
         defer=defer,
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _hold_largest_statement(no_flush: bool, new_job_columns: tuple[str, ...] | None) -> Select:
+    """The PostgreSQL form of ``hold_largest``: one statement that picks the amount, places the
+    hold, records it and inserts the new job (``p_new_<column key>``, its ``hold_micros`` the
+    amount picked).
+
+    ``pick`` locks the wallet row and computes, from that row, the largest of ``p_choices``
+    not above its available balance (NULL when none is). Under READ COMMITTED a row that
+    another transaction changed while this statement waited for its lock is re-read at its
+    newest version and the expressions evaluated again (EvalPlanQual), so the amount is chosen
+    from the balance as it is when the lock is granted, not as the statement's snapshot had
+    it: exact under concurrency, with no second attempt.
+
+    The UPDATE then writes the row ``pick`` holds locked: its newest version, the one the
+    amount was computed from, so ``held + amount <= balance`` holds for it. But PostgreSQL
+    first evaluates the UPDATE on the version the statement's snapshot sees, and only then
+    notices that the row has moved on and evaluates it again on the newest one. That first,
+    discarded evaluation must neither filter the row out nor fail the CHECK constraint
+    ``held_micros <= balance_micros`` (which is tested before the row's version is): after a
+    top-up committed while we waited, the snapshot's balance may be below the amount. Hence no
+    condition on the wallet's columns, and ``LEAST(held + amount, balance)``, which is exactly
+    ``held + amount`` on the version that is written. ``no_flush``: see ``_one_statement``."""
+    w = _WALLETS.c
+    choice = func.unnest(bindparam("p_choices", type_=ARRAY(BigInteger))).column_valued("c")
+    largest = (
+        select(func.max(choice)).where(choice <= w.balance_micros - w.held_micros).scalar_subquery()
+    )
+    # No condition on the balance here either: a SELECT ... FOR UPDATE also tests its WHERE on
+    # the snapshot's version first, and would skip the row without waiting for the lock. So the
+    # row is always locked (for this statement only, when it is its own transaction) and a
+    # refusal is a NULL amount, which the UPDATE filters out (nothing is written).
+    pick = (
+        select(w.id, largest.label("amount"))
+        .where(w.id == _param("wallet_id", w.id))
+        .with_for_update()
+        .cte("pick")
+    )
+    wallet_update = (
+        update(_WALLETS)
+        .where(w.id == pick.c.id, pick.c.amount.is_not(None))
+        .values(
+            held_micros=func.least(w.held_micros + pick.c.amount, w.balance_micros),
+            updated_at=_param("now", w.updated_at),
+        )
+        .returning(w.balance_micros, w.held_micros, w.id, pick.c.amount)
+    )
+    if no_flush:
+        wallet_update = without_flush_wait(wallet_update)
+    moved = wallet_update.cte("moved")
+    ctes = []
+    if new_job_columns is not None:
+        values = [
+            moved.c.amount if k == "hold_micros" else bindparam(f"p_new_{k}", type_=_JOBS.c[k].type)
+            for k in new_job_columns
+        ]
+        ctes.append(
+            insert(_JOBS)
+            .from_select(new_job_columns, select(*values).select_from(moved))
+            .cte("created")
+        )
+    c = _LEDGER.c
+    entry = select(
+        _param("wallet_id", c.wallet_id),
+        _param("job_id", c.job_id),
+        literal("hold", c.kind.type),
+        literal(0, c.amount_micros.type),
+        moved.c.amount,
+        moved.c.balance_micros,
+        moved.c.held_micros,
+        _param("memo", c.memo),
+        _param("now", c.created_at),
+    ).select_from(moved)
+    ctes.append(insert(_LEDGER).from_select(_ENTRY_COLUMNS, entry).cte("recorded"))
+    return select(moved.c.balance_micros, moved.c.held_micros, moved.c.amount).add_cte(*ctes)
+
+
+def hold_largest(
+    session: Session,
+    wallet_id: uuid.UUID,
+    job_id: uuid.UUID,
+    choices: Sequence[int],
+    *,
+    new_job: dict[str, Any] | None = None,
+    solo: bool = False,
+    defer: bool = False,
+) -> tuple[int, WalletState] | None:
+    """Reserve the largest of ``choices`` that the available balance covers, and return it
+    with the wallet's new state; None when not even the smallest is available (nothing is
+    written, not even the new job).
+
+    On PostgreSQL the choice is made by the database from the wallet row it has locked, in the
+    same single statement as the hold, its ledger entry and ``new_job`` (whose
+    ``hold_micros`` becomes the amount held): a concurrent hold can never make it over-commit,
+    nor make it refuse or settle for less while a larger choice fits. ``new_job``, ``solo``
+    and ``defer``: see ``hold``."""
+    if not choices or min(choices) < 0:
+        raise ValueError("a hold needs choices and none can be negative")
+    positive = sorted({c for c in choices if c > 0}, reverse=True)
+    if positive and session.get_bind().dialect.name == "postgresql":
+        solo = solo and autocommit(session)
+        if defer and not solo:
+            defer_durability(session)
+        new_job_columns = None
+        params: dict[str, Any] = {
+            "p_wallet_id": wallet_id,
+            "p_job_id": job_id,
+            "p_choices": positive,
+            "p_memo": "",
+            "p_now": utcnow(),
+        }
+        if new_job is not None:
+            new_job_columns = tuple(sorted({*new_job, "hold_micros"}))
+            params.update({f"p_new_{k}": v for k, v in new_job.items() if k != "hold_micros"})
+        statement = _hold_largest_statement(solo and defer, new_job_columns)
+        row = session.execute(statement, params).first()
+        if row is not None:
+            return row[2], WalletState(row[0], row[1])
+        if 0 not in choices:
+            return None
+        positive = []  # only a zero hold is left, which needs no money (see ``hold``)
+    else:
+        # Other databases (SQLite, one writer at a time): the amount is read first, then placed
+        # with the usual conditional UPDATE; a smaller choice is tried only if a concurrent
+        # writer took the money in between.
+        available = get_state(session, wallet_id).available_micros
+        positive = [c for c in positive if c <= available]
+    for amount in [*positive, *([0] if 0 in choices else [])]:
+        job_row = None if new_job is None else {**new_job, "hold_micros": amount}
+        state = hold(session, wallet_id, job_id, amount, new_job=job_row, solo=solo, defer=defer)
+        if state is not None:
+            return amount, state
+    return None
 
 
 def settle(

@@ -76,8 +76,8 @@ def _charge(input_tokens: int, output_tokens: int, price_in: int, price_out: int
 def expected_admission(
     model: str, prompt: str, max_output_tokens: int, limit_micros: int | None, available: int
 ) -> tuple[str, int | None]:
-    """The admission rule: hold the largest worst case within max_price_usd, or the cheapest
-    when only that fits the wallet; otherwise refuse."""
+    """The admission rule: hold the largest worst case within max_price_usd that the wallet's
+    available balance covers; refuse when it covers none."""
     estimated_input = estimate_input_tokens(prompt)
     estimates = [
         _charge(
@@ -94,9 +94,9 @@ def expected_admission(
         affordable = [e for e in estimates if e <= limit_micros]
         if not affordable:
             return "max_price_exceeded", None
-    for amount in (max(affordable), min(affordable)):
-        if available >= amount:
-            return "accepted", amount
+    covered = [e for e in affordable if e <= available]
+    if covered:
+        return "accepted", max(covered)
     return "insufficient_balance", None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from decimal import Decimal
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from app.pricing import estimated_charge
 from app.routing import PROFILES, STRATEGIES, Decision, Quote, select
 
 WEIGHTS = (Decimal("0.4"), Decimal("0.4"), Decimal("0.2"))
@@ -421,3 +423,81 @@ def test_reasons_use_plain_words_and_never_claim_an_unknown_latency():
     known = run([*quotes[:2], quote("c", 200, 30)], "fast")
     assert order(known)[0] == "c" and "lowest estimated latency" in known.reason
     assert "estimated latency 30 ms, live)" in known.reason
+
+
+# -- exact costs: the rounded estimates tie, the providers' costs do not --------------------
+
+# A small request (the job's estimated input and max_output_tokens), and two offerings whose
+# worst cases both round up to 1 micro-USD: "lean" costs 0.2 micro-USD before the markup
+# (0.23 with it), "plump" 0.7 (0.805), so "lean" is truly the cheaper one.
+SMALL_REQUEST = {"estimated_input_tokens": 10, "max_output_tokens": 5}
+PRICES = {"lean": (10_000, 20_000), "plump": (40_000, 60_000)}
+
+
+def priced(provider: str, latency: int) -> Quote:
+    price_in, price_out = PRICES[provider]
+    return dataclasses.replace(
+        quote(provider, 0, latency),
+        input_price_micros_per_m=price_in,
+        output_price_micros_per_m=price_out,
+        estimated_charge_micros=estimated_charge(
+            SMALL_REQUEST["estimated_input_tokens"],
+            SMALL_REQUEST["max_output_tokens"],
+            price_in,
+            price_out,
+            Decimal("0.15"),
+        ),
+    )
+
+
+def run_small(quotes: list[Quote], profile: str, **kwargs: Any) -> Decision:
+    return select(
+        quotes,
+        profile=profile,
+        strategy="lowest_cost",
+        max_price_micros=None,
+        max_latency_ms=None,
+        weights=WEIGHTS,
+        **SMALL_REQUEST,
+        **kwargs,
+    )
+
+
+def test_economy_ranks_by_the_exact_cost_when_the_rounded_estimates_tie():
+    # "plump" is faster: on the rounded estimates alone the tie would go to it on latency.
+    lean, plump = priced("lean", 80), priced("plump", 10)
+    assert lean.estimated_charge_micros == plump.estimated_charge_micros == 1
+    for quotes in ([lean, plump], [plump, lean]):
+        decision = run_small(quotes, "economy")
+        assert order(decision) == ["lean", "plump"]
+        # The stored estimate is still the rounded one (app/money.py's one rule).
+        assert "estimated charge 1 micro-USD" in decision.reason
+
+
+def test_economy_exact_costs_never_reorder_distinct_rounded_estimates():
+    # Rounding up keeps the order, so the exact cost only breaks ties.
+    lean, plump = priced("lean", 80), priced("plump", 10)
+    dearer_lean = dataclasses.replace(lean, estimated_charge_micros=2)
+    assert order(run_small([dearer_lean, plump], "economy")) == ["plump", "lean"]
+
+
+def test_fast_breaks_latency_ties_by_the_exact_cost():
+    lean, plump = priced("lean", 10), priced("plump", 10)
+    # "plump" sorts first by name; the exact cost decides before the name does.
+    renamed = dataclasses.replace(plump, provider="aplump")
+    assert order(run_small([renamed, lean], "fast")) == ["lean", "aplump"]
+
+
+def test_balanced_scores_use_the_exact_cost_ratio():
+    lean, plump = priced("lean", 30), priced("plump", 10)
+    # Exact: lean 0.2/0.7 of plump's cost. lean: 0.4*2/7 + 0.4*30/30 = 0.514286;
+    # plump: 0.4*1 + 0.4*10/30 = 0.533333. (On the rounded estimates both costs would count
+    # as 1 and plump, 0.533333 against lean's 0.8, would win.)
+    decision = run_small([lean, plump], "balanced")
+    assert [(r.quote.provider, r.score) for r in decision.ranked] == [
+        ("lean", "0.514286"),
+        ("plump", "0.533333"),
+    ]
+    # Reproducible from what is stored: the quotes as JSON and the job's token counts.
+    stored = [Quote.from_dict(json.loads(json.dumps(q.to_dict()))) for q in (lean, plump)]
+    assert run_small(stored, "balanced").to_dict() == decision.to_dict()

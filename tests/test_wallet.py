@@ -7,6 +7,8 @@ separate connections and transactions, committed to the test database.
 from __future__ import annotations
 
 import random
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +20,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from app import accounts, wallet
-from app.db import session_scope
+from app.db import session_factory, session_scope
 from app.models import Job, LedgerEntry, Wallet
 from app.wallet import WalletState
 from tests.conftest import run_together
@@ -550,3 +552,109 @@ def test_adjustments_credit_or_debit_only_what_is_available(db_session):
         "hold",
         "adjustment",
     ]
+
+
+# -- hold_largest: the amount is chosen from the row the lock was granted on --------------
+
+CHOICES = [150, 71, 47]
+
+
+def _blocked_by(observer: Session, pid: int) -> bool:
+    return bool(
+        observer.scalar(
+            text("SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"),
+            {"pid": pid},
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("start", "change", "expected"),
+    [
+        # Another hold of 40 commits while this one waits: 60 are left, so 47, not 71 (which
+        # the statement's snapshot, 100 available, would have picked and found no longer fits).
+        ("0.000100", "hold", (47, WalletState(100, 87))),
+        # A top-up of 60 commits while it waits: 160 are available, so 150, not 71.
+        ("0.000100", "topup", (150, WalletState(160, 150))),
+        # From 30, where the snapshot covers no choice at all: the top-up makes 90, so 71.
+        ("0.000030", "topup", (71, WalletState(90, 71))),
+    ],
+    ids=["hold-shrinks", "topup-grows", "topup-from-too-little"],
+)
+def test_hold_largest_picks_from_the_balance_as_it_is_when_its_lock_is_granted(
+    make_account, start, change, expected
+):
+    account = make_account(start)
+    wid = account.wallet_id
+    with session_scope() as session:
+        first, waiting = (make_job(session, account.account_id, wid) for _ in range(2))
+    blocker = session_factory()()
+    observer = session_factory()()
+    try:
+        # An uncommitted change of the wallet row: the hold below must wait for its lock.
+        if change == "hold":
+            assert wallet.hold(blocker, wid, first, 40) is not None
+        else:
+            wallet.top_up(blocker, wid, 60)
+        blocker_pid = blocker.scalar(text("SELECT pg_backend_pid()"))
+        results: list[Any] = []
+
+        def hold() -> None:
+            with session_scope() as session:
+                results.append(wallet.hold_largest(session, wid, waiting, CHOICES, solo=True))
+
+        thread = threading.Thread(target=hold)
+        thread.start()
+        # Wait (on the database's word, not a timer) until the hold is queued behind the lock.
+        deadline = time.monotonic() + 30
+        while not _blocked_by(observer, blocker_pid):
+            assert thread.is_alive() and time.monotonic() < deadline, results
+            observer.rollback()
+        blocker.commit()
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    finally:
+        blocker.rollback()
+        blocker.close()
+        observer.close()
+    assert results == [expected]
+    with session_scope() as session:
+        assert assert_invariants(session, wid) == expected[1]
+
+
+def test_concurrent_largest_holds_each_take_the_largest_choice_still_covered(make_account):
+    # 530 available: serialised, each hold takes the largest choice that still fits, whatever
+    # the order: 150, 150, 150 (80 left), then 71 (9 left), then nothing. Trying only the
+    # largest and the smallest would have held 47 where 71 fits.
+    account = make_account("0.000530")
+    wid = account.wallet_id
+    with session_scope() as session:
+        job_ids = [make_job(session, account.account_id, wid) for _ in range(12)]
+
+    def try_hold(job_id: uuid.UUID) -> Callable[[], tuple[int, WalletState] | None]:
+        def task() -> tuple[int, WalletState] | None:
+            session = session_factory()()
+            try:
+                return wallet.hold_largest(session, wid, job_id, CHOICES, solo=True)
+            finally:
+                session.close()
+
+        return task
+
+    results = run_together([try_hold(j) for j in job_ids])
+
+    placed = [r for r in results if r is not None]
+    assert sorted(amount for amount, _ in placed) == [71, 150, 150, 150]
+    # Serialised, never lost: each hold saw the one before it.
+    assert sorted(state.held_micros for _, state in placed) == [150, 300, 450, 521]
+    with session_scope() as session:
+        assert assert_invariants(session, wid) == WalletState(530, 521)
+        holds = session.execute(
+            select(LedgerEntry.job_id, LedgerEntry.held_delta_micros).where(
+                LedgerEntry.wallet_id == wid, LedgerEntry.kind == "hold"
+            )
+        ).all()
+    assert sorted(h for _, h in holds) == [71, 150, 150, 150]
+    assert {j for j, _ in holds} == {
+        j for j, r in zip(job_ids, results, strict=True) if r is not None
+    }

@@ -112,3 +112,75 @@ def test_a_hold_writes_its_new_job_only_when_it_is_placed(dialect_session, reque
     assert state == wallet.WalletState(1_000, 400)
     assert s.scalar(select(Job.hold_micros).where(Job.id == free_id)) == 0
     assert s.scalar(select(LedgerEntry.id).where(LedgerEntry.job_id == free_id)) is None
+
+
+@pytest.mark.parametrize("dialect_session", ["sqlite_session", "db_session"])
+def test_hold_largest_holds_the_largest_choice_the_wallet_covers(dialect_session, request):
+    s = request.getfixturevalue(dialect_session)
+    account_id, wallet_id = make_wallet(s)
+    wallet.top_up(s, wallet_id, 1_000)
+
+    def row(job_id: uuid.UUID) -> dict[str, object]:
+        return {
+            "id": job_id,
+            "account_id": account_id,
+            "wallet_id": wallet_id,
+            "status": "quoting",
+            "version": 1,
+            "model": "llama-3.1-8b",
+            "request": {"input": "hi"},
+            "performance_profile": "economy",
+            "routing_strategy": "lowest_cost",
+            "max_output_tokens": 16,
+            "markup": "0.15",
+            "estimated_input_tokens": 9,
+            "expected_quotes": 3,
+            # The largest choice, as app/jobs/submit.py passes it: replaced by the amount held.
+            "hold_micros": 1_500,
+            "created_at": utcnow(),
+            "updated_at": utcnow(),
+        }
+
+    def hold(choices: list[int]) -> tuple[uuid.UUID, tuple[int, wallet.WalletState] | None]:
+        job_id = uuid.uuid4()
+        return job_id, wallet.hold_largest(s, wallet_id, job_id, choices, new_job=row(job_id))
+
+    def job_hold(job_id: uuid.UUID) -> int | None:
+        return s.scalar(select(Job.hold_micros).where(Job.id == job_id))
+
+    # 1,000 available: the middle choice is the largest it covers (not the largest, not the
+    # smallest).
+    middle, placed = hold([1_500, 710, 470])
+    assert placed == (710, wallet.WalletState(1_000, 710))
+    assert job_hold(middle) == 710
+    entry = s.execute(
+        select(
+            LedgerEntry.kind,
+            LedgerEntry.amount_micros,
+            LedgerEntry.held_delta_micros,
+            LedgerEntry.balance_after_micros,
+            LedgerEntry.held_after_micros,
+        ).where(LedgerEntry.job_id == middle)
+    ).all()
+    assert [tuple(e) for e in entry] == [("hold", 0, 710, 1_000, 710)]
+
+    # 290 left: not even the smallest fits; nothing is written, not even the job.
+    refused, placed = hold([1_500, 710, 470])
+    assert placed is None and job_hold(refused) is None
+
+    # Choices in any order, duplicates allowed.
+    smallest, placed = hold([200, 290, 200])
+    assert placed == (290, wallet.WalletState(1_000, 1_000))
+    assert job_hold(smallest) == 290
+
+    # Nothing left, but a free offering needs no money: its job gets no ledger entry.
+    free, placed = hold([300, 0])
+    assert placed == (0, wallet.WalletState(1_000, 1_000))
+    assert job_hold(free) == 0
+    assert s.scalar(select(LedgerEntry.id).where(LedgerEntry.job_id == free)) is None
+
+    assert wallet.ledger_sums(s, wallet_id) == wallet.get_state(s, wallet_id)
+    with pytest.raises(ValueError):
+        wallet.hold_largest(s, wallet_id, uuid.uuid4(), [])
+    with pytest.raises(ValueError):
+        wallet.hold_largest(s, wallet_id, uuid.uuid4(), [10, -1])

@@ -194,6 +194,9 @@ class RouteAndExecute:
             max_latency_ms=job.max_latency_ms,
             weights=self.settings.balanced_weights,
             hold_micros=job.hold_micros,
+            # Exact cost comparisons (docs/routing.md): the quotes' prices times these.
+            estimated_input_tokens=job.estimated_input_tokens,
+            max_output_tokens=job.max_output_tokens,
         )
 
     def _execute(

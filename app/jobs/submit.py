@@ -149,28 +149,31 @@ class SubmitInference:
                 )
         else:
             affordable = list(self._estimates.values())
-        # Hold the worst case of every provider the job may fall back to; a wallet that cannot
-        # cover that but can cover the cheapest gets the cheapest, and routing then only uses
-        # providers within the hold.
-        self._hold_choices = sorted({max(affordable), min(affordable)}, reverse=True)
+        # Every worst case within the price limit is a possible hold, largest first: the hold
+        # is the largest the wallet covers, so that every provider the wallet can pay for stays
+        # a candidate (routing drops the quotes above the hold). Holding only the largest or
+        # the cheapest would drop a provider in between that the wallet could pay for.
+        self._hold_choices = sorted(set(affordable), reverse=True)
 
     def _place_hold(self, job: dict[str, Any]) -> int:
         """Writes the job row with the largest hold the wallet covers, in one statement with the
-        hold (PostgreSQL): solo, i.e. its own transaction, unless the caller has one open (an
-        Idempotency-Key's claim commits with the job), so that the wallet row, which every
-        request of the account needs, is never locked across a round trip to this process."""
-        for amount in self._hold_choices:
-            placed = wallet.hold(
-                self.session,
-                self.principal.wallet_id,
-                job["id"],
-                amount,
-                new_job={**job, "hold_micros": amount},
-                solo=True,
-                defer=self.defer,
-            )
-            if placed is not None:
-                return amount
+        hold (PostgreSQL): the database picks the amount from the wallet row it has locked, so
+        the choice is exact under concurrency and costs no extra round trip. Solo, i.e. its own
+        transaction, unless the caller has one open (an Idempotency-Key's claim commits with the
+        job), so that the wallet row, which every request of the account needs, is never locked
+        across a round trip to this process."""
+        placed = wallet.hold_largest(
+            self.session,
+            self.principal.wallet_id,
+            job["id"],
+            self._hold_choices,
+            new_job=job,
+            solo=True,
+            defer=self.defer,
+        )
+        if placed is not None:
+            return placed[0]
+        # Refused: nothing was written. One more read, only to say how short the wallet is.
         available = wallet.get_state(self.session, self.principal.wallet_id).available_micros
         raise FlopexError(
             "insufficient_balance",
@@ -208,6 +211,7 @@ class SubmitInference:
                 {**o.as_message(), "estimated_charge_micros": self._estimates[o.offering_id]}
                 for o in self._options
             ],
+            # The largest choice until the hold says which one the wallet covers.
             "hold_micros": self._hold_choices[0],
             # Owed from the start: the sweeper delivers it if the worker that finishes the job
             # dies before queueing it (app/jobs/recovery.py).

@@ -194,6 +194,105 @@ def test_forty_concurrent_admissions_on_ten_holds_admit_exactly_ten(make_account
     assert Counter(e.kind for e in entries) == {"topup": 1, "hold": 10, "release": 10}
 
 
+def test_concurrent_admissions_each_hold_the_largest_worst_case_still_covered(
+    make_account, catalog
+):
+    cases = worst_cases(RACE_BODY["model"], RACE_BODY["input"], RACE_BODY["max_output_tokens"])
+    cheapest, middle, largest = sorted(cases.values())
+    # Two largest holds, then the middle one, then less than the cheapest: serialised, in any
+    # order, the admissions must hold exactly largest, largest, middle (holding the cheapest
+    # where the middle still fits would have admitted a fourth job and starved the third's
+    # fallback).
+    assert middle + cheapest - 1 < largest
+    start = 2 * largest + middle + cheapest - 1
+    account = make_account(str(micros_to_usd(start)))
+    with session_scope() as session:
+        principal = accounts.authenticate(session, account.api_key)
+    request = InferenceRequest(
+        model=RACE_BODY["model"],
+        prompt=RACE_BODY["input"],
+        max_output_tokens=RACE_BODY["max_output_tokens"],
+        performance_profile="economy",
+    )
+
+    def submit(_: int) -> int | str:
+        session = session_factory()()
+        try:
+            job = SubmitInference(session, principal, request, get_settings()).run().job
+            session.commit()
+            return job.hold_micros
+        except FlopexError as exc:
+            session.rollback()
+            return exc.code
+        finally:
+            session.close()
+
+    results = run_together([lambda i=i: submit(i) for i in range(16)])
+
+    assert sorted(r for r in results if isinstance(r, int)) == [middle, largest, largest]
+    assert Counter(r for r in results if isinstance(r, str)) == {"insufficient_balance": 13}
+    state, entries, jobs = books(account)
+    assert state == wallet.WalletState(start, 2 * largest + middle)
+    assert sorted(j.hold_micros for j in jobs.values()) == [middle, largest, largest]
+    assert sorted(e.held_delta_micros for e in entries if e.kind == "hold") == [
+        middle,
+        largest,
+        largest,
+    ]
+    assert_never_overdrawn(entries)
+    with session_scope() as session:
+        for job in session.scalars(select(Job).where(Job.account_id == account.account_id)):
+            cancel(session, job)
+    assert books(account)[0] == wallet.WalletState(start, 0)
+
+
+def test_two_fast_requests_racing_for_a_small_wallet_get_the_fastest_each_can_pay_for(
+    flask_app, pipeline, make_account
+):
+    cases = worst_cases(RACE_BODY["model"], RACE_BODY["input"], RACE_BODY["max_output_tokens"])
+    assert cases["alpha"] < cases["charlie"] < cases["bravo"]
+    # Enough for bravo's worst case (the fastest provider) and charlie's (the next), not for
+    # two of bravo's. Every answer uses every allowed output token, so whether the second
+    # request is admitted before or after the first is settled, what is left never covers
+    # bravo again (checked below): the outcome does not depend on timing.
+    start = cases["bravo"] + cases["charlie"]
+    account = make_account(str(micros_to_usd(start)))
+    body = {**RACE_BODY, "performance_profile": "fast"}
+
+    def post(_: int) -> tuple[int, Any]:
+        resp = flask_app.test_client().post("/v1/inference", json=body, headers=account.headers)
+        return resp.status_code, decimal_json(resp.data)
+
+    for provider in pipeline.values():
+        provider.configure(output_tokens=MODEL_CAPS[RACE_BODY["model"]])
+    try:
+        results = run_together([lambda i=i: post(i) for i in range(2)])
+    finally:
+        for provider in pipeline.values():
+            provider.configure(output_tokens=24)  # the sandbox's default
+
+    assert [status for status, _ in results] == [200, 200], results
+    state, entries, jobs = books(account)
+    by_hold = {j.hold_micros: j for j in jobs.values()}
+    assert sorted(by_hold) == [cases["charlie"], cases["bravo"]]
+    assert start - by_hold[cases["bravo"]].charge_micros < cases["bravo"]
+    # Each job was served by the fastest provider its hold covers: the one holding bravo's
+    # worst case by bravo, the other by charlie (bravo dropped as insufficient_balance), and
+    # not by alpha, the slowest, as a hold of only the cheapest worst case would have forced.
+    assert by_hold[cases["bravo"]].provider_name == "bravo"
+    assert by_hold[cases["charlie"]].provider_name == "charlie"
+    assert by_hold[cases["charlie"]].routing["dropped"] == [
+        {"provider": "bravo", "reason": "insufficient_balance"}
+    ]
+    assert sorted(b["provider"] for _, b in results) == ["bravo", "charlie"]
+    # Never over-committed, settled exactly.
+    assert state.held_micros == 0
+    assert state.balance_micros == start - sum(j.charge_micros for j in jobs.values())
+    assert all(0 < j.charge_micros <= j.hold_micros for j in jobs.values())
+    assert_never_overdrawn(entries)
+    assert Counter(e.kind for e in entries) == {"topup": 1, "hold": 2, "capture": 2, "release": 2}
+
+
 # -- b. Several hundred mixed requests on three accounts ------------------------------------
 
 THREADS = 16

@@ -14,7 +14,8 @@ from sqlalchemy import select
 from app import wallet
 from app.db import session_scope
 from app.models import Job, LedgerEntry, Provider
-from app.money import customer_charge, micros_to_usd
+from app.money import customer_charge, micros_to_usd, usd_to_micros
+from app.pricing import estimate_input_tokens
 from tests.api_document import DOC_REQUEST
 from tests.conftest import PROVIDERS, chat_calls, decimal_json
 
@@ -392,6 +393,72 @@ def test_a_wallet_that_covers_only_the_cheapest_routes_there_and_says_so(
         p for p, c in charges.items() if c > charges[cheapest]
     )
     assert {d["reason"] for d in data["routing"]["dropped"]} == {"insufficient_balance"}
+
+
+# The black-box report's request: worst cases alpha 47, charlie 71 and bravo 118 micro-USD.
+SMALL_BODY = {"model": "llama-3.1-8b", "input": "hello", "max_output_tokens": 500}
+
+
+def worst_cases(body: dict[str, Any]) -> dict[str, int]:
+    estimated_input = estimate_input_tokens(body["input"])
+    return {
+        name: customer_charge(
+            estimated_input,
+            body["max_output_tokens"],
+            usd_to_micros(spec["price"][0]),
+            usd_to_micros(spec["price"][1]),
+            Decimal("0.15"),
+        )
+        for name, spec in PROVIDERS.items()
+    }
+
+
+def test_a_wallet_that_covers_only_the_middle_provider_is_served_by_it(
+    client, pipeline, make_account
+):
+    cases = worst_cases(SMALL_BODY)
+    assert cases == {"alpha": 47, "charlie": 71, "bravo": 118}
+    # alpha is too slow for the limit; charlie answers its ping at once.
+    pipeline["alpha"].configure(latency_ms=400)
+    pipeline["charlie"].configure(latency_ms=0)
+    account = make_account("0.000097")  # covers charlie's worst case, not bravo's
+    resp = post(client, account, {**SMALL_BODY, "max_latency_ms": 150})
+    assert resp.status_code == 200, resp.text
+    data = decimal_json(resp.data)
+    assert data["provider"] == data["routing"]["winner"] == "charlie"
+    assert sorted(data["routing"]["dropped"], key=lambda d: d["provider"]) == [
+        {"provider": "alpha", "reason": "over_max_latency"},
+        {"provider": "bravo", "reason": "insufficient_balance"},
+    ]
+    with session_scope() as session:
+        job = session.get(Job, uuid.UUID(data["id"]))
+        assert job.hold_micros == cases["charlie"]
+        assert job.charge_micros <= job.hold_micros
+    assert [(e.kind, e.held_delta_micros) for e in ledger(account)] == [
+        ("topup", 0),
+        ("hold", cases["charlie"]),
+        ("capture", -job.charge_micros),
+        ("release", -(cases["charlie"] - job.charge_micros)),
+    ]
+    assert balance(account) == 97 - job.charge_micros
+
+
+def test_fast_profile_gets_the_fastest_provider_the_wallet_can_pay_for(
+    client, pipeline, make_account
+):
+    cases = worst_cases(SMALL_BODY)
+    account = make_account("0.000097")
+    resp = post(client, account, {**SMALL_BODY, "performance_profile": "fast"})
+    assert resp.status_code == 200, resp.text
+    data = decimal_json(resp.data)
+    # bravo (fastest) is beyond the wallet; charlie (next fastest) is not, so the hold covers
+    # it and it wins over the slower, cheaper alpha.
+    assert data["provider"] == data["routing"]["winner"] == "charlie"
+    assert data["routing"]["dropped"] == [{"provider": "bravo", "reason": "insufficient_balance"}]
+    with session_scope() as session:
+        job = session.get(Job, uuid.UUID(data["id"]))
+        assert job.hold_micros == cases["charlie"]
+        assert [r["provider"] for r in job.routing["order"]] == ["charlie", "alpha"]
 
 
 def test_legacy_prompt_is_accepted_when_input_is_empty(client, pipeline, make_account):

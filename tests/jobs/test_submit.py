@@ -4,7 +4,9 @@ transaction."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -90,23 +92,57 @@ def test_a_submission_without_a_transaction_open_commits_job_and_hold_by_itself(
     assert state.held_micros == accepted.job.hold_micros > 0
 
 
-def test_a_wallet_that_covers_only_the_cheapest_provider_gets_the_cheapest_hold(
-    models, make_account
-):
-    largest, cheapest = _estimates(make_account("10.00"), models)
-    assert largest > cheapest
-    account = make_account(f"{(largest - 1) / 1_000_000:.6f}")
+def _submit_with(available: int, models: ModelCache, make_account: Any) -> tuple[Any, Any]:
+    account = make_account(f"{available / 1_000_000:.6f}")
     session = session_factory()()
     try:
-        accepted = _submit(session, account, models)
+        return account, _submit(session, account, models)
     finally:
         session.close()
-    jobs, ledger, _ = _books(account)
-    # The refused first choice wrote nothing, not even the job; the second wrote both.
-    assert jobs == [accepted.job.id] and accepted.job.hold_micros == cheapest
-    assert ledger == [("topup", 0), ("hold", cheapest)]
+
+
+@pytest.mark.parametrize(
+    ("available", "held"),
+    [
+        # Short of the largest worst case by a micro: the middle one, not the cheapest.
+        (lambda c: c[0] - 1, lambda c: c[1]),
+        # Between the middle and the largest: still the middle.
+        (lambda c: (c[0] + c[1]) // 2, lambda c: c[1]),
+        # Short of the middle by a micro: the cheapest.
+        (lambda c: c[1] - 1, lambda c: c[2]),
+        # Exactly the middle, exactly the largest.
+        (lambda c: c[1], lambda c: c[1]),
+        (lambda c: c[0], lambda c: c[0]),
+    ],
+    ids=["largest-1", "between", "middle-1", "middle", "largest"],
+)
+def test_the_hold_is_the_largest_worst_case_the_wallet_covers(
+    models, make_account, available, held
+):
+    choices = _estimates(make_account("10.00"), models)
+    # The test catalog's three providers serve REQUEST's model at three different prices.
+    assert len(choices) == 3 and choices == sorted(set(choices), reverse=True)
+    account, accepted = _submit_with(available(choices), models, make_account)
+    jobs, ledger, state = _books(account)
+    # One hold, of the chosen amount, with its job; nothing else was written.
+    assert jobs == [accepted.job.id] and accepted.job.hold_micros == held(choices)
+    assert ledger == [("topup", 0), ("hold", held(choices))]
+    assert state.held_micros == held(choices)
     with session_scope() as check:
-        assert check.scalar(select(Job.hold_micros).where(Job.id == accepted.job.id)) == cheapest
+        stored = check.scalar(select(Job.hold_micros).where(Job.id == accepted.job.id))
+    assert stored == held(choices)
+
+
+def test_the_price_limit_bounds_the_hold_choices(models, make_account):
+    choices = _estimates(make_account("10.00"), models)
+    limited = dataclasses.replace(REQUEST, max_price_usd=Decimal(choices[1] + 1).scaleb(-6))
+    with session_scope() as session:
+        submit = SubmitInference(
+            session, _principal(make_account("10.00")), limited, get_settings(), models=models
+        )
+        submit.validate()
+    # The largest worst case is above max_price_usd: it can be neither held nor routed to.
+    assert submit._hold_choices == choices[1:]
 
 
 def test_a_refused_submission_writes_no_job_and_no_hold(models, make_account):
