@@ -4,8 +4,9 @@ It drives ``app.wallet`` as the exchange does, from `procs` processes x `threads
 thread with its own session (and PostgreSQL connection):
 
 1. setup (not timed): an account whose wallet gets a large top-up, and `jobs` job rows;
-2. holds: each job's hold as one statement that is its own transaction (``wallet.hold(...,
-   solo=True, defer=True)``, as the web does on a submit without an Idempotency-Key);
+2. holds: each job's hold as one statement that is its own transaction
+   (``wallet.hold_largest(..., solo=True, defer=True)``, as the web does on a submit without an
+   Idempotency-Key);
 3. settles: each job's capture and release plus the job's final UPDATE in one statement that is
    its own transaction (``wallet.settle(..., solo=True)``, as the worker's
    ``RouteAndExecute._settle`` does), committed without waiting for the fsync, then made durable
@@ -54,9 +55,17 @@ def _hold_one(session: Any, plan: Plan, i: int) -> None:
     # As a synchronous submit without an Idempotency-Key: one statement that is its own
     # transaction (solo) and does not wait for its fsync (the worker's settlement makes it
     # durable before the customer hears anything). The job rows exist already, so the hold
-    # inserts none (the web's inserts the job in the same statement).
-    placed = wallet.hold(
-        session, plan.wallet_id, plan.job_ids[i], plan.holds[i], solo=True, defer=True
+    # inserts none (the web's inserts the job in the same statement). The amount is chosen as
+    # the web's admission chooses it (SubmitInference._place_hold, wallet.hold_largest): the
+    # largest worst case the wallet covers, here among the plan's hold and two smaller ones, as
+    # for a model with three providers.
+    placed = wallet.hold_largest(
+        session,
+        plan.wallet_id,
+        plan.job_ids[i],
+        [plan.holds[i], plan.holds[i] // 2, plan.holds[i] // 3],
+        solo=True,
+        defer=True,
     )
     if placed is None:
         raise RuntimeError("hold refused: the wallet should cover every job")
