@@ -10,7 +10,8 @@ from flask_smorest import Blueprint
 from sqlalchemy import select
 
 from app.api.auth import authenticate_and_limit
-from app.api.schemas import ModelListSchema, ProviderListSchema
+from app.api.parser import FlopexParser
+from app.api.schemas import NO_QUERY, ModelListSchema, ProviderListSchema
 from app.api.session import db
 from app.models import ModelAlias, Offering, Provider, iso_utc
 from app.money import micros_to_usd
@@ -26,11 +27,15 @@ def _rfc3339(unix_s: float) -> str | None:
 
 
 blp = Blueprint("catalog", __name__, url_prefix="/v1", description="Models and providers")
+# The project's parser: strict JSON, and a query string's unknown parameter is refused (webargs'
+# default parser drops unknown query parameters whatever the schema says).
+blp.ARGUMENTS_PARSER = FlopexParser()
 blp.before_request(authenticate_and_limit)
 
 
 @blp.route("/models")
 class Models(MethodView):
+    @blp.arguments(NO_QUERY, location="query", as_kwargs=True)
     @blp.response(200, ModelListSchema)
     @blp.doc(security=[{"bearerAuth": []}])
     def get(self) -> Any:
@@ -93,6 +98,7 @@ class Models(MethodView):
 
 @blp.route("/providers")
 class Providers(MethodView):
+    @blp.arguments(NO_QUERY, location="query", as_kwargs=True)
     @blp.response(200, ProviderListSchema)
     @blp.doc(security=[{"bearerAuth": []}])
     def get(self) -> Any:

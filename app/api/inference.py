@@ -19,6 +19,7 @@ from app.api.auth import authenticate_and_limit, require_principal
 from app.api.parser import FlopexParser
 from app.api.prefer import Preferences, parse_prefer
 from app.api.schemas import (
+    NO_QUERY,
     ApiErrorSchema,
     InferenceRequestSchema,
     InferenceResponseSchema,
@@ -166,6 +167,7 @@ class InferenceCollection(MethodView):
     # Schema instances, not classes, in every @blp.arguments: webargs instantiates a class on
     # every request (~0.2 ms of CPU); a marshmallow 4 schema keeps no state between loads.
     @blp.arguments(InferenceRequestSchema())
+    @blp.arguments(NO_QUERY, location="query", as_kwargs=True)
     @blp.response(200, InferenceResponseSchema, headers={**REQUEST_ID, **REPLAYED, **APPLIED})
     @blp.alt_response(
         202,
@@ -349,6 +351,7 @@ class InferenceItem(MethodView):
 
 @blp.route("/inference/<job_id>/cancel")
 class InferenceCancel(MethodView):
+    @blp.arguments(NO_QUERY, location="query", as_kwargs=True)
     @blp.response(200, JobObjectSchema, headers=REQUEST_ID)
     @blp.alt_response(404, schema=ApiErrorSchema, description="job_not_found (param job_id)")
     @blp.alt_response(

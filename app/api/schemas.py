@@ -271,6 +271,17 @@ class LedgerCursor(fields.String):
         return int(text)
 
 
+class NoQuerySchema(Schema):
+    """For endpoints that take no query parameters: an unknown one is a 400 naming it, as on the
+    endpoints that do take some (Stripe's convention), rather than silently ignored."""
+
+    class Meta:
+        unknown = RAISE
+
+
+NO_QUERY = NoQuerySchema()
+
+
 class LedgerQuerySchema(Schema):
     class Meta:
         unknown = RAISE

@@ -12,6 +12,7 @@ from app import wallet
 from app.api.auth import authenticate_and_limit, require_principal
 from app.api.parser import FlopexParser
 from app.api.schemas import (
+    NO_QUERY,
     ApiErrorSchema,
     LedgerPageSchema,
     LedgerQuerySchema,
@@ -34,6 +35,7 @@ blp.before_request(authenticate_and_limit)
 
 @blp.route("/wallet")
 class WalletView(MethodView):
+    @blp.arguments(NO_QUERY, location="query", as_kwargs=True)
     @blp.response(200, WalletSchema)
     @blp.doc(security=[{"bearerAuth": []}])
     def get(self) -> Any:
@@ -106,6 +108,7 @@ class LedgerView(MethodView):
 
 @blp.route("/webhook_secret")
 class WebhookSecret(MethodView):
+    @blp.arguments(NO_QUERY, location="query", as_kwargs=True)
     @blp.response(200, WebhookSecretSchema)
     @blp.doc(security=[{"bearerAuth": []}])
     def get(self) -> Any:

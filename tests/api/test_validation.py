@@ -222,3 +222,34 @@ def test_unknown_route_and_method_use_the_error_shape(client, account):
     assert resp.status_code == 404 and resp.get_json()["error"]["code"] == "not_found"
     resp = client.delete("/v1/inference", headers=account.headers)
     assert resp.status_code == 405 and resp.get_json()["error"]["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/inference"),
+        ("GET", "/v1/inference"),
+        ("GET", "/v1/inference/JOB"),
+        ("POST", "/v1/inference/JOB/cancel"),
+        ("GET", "/v1/wallet"),
+        ("GET", "/v1/wallet/ledger"),
+        ("GET", "/v1/webhook_secret"),
+        ("GET", "/v1/models"),
+        ("GET", "/v1/providers"),
+    ],
+)
+def test_every_endpoint_refuses_a_query_parameter_it_does_not_know(client, account, method, path):
+    """The same answer everywhere (Stripe's convention): 400 naming the parameter, nothing
+    done. A misspelt `?limt=5` ignored would look like a bug of ours."""
+    job_id = "00000000-0000-0000-0000-000000000000"
+    before = footprint(account)
+    resp = client.open(
+        path.replace("JOB", job_id) + "?limt=5",
+        method=method,
+        json=VALID if method == "POST" else None,
+        headers=account.headers,
+    )
+    assert resp.status_code == 400, resp.text
+    error = resp.get_json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_request", "limt")
+    assert footprint(account) == before
