@@ -131,14 +131,21 @@ _PREFIX_FORM = re.compile(r"^fpx_([A-Za-z0-9]{8,24})_?$")
 def cmd_key_revoke(args: argparse.Namespace) -> None:
     """Takes the key itself, `fpx_<prefix>` or the bare prefix: whatever the operator has."""
     given = args.key.strip()
-    form = _PREFIX_FORM.match(given)
-    candidates = [form.group(1)] if form else [given, accounts.key_prefix(given)]
     with session_scope() as session:
-        for prefix in dict.fromkeys(candidates):
+        # The key itself first (its hash must match: an imported key such as
+        # `fpx_demo12345678` has a hash-derived prefix and also looks like `fpx_<prefix>`),
+        # then `fpx_<prefix>`, then the bare prefix.
+        row = session.scalar(
+            select(ApiKey).where(
+                ApiKey.prefix == accounts.key_prefix(given),
+                ApiKey.key_hash == accounts.hash_key(given),
+            )
+        )
+        if row is None:
+            form = _PREFIX_FORM.match(given)
+            prefix = form.group(1) if form else given
             row = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
-            if row is not None:
-                break
-        else:
+        if row is None:
             raise LookupError(f"no key matches {given!r} (give the key, fpx_<prefix> or prefix)")
         already = row.revoked_at is not None
         accounts.revoke_key(session, row.prefix)

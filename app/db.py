@@ -82,7 +82,7 @@ def probe_database(url: str, timeout_s: float) -> None:
         with get_engine().connect() as conn:
             conn.execute(text("SELECT 1"))
         return
-    import select as select_module
+    import selectors
     import time
 
     import psycopg2
@@ -97,21 +97,28 @@ def probe_database(url: str, timeout_s: float) -> None:
     }
     params.update({k: v for k, v in parsed.query.items() if isinstance(v, str)})
     deadline = time.monotonic() + timeout_s
+    # (The host name, if it is one, is resolved before the first poll: a resolver that hangs is
+    # not covered by the deadline. Deployments name PostgreSQL by address or a local resolver.)
     conn = psycopg2.connect(**params, connect_timeout=max(1, int(timeout_s)), async_=True)
 
     def wait() -> None:
-        while True:
-            state = conn.poll()
-            if state == psycopg2.extensions.POLL_OK:
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no answer from the database within {timeout_s} s")
-            fd = conn.fileno()
-            if state == psycopg2.extensions.POLL_READ:
-                select_module.select([fd], [], [], remaining)
-            else:
-                select_module.select([], [fd], [], remaining)
+        # selectors, not select.select: a busy web process's descriptors pass 1024.
+        with selectors.DefaultSelector() as selector:
+            while True:
+                state = conn.poll()
+                if state == psycopg2.extensions.POLL_OK:
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no answer from the database within {timeout_s} s")
+                events = (
+                    selectors.EVENT_READ
+                    if state == psycopg2.extensions.POLL_READ
+                    else selectors.EVENT_WRITE
+                )
+                selector.register(conn.fileno(), events)
+                selector.select(remaining)
+                selector.unregister(conn.fileno())
 
     try:
         wait()

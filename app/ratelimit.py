@@ -28,9 +28,7 @@ local new_tat = tat + interval
 if new_tat - now > tolerance then
   return {0, new_tat - now - tolerance}
 end
-if ARGV[3] ~= '0' then
-  redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
-end
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
 return {1, 0}
 """
 
@@ -50,25 +48,19 @@ class RateLimiter:
         request will meet the same outage at the broker and answer 503 there."""
         # A key of its own: a process still counting milliseconds (a rolling deploy, a
         # rollback) would read microseconds as a time far ahead and refuse everyone.
-        return self._run(f"flopex:rl:us:{account_id}", per_minute, burst, consume=True)
+        return self._run(f"flopex:rl:us:{account_id}", per_minute, burst)
 
-    def auth_failure_allowed(self, client: str, per_minute: int) -> Verdict:
-        """May ``client`` (an address) have its key looked up? False once it has failed
-        ``per_minute`` lookups in a burst, until the bucket refills. Takes nothing."""
-        return self._run(_auth_failure_key(client), per_minute, per_minute, consume=False)
+    def record_auth_failure(self, client: str, per_minute: int) -> Verdict:
+        """One failed key lookup from ``client`` (an address): refused once it has failed
+        ``per_minute`` lookups in a burst, until the bucket refills."""
+        return self._run(_auth_failure_key(client), per_minute, per_minute)
 
-    def record_auth_failure(self, client: str, per_minute: int) -> None:
-        """One failed lookup from ``client``."""
-        self._run(_auth_failure_key(client), per_minute, per_minute, consume=True)
-
-    def _run(self, key: str, per_minute: int, burst: int, *, consume: bool) -> Verdict:
+    def _run(self, key: str, per_minute: int, burst: int) -> Verdict:
         if per_minute <= 0:
             return Verdict(False, 60_000)
         interval_us = -(-60_000_000 // per_minute)  # rounded up: never more than the rate
         try:
-            allowed, retry_us = self._script(
-                keys=[key], args=[interval_us, max(burst, 1), 1 if consume else 0]
-            )
+            allowed, retry_us = self._script(keys=[key], args=[interval_us, max(burst, 1)])
         except redis.RedisError:
             log.warning("rate limiter unavailable; allowing request")
             return Verdict(True)

@@ -92,18 +92,32 @@ def destination(url: str) -> tuple[str | None, list[str]]:
             return "private", []
         if str(info[4][0]) not in addresses:
             addresses.append(str(info[4][0]))
-    return None, addresses
+    if not addresses:
+        return "unresolved", []
+    return None, _few_per_family(addresses)
+
+
+# Addresses tried per family in one attempt: enough to get past one that is down, while a name
+# with hundreds of unreachable records cannot hold a worker for minutes (3 s each to connect).
+_ADDRESSES_PER_FAMILY = 2
+
+
+def _few_per_family(addresses: list[str]) -> list[str]:
+    kept: list[str] = []
+    for version in (6, 4):
+        family = [a for a in addresses if ipaddress.ip_address(a).version == version]
+        kept += family[:_ADDRESSES_PER_FAMILY]
+    return sorted(kept, key=addresses.index)  # the resolver's order
 
 
 def _inward(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    return (
-        address.is_private
-        or address.is_loopback
-        or address.is_link_local
-        or address.is_reserved
-        or address.is_multicast
-        or address.is_unspecified
-    )
+    """Anything not on the public internet: private, loopback, link-local, shared (CGNAT's
+    100.64.0.0/10, where some clouds keep their metadata service), reserved, documentation and
+    unspecified ranges (``not is_global``), and multicast; an IPv4 address written as IPv6
+    (``::ffff:10.0.0.1``) is judged as the IPv4 address."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return not address.is_global or address.is_multicast
 
 
 def names_private_host(url: str) -> bool:
@@ -116,7 +130,12 @@ def names_private_host(url: str) -> bool:
         return True
     try:
         return _inward(ipaddress.ip_address(host))
-    except ValueError:  # a name
+    except ValueError:
+        pass
+    try:
+        # The IPv4 shorthands the resolver also accepts (127.1, 0x7f000001, 2130706433).
+        return _inward(ipaddress.IPv4Address(socket.inet_aton(host)))
+    except OSError:  # a name
         return False
 
 
@@ -135,11 +154,14 @@ def post(
     address that cannot be connected to (an unreachable IPv6 beside a working IPv4, one host of
     several down) passes to the next; once a connection is made, its answer (or failure) is the
     attempt's: the POST is never sent twice in one attempt."""
-    for i, address in enumerate(addresses or [None]):
+    if addresses is not None and not addresses:
+        raise ValueError("no address to post to")
+    targets: Sequence[str | None] = [None] if addresses is None else addresses
+    for i, address in enumerate(targets):
         try:
             return _post_to(url, body, headers, address, timeout, ca_certs)
         except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError):
-            if addresses is None or i == len(addresses) - 1:
+            if i == len(targets) - 1:
                 raise
     raise AssertionError("unreachable")
 

@@ -170,7 +170,8 @@ def test_key_revoke_takes_the_key_or_either_form_of_its_prefix(database, capsys)
     prefixes = [accounts.key_prefix(k) for k in keys]
     for given in (keys[0], f"fpx_{prefixes[1]}", f"fpx_{prefixes[2]}_"):
         run(capsys, "key", "revoke", given)
-    imported = f"imported-{uuid.uuid4().hex}"
+    # An imported key that looks like `fpx_<prefix>` is found by its hash, not mistaken for one.
+    imported = f"fpx_imp{uuid.uuid4().hex[:13]}"
     run(capsys, "key", "issue", account_id)  # a fourth, left alone
     with session_scope() as session:
         accounts.issue_key(session, uuid.UUID(account_id), name="import", raw_key=imported)

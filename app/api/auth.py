@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
 
 from flask import current_app, g, request
@@ -25,12 +26,13 @@ class PrincipalCache:
     query on every request. Keyed by the key's hash, never the key. A revoked key, or a changed
     rate limit, takes effect within the TTL.
 
-    A lookup that reaches the database is guarded per client address
-    (FLOPEX_AUTH_FAILURES_PER_MIN, 0 disables): an address whose keys failed that many times in
-    a burst gets 429 instead of another query until its bucket refills, so guessing keys costs
-    the database a bounded number of queries per address. The bucket is read before the query
-    and charged only on a failure: a valid key never spends it, and a cache hit never reads it.
-    """
+    Failed lookups are counted per client address (FLOPEX_AUTH_FAILURES_PER_MIN, 0 disables):
+    past that many in a burst, an address's further failures answer 429 with Retry-After
+    instead of 401, so a client that keeps guessing (or a service stuck on a revoked key) is
+    told to back off. A valid key is never refused by it: the key is looked up first, and only
+    a failure is counted and judged (one atomic step in Redis), so customers behind the same
+    NAT or proxy as a guesser are not locked out. IPv6 addresses count per /64, what one host
+    usually has to itself."""
 
     def __init__(self, ttl_s: float, failures_per_min: int = 0) -> None:
         self.ttl_s = ttl_s
@@ -43,24 +45,34 @@ class PrincipalCache:
             hit = self._entries.get(digest)
             if hit is not None and hit[0] > now:
                 return hit[1]
-        guarded = self.failures_per_min > 0 and client is not None
-        if guarded:
-            verdict = RateLimiter(get_redis()).auth_failure_allowed(client, self.failures_per_min)
-            if not verdict.allowed:
-                raise RateLimited(
-                    max(1, -(-verdict.retry_after_ms // 1000)),
-                    "Too many requests with invalid API keys from your address",
-                )
         principal = authenticate(db(), raw_key)
         if principal is None:
-            if guarded:
-                RateLimiter(get_redis()).record_auth_failure(client, self.failures_per_min)
+            if self.failures_per_min > 0 and client is not None:
+                verdict = RateLimiter(get_redis()).record_auth_failure(
+                    failure_bucket(client), self.failures_per_min
+                )
+                if not verdict.allowed:
+                    raise RateLimited(
+                        max(1, -(-verdict.retry_after_ms // 1000)),
+                        "Too many requests with invalid API keys from your address",
+                    )
             return None
         if self.ttl_s > 0:  # failures are not cached: a new key works at once
             if len(self._entries) > 10_000:
                 self._entries.clear()
             self._entries[digest] = (now + self.ttl_s, principal)
         return principal
+
+
+def failure_bucket(client: str) -> str:
+    """The address whose failures count together: an IPv4 address, or an IPv6 /64."""
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return client
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 def require_principal() -> Principal:

@@ -44,10 +44,9 @@ def upgrade() -> None:
     with _outside_transaction(postgres):
         if postgres:
             valid = op.get_bind().scalar(
-                sa.text(
-                    "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-                    "WHERE c.relname = :name"
-                ),
+                # to_regclass: the index of this name in the migration's own schema (search
+                # path), not one another schema happens to have.
+                sa.text("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:name)"),
                 {"name": _INDEX},
             )
             if valid:

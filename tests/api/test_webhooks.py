@@ -396,3 +396,33 @@ def test_only_hosts_private_on_their_face_are_refused_without_a_lookup():
     assert not webhooks.names_private_host("https://8.8.8.8/x")
     assert not webhooks.names_private_host("https://localhost.example.com/x")
     assert webhooks.names_private_host("http://[fe80::1]/x")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://100.100.100.200/latest/meta-data",  # shared space (CGNAT; a cloud's metadata)
+        "http://127.1/hook",  # IPv4 shorthands the resolver accepts
+        "http://0x7f000001/hook",
+        "http://2130706433/hook",
+        "http://[::ffff:10.0.0.1]/hook",  # IPv4 written as IPv6
+        "http://224.0.0.1/hook",
+        "http://192.0.2.10/hook",  # documentation range
+    ],
+)
+def test_every_spelling_of_a_non_public_address_is_recognised(url):
+    assert webhooks.names_private_host(url)
+    assert webhooks.destination(url) == ("private", [])
+
+
+def test_a_delivery_tries_at_most_two_addresses_per_family(monkeypatch):
+    """A name with hundreds of unreachable records must not hold a worker for minutes."""
+    records = [f"2606:4700::{i:x}" for i in range(1, 50)] + [f"8.8.4.{i}" for i in range(1, 50)]
+    monkeypatch.setattr(
+        webhooks.socket,
+        "getaddrinfo",
+        lambda host, port, type=0: [(0, 0, 0, "", (a, 0)) for a in records],
+    )
+    problem, addresses = webhooks.destination("https://many.example.com/hook")
+    assert problem is None
+    assert addresses == ["2606:4700::1", "2606:4700::2", "8.8.4.1", "8.8.4.2"]
