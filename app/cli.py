@@ -12,6 +12,8 @@ Examples::
     flopex wallet top-up <account-id> 10.00 --memo "invoice 42"
     flopex wallet refund <job-id> [--amount 0.0012] --memo "ticket 7: truncated answer"
     flopex wallet adjust <account-id> -5.00 --memo "top-up entered twice"
+    flopex job show <job-id>
+    flopex job cancel <job-id>
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from app import accounts, wallet
 from app.catalog import load_catalog
 from app.db import session_scope
-from app.models import Account, ApiKey, Job, Wallet
+from app.models import Account, ApiKey, Job, LedgerEntry, Wallet
 from app.money import micros_to_usd, usd_to_micros
 from config.settings import get_settings
 
@@ -245,6 +247,74 @@ def cmd_account_set_limit(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_job_show(args: argparse.Namespace) -> None:
+    """What the customer sees (the job object) and what only we see: its internal status and
+    version, its account, hold and webhook state, and its ledger entries."""
+    from app.jobs.render import render_job
+
+    with session_scope() as session:
+        job = session.get(Job, uuid.UUID(args.job_id))
+        if job is None:
+            raise LookupError(f"no job {args.job_id}")
+        entries = session.execute(
+            select(
+                LedgerEntry.id,
+                LedgerEntry.kind,
+                LedgerEntry.amount_micros,
+                LedgerEntry.held_delta_micros,
+                LedgerEntry.memo,
+                LedgerEntry.created_at,
+            )
+            .where(LedgerEntry.job_id == job.id)
+            .order_by(LedgerEntry.id)
+        ).all()
+        shown = {
+            "internal": {
+                "status": job.status,
+                "version": job.version,
+                "account_id": job.account_id,
+                "hold_micros": job.hold_micros,
+                "charge_micros": job.charge_micros,
+                "webhook_status": job.webhook_status,
+                "request_id": job.request_id,
+                "updated_at": job.updated_at,
+            },
+            "ledger": [
+                {
+                    "id": e.id,
+                    "kind": e.kind,
+                    "amount_micros": e.amount_micros,
+                    "held_delta_micros": e.held_delta_micros,
+                    "memo": e.memo,
+                    "created_at": e.created_at,
+                }
+                for e in entries
+            ],
+            "job": render_job(job),
+        }
+    _print(shown)
+
+
+def cmd_job_cancel(args: argparse.Namespace) -> None:
+    """As the customer's POST /v1/inference/<id>/cancel: only before the job starts executing;
+    its hold is released, waiters are woken and its webhook is queued."""
+    from app.celery_app import make_celery
+    from app.exceptions import FlopexError
+    from app.jobs.cancel import announce_cancelled, cancel
+    from app.redis_client import get_redis
+
+    with session_scope() as session:
+        job = session.get(Job, uuid.UUID(args.job_id))
+        if job is None:
+            raise LookupError(f"no job {args.job_id}")
+        try:
+            job = cancel(session, job)
+        except FlopexError as exc:
+            raise ValueError(f"job {args.job_id}: {exc.message}") from None
+    announce_cancelled(job, get_redis(), make_celery())
+    _print({"job_id": args.job_id, "status": "cancelled", "hold_released_micros": job.hold_micros})
+
+
 def ensure_demo_account(raw_key: str, credit_usd: Decimal) -> str:
     """Idempotent: the demo account with this key, credited once."""
     with session_scope() as session:
@@ -350,6 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
     adj.add_argument("amount", help="USD, signed: -5.00 debits, 5.00 credits")
     adj.add_argument("--memo", required=True, help="why, and who asked")
     adj.set_defaults(func=cmd_wallet_adjust)
+
+    job = sub.add_parser("job").add_subparsers(dest="cmd", required=True)
+    show_job = job.add_parser("show", help="a job as the customer sees it, with its ledger")
+    show_job.add_argument("job_id")
+    show_job.set_defaults(func=cmd_job_show)
+    cancel_job = job.add_parser("cancel", help="cancel a job that has not started executing")
+    cancel_job.add_argument("job_id")
+    cancel_job.set_defaults(func=cmd_job_cancel)
     return parser
 
 

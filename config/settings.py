@@ -101,6 +101,21 @@ def _markup(name: str, default: str) -> Decimal:
     return value
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _flag(name: str, default: bool) -> bool:
+    """On or off. Anything else is an error, not off: `FLOPEX_WEBHOOK_ALLOW_PRIVATE=true` read
+    as off (it once was) would refuse every loopback webhook of a developer's setup silently."""
+    raw = _env(name, "1" if default else "0")
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise _invalid(name, "1 or 0 (true/false, yes/no, on/off)", raw)
+
+
 def _weights(name: str, default: str) -> tuple[Decimal, Decimal, Decimal]:
     """Three weights, each 0 or more, not all 0 (all 0 would rank every provider the same)."""
     raw = _env(name, default)
@@ -286,7 +301,7 @@ class Settings:
                 "FLOPEX_TRUSTED_PROXY_HOPS", 0, minimum=0, what="a count of proxies"
             ),
             webhook_secret=_env("FLOPEX_WEBHOOK_SECRET", DEV_WEBHOOK_SECRET),
-            webhook_allow_private=_env("FLOPEX_WEBHOOK_ALLOW_PRIVATE", "0") == "1",
+            webhook_allow_private=_flag("FLOPEX_WEBHOOK_ALLOW_PRIVATE", False),
             # 0 would spend every retry of a failing delivery within milliseconds.
             webhook_backoff_s=_seconds("FLOPEX_WEBHOOK_BACKOFF_S", 1.0),
             quote_source=_choice("FLOPEX_QUOTE_SOURCE", "live", ("live", "probe")),

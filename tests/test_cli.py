@@ -388,3 +388,35 @@ def test_a_provider_key_missing_from_the_environment_is_a_warning(catalog, tmp_p
         session.close()
     (warning,) = report.warnings
     assert warning.startswith("provider alpha: api_key_env FLOPEX_TEST_UNSET_KEY is not set")
+
+
+def test_job_show_and_cancel_for_operators(database, capsys, redis_client):
+    from sqlalchemy import update as sql_update
+
+    from app.models import Job
+    from tests.test_wallet import make_job
+
+    account_id = run(capsys, "account", "create", unique("Ops"), "--top-up", "1")["account_id"]
+    wid = wallet_of(account_id)
+    with session_scope() as session:
+        job_id = make_job(session, uuid.UUID(account_id), wid)
+        session.execute(
+            sql_update(Job).where(Job.id == job_id).values(status="quoting", hold_micros=70_000)
+        )
+        wallet.hold(session, wid, job_id, 70_000)
+    shown = run(capsys, "job", "show", str(job_id))
+    assert shown["internal"]["status"] == "quoting" and shown["internal"]["hold_micros"] == 70_000
+    assert [e["kind"] for e in shown["ledger"]] == ["hold"]
+    assert shown["job"]["id"] == str(job_id) and shown["job"]["status"] == "queued"
+
+    out = run(capsys, "job", "cancel", str(job_id))
+    assert out == {"job_id": str(job_id), "status": "cancelled", "hold_released_micros": 70_000}
+    with session_scope() as session:
+        assert wallet.get_state(session, wid) == wallet.WalletState(1_000_000, 0)
+    # Anyone waiting on the job (a synchronous request, a long poll) has been woken.
+    assert redis_client.exists(f"flopex:done:{job_id}")
+    assert main(["job", "cancel", str(job_id)]) == 2
+    assert "already finished (cancelled)" in capsys.readouterr().err
+    shown = run(capsys, "job", "show", str(job_id))
+    assert [e["kind"] for e in shown["ledger"]] == ["hold", "release"]
+    assert main(["job", "show", str(uuid.uuid4())]) == 2

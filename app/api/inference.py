@@ -13,7 +13,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 from sqlalchemy import select, tuple_
 
-from app import idempotency, webhooks
+from app import idempotency
 from app.accounts import Principal
 from app.api.auth import authenticate_and_limit, require_principal
 from app.api.parser import FlopexParser
@@ -33,9 +33,9 @@ from app.broker import PUBLISH_ERRORS
 from app.db import autocommit, make_durable
 from app.exceptions import FlopexError, InvalidRequest, error_body
 from app.jobs import states
-from app.jobs.cancel import cancel
+from app.jobs.cancel import announce_cancelled, cancel
 from app.jobs.dispatch import dispatch_quotes
-from app.jobs.notify import signal_done, wait_done
+from app.jobs.notify import wait_done
 from app.jobs.render import render_final, render_job
 from app.jobs.submit import Accepted, InferenceRequest, SubmitInference
 from app.logs import job_id_var, request_id_var
@@ -374,12 +374,7 @@ class InferenceCancel(MethodView):
             exc.job_id = exc.job_id or found_id
             raise
         session.commit()
-        signal_done(get_redis(), job.id)
-        try:
-            webhooks.send(current_app.extensions["celery"], job)
-        except PUBLISH_ERRORS:
-            # The cancellation is committed; the outbox sweeper posts its webhook later.
-            log.exception("queueing the webhook of cancelled job %s failed", job.id)
+        announce_cancelled(job, get_redis(), current_app.extensions["celery"])
         return _json_response(current_app.json.dumps(render_job(job)), 200)
 
 

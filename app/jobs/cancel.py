@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
+import redis
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -10,6 +14,8 @@ from app.jobs import states
 from app.jobs.execution import close_unserved
 from app.metrics import job_finished_on_commit
 from app.models import Job
+
+log = logging.getLogger(__name__)
 
 # A job that is still cancellable moves only a few times (its quotes re-sent by the sweeper):
 # a few fresh reads settle the race; more would mean something keeps rewriting it.
@@ -47,3 +53,18 @@ def _check_cancellable(job: Job) -> None:
         raise FlopexError(
             "job_not_cancellable", "The job is already running and can no longer be cancelled."
         )
+
+
+def announce_cancelled(job: Job, client: redis.Redis, celery: Any) -> None:
+    """After the cancellation has committed: wake whoever waits on the job (a synchronous
+    request, a long poll) and queue its webhook. A webhook that cannot be queued now is posted
+    later by the outbox sweeper: the cancellation stands either way."""
+    from app import webhooks
+    from app.broker import PUBLISH_ERRORS
+    from app.jobs.notify import signal_done
+
+    signal_done(client, job.id)
+    try:
+        webhooks.send(celery, job)
+    except PUBLISH_ERRORS:
+        log.exception("queueing the webhook of cancelled job %s failed", job.id)

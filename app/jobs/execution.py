@@ -450,7 +450,17 @@ def _no_route_message(decision: Decision, job: Job) -> str:
         limit = display_usd(job.max_price_micros or 0)
         return f"Every quote's estimated charge exceeds max_price_usd ({limit})."
     if decision.error_code == "max_latency_exceeded":
-        return (
-            f"No live quote's estimated latency is within max_latency_ms ({job.max_latency_ms} ms)."
+        message = (
+            f"No live quote's estimated latency is within max_latency_ms ({job.max_latency_ms} ms)"
         )
+        # A fast provider dropped for its price is why a customer with both limits got this:
+        # say so, or the latency limit alone looks unmeetable.
+        over_price = [d["provider"] for d in decision.dropped if d["reason"] == "over_max_price"]
+        if over_price:
+            limit = display_usd(job.max_price_micros or 0)
+            message += (
+                f" among the quotes within max_price_usd ({limit}); "
+                f"over that price: {', '.join(over_price)}."
+            )
+        return message + ("" if over_price else ".")
     return decision.reason

@@ -377,3 +377,17 @@ def test_platform_style_database_urls_use_the_shipped_driver(
     monkeypatch: pytest.MonkeyPatch, given: str, used: str
 ) -> None:
     assert load(monkeypatch, DATABASE_URL=given).database_url == used
+
+
+@pytest.mark.parametrize(
+    ("given", "allowed"), [("1", True), ("true", True), ("Yes", True), ("0", False), ("off", False)]
+)
+def test_webhook_allow_private_reads_the_usual_spellings(
+    monkeypatch: pytest.MonkeyPatch, given: str, allowed: bool
+) -> None:
+    assert load(monkeypatch, FLOPEX_WEBHOOK_ALLOW_PRIVATE=given).webhook_allow_private is allowed
+
+
+def test_webhook_allow_private_refuses_anything_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match=r"^FLOPEX_WEBHOOK_ALLOW_PRIVATE must be 1 or 0"):
+        load(monkeypatch, FLOPEX_WEBHOOK_ALLOW_PRIVATE="maybe")

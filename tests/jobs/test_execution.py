@@ -75,3 +75,32 @@ def test_an_offering_newer_than_the_workers_catalog_memory_is_not_withdrawn(
         job = session.get(Job, job_id)
         assert job.provider_name == "alpha"  # the cheapest, not withdrawn
         assert all(d["reason"] != "provider_disabled" for d in job.routing["dropped"])
+
+
+def test_a_latency_refusal_says_when_faster_quotes_were_over_the_price_limit():
+    """Both limits set, the fast provider too dear: the 422 must not read as if the latency
+    limit alone could not be met."""
+    from types import SimpleNamespace
+
+    from app.jobs.execution import _no_route_message
+    from app.routing import Decision
+
+    job = SimpleNamespace(max_latency_ms=10, max_price_micros=100)
+    priced_out = Decision(
+        dropped=[
+            {"provider": "bravo", "reason": "over_max_price"},
+            {"provider": "alpha", "reason": "over_max_latency"},
+        ],
+        error_code="max_latency_exceeded",
+    )
+    assert _no_route_message(priced_out, job) == (
+        "No live quote's estimated latency is within max_latency_ms (10 ms) among the quotes "
+        "within max_price_usd ($0.000100); over that price: bravo."
+    )
+    slow_only = Decision(
+        dropped=[{"provider": "alpha", "reason": "over_max_latency"}],
+        error_code="max_latency_exceeded",
+    )
+    assert _no_route_message(slow_only, job) == (
+        "No live quote's estimated latency is within max_latency_ms (10 ms)."
+    )
