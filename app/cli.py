@@ -422,12 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
     adj.set_defaults(func=cmd_wallet_adjust)
 
     job = sub.add_parser("job").add_subparsers(dest="cmd", required=True)
-    show_job = job.add_parser("show", help="a job as the customer sees it, with its ledger")
-    show_job.add_argument("job_id")
-    show_job.set_defaults(func=cmd_job_show)
-    cancel_job = job.add_parser("cancel", help="cancel a job that has not started executing")
-    cancel_job.add_argument("job_id")
-    cancel_job.set_defaults(func=cmd_job_cancel)
+    for name, help_text, func in (
+        ("show", "a job as the customer sees it, with its ledger", cmd_job_show),
+        ("cancel", "cancel a job that has not started executing", cmd_job_cancel),
+    ):
+        command = job.add_parser(name, help=help_text)
+        command.add_argument("job_id")
+        command.set_defaults(func=func)
     return parser
 
 
