@@ -37,7 +37,7 @@ def deliver_webhook(self, job_id: str, delivery_id: str | None = None) -> str:  
             # Already delivered (or given up) by another task: the sweeper queued it again.
             return "done"
         url = job.request["callback_url"]
-        body = dumps_exact(render_job(job)).encode()
+        body = dumps_exact(render_job(job, webhook=False)).encode()
         secret = webhooks.webhook_secret(settings.webhook_secret, job.account_id)
         event = f"inference.{'completed' if job.status == 'success' else job.status}"
         # The sweeper leaves a chain that attempted recently alone. Not a versioned write: the

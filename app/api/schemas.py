@@ -328,10 +328,24 @@ class LedgerPageSchema(_PageSchema):
     data = fields.List(fields.Nested(LedgerEntrySchema))
 
 
+class WebhookStateSchema(Schema):
+    url = fields.String(metadata={"description": "The job's callback_url"})
+    status = fields.String(
+        metadata={
+            "description": "pending (not yet delivered; retried with backoff), delivered, "
+            "failed (every retry failed) or refused (the URL resolves to a non-public address)"
+        }
+    )
+
+
 class JobObjectSchema(InferenceResponseSchema):
     """An inference job: the synchronous body once it succeeded, else its state or error."""
 
     error = fields.Nested(ApiErrorDetailSchema)
+    webhook = fields.Nested(
+        WebhookStateSchema,
+        metadata={"description": "Only for a job submitted with callback_url: its delivery"},
+    )
     finished_at = fields.String(
         metadata={"description": "When the job ended (success, failed or cancelled); RFC 3339"}
     )

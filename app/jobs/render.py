@@ -155,9 +155,19 @@ def render_final(job: Job) -> tuple[dict[str, Any], int]:
     return render_failure(job)
 
 
-def render_job(job: Job) -> dict[str, Any]:
+def render_job(job: Job, *, webhook: bool = True) -> dict[str, Any]:
     """The job object of the async API: the synchronous body once it succeeded; otherwise its
-    state (queued, running) or, once failed or cancelled, the error object."""
+    state (queued, running) or, once failed or cancelled, the error object. A job submitted
+    with a ``callback_url`` also shows how its webhook is doing (``webhook=False``: not in the
+    webhook's own body, which is sent while it is still pending)."""
+    body = _job_body(job)
+    callback_url = (job.request or {}).get("callback_url")
+    if webhook and callback_url:
+        body["webhook"] = {"url": callback_url, "status": job.webhook_status or "pending"}
+    return body
+
+
+def _job_body(job: Job) -> dict[str, Any]:
     if job.status == states.SUCCESS:
         return render_success(job)
     body: dict[str, Any] = {

@@ -20,7 +20,7 @@ from app.db import session_scope
 from app.jobs.recovery import sweep
 from app.models import Job
 from config.settings import get_settings
-from tests.conftest import chat_calls, ledger_kinds
+from tests.conftest import chat_calls, decimal_json, ledger_kinds
 
 
 class Receiver:
@@ -96,7 +96,23 @@ def test_finished_job_is_posted_signed_and_equal_to_get(client, pipeline, make_a
     assert not webhooks.verify(secret, headers["Flopex-Signature"], body + b" ")
     assert headers["Flopex-Event"] == "inference.completed"
     assert json.loads(body)["id"] == job_id
-    assert body == client.get(f"/v1/inference/{job_id}", headers=account.headers).data
+    assert_body_is_the_job_object(client, account, job_id, body, hook.url)
+    # The customer can see the delivery's fate on the job.
+    assert delivered(job_id)
+    shown = client.get(f"/v1/inference/{job_id}", headers=account.headers).get_json()
+    assert shown["webhook"] == {"url": hook.url, "status": "delivered"}
+
+
+def assert_body_is_the_job_object(
+    client: Any, account: Any, job_id: str, body: bytes, url: str
+) -> None:
+    """The webhook's body is GET /v1/inference/{id}, less the webhook's own state (it is sent
+    while that is still pending), number for number."""
+    shown = decimal_json(client.get(f"/v1/inference/{job_id}", headers=account.headers).data)
+    state = shown.pop("webhook")
+    assert state["url"] == url and state["status"] in ("pending", "delivered")
+    assert "webhook" not in decimal_json(body)
+    assert decimal_json(body) == shown
 
 
 def test_failed_deliveries_are_retried_with_the_same_delivery_id(
@@ -154,7 +170,7 @@ def test_a_cancelled_job_is_posted_too(client, pipeline, make_account, receiver)
     hook.wait_for(1)
     headers, body = hook.received[0]
     assert headers["Flopex-Event"] == "inference.cancelled"
-    assert body == client.get(f"/v1/inference/{job_id}", headers=account.headers).data
+    assert_body_is_the_job_object(client, account, job_id, body, hook.url)
 
 
 def test_a_dns_failure_is_retried_and_a_private_address_refused(
@@ -189,6 +205,8 @@ def test_a_dns_failure_is_retried_and_a_private_address_refused(
     monkeypatch.setattr(webhooks, "destination", lambda url: ("private", []))
     assert task_module.deliver_webhook.run(job_id, "d1") == "refused"
     assert webhook_row(job_id)[0] == "refused"
+    shown = client.get(f"/v1/inference/{job_id}", headers=account.headers).get_json()
+    assert shown["webhook"]["status"] == "refused"  # the customer can see why none came
     assert task_module.deliver_webhook.run(job_id, "d1") == "done"  # ended: never sent again
     assert len(hook.received) == 1
     # A public destination: the POST goes to the address the check returned.
