@@ -7,6 +7,7 @@ share one limit without trusting their clocks.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import uuid
 from dataclasses import dataclass
@@ -52,7 +53,8 @@ class RateLimiter:
 
     def record_auth_failure(self, client: str, per_minute: int) -> Verdict:
         """One failed key lookup from ``client`` (an address): refused once it has failed
-        ``per_minute`` lookups in a burst, until the bucket refills."""
+        ``per_minute`` lookups in a burst, until the bucket refills. An IPv6 address counts
+        with its /64, what one host usually has to itself."""
         return self._run(_auth_failure_key(client), per_minute, per_minute)
 
     def _run(self, key: str, per_minute: int, burst: int) -> Verdict:
@@ -68,4 +70,10 @@ class RateLimiter:
 
 
 def _auth_failure_key(client: str) -> str:
-    return f"flopex:rl:authfail:{client}"
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return f"flopex:rl:authfail:{client}"
+    if address.version == 6:
+        return f"flopex:rl:authfail:{ipaddress.ip_network(f'{address}/64', strict=False)}"
+    return f"flopex:rl:authfail:{address}"

@@ -195,6 +195,16 @@ class _Entry:
     held_offset: int = 0
 
 
+def _begin(session: Session, solo: bool, defer: bool) -> bool:
+    """How a PostgreSQL movement commits (``solo`` and ``defer``: see ``_move``): True when
+    its one statement is its own transaction; otherwise the session's transaction is told not
+    to wait for its WAL flush when ``defer`` asks it."""
+    solo = solo and autocommit(session)
+    if defer and not solo:
+        defer_durability(session)
+    return solo
+
+
 def _move(
     session: Session,
     wallet_id: uuid.UUID,
@@ -258,9 +268,7 @@ def _move(
         params.update({f"p_new_{k}": v for k, v in new_job.items()})
 
     if session.get_bind().dialect.name == "postgresql":
-        solo = solo and autocommit(session)
-        if defer and not solo:
-            defer_durability(session)
+        solo = _begin(session, solo, defer)
         statement = _one_statement(
             len(entries), checked, job_columns, solo and defer, new_job_columns
         )
@@ -459,9 +467,7 @@ def hold_largest(
         raise ValueError("a hold needs choices and none can be negative")
     positive = sorted({c for c in choices if c > 0}, reverse=True)
     if positive and session.get_bind().dialect.name == "postgresql":
-        solo = solo and autocommit(session)
-        if defer and not solo:
-            defer_durability(session)
+        solo = _begin(session, solo, defer)
         new_job_columns = None
         params: dict[str, Any] = {
             "p_wallet_id": wallet_id,

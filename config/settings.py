@@ -150,16 +150,12 @@ def _database_url(url: str) -> str:
 
 def _optional_port(name: str) -> int | None:
     """A TCP port, or None when the variable is unset or empty (the feature is off)."""
-    value = _env(name, "")
-    if value == "":
+    if _env(name, "") == "":
         return None
-    expected = "a TCP port, 1 to 65535 (leave it unset to turn it off)"
-    try:
-        port = int(value)
-    except ValueError:
-        raise _invalid(name, expected, value) from None
-    if not 1 <= port <= 65535:
-        raise _invalid(name, expected, value)
+    what = "a TCP port (leave it unset to turn it off)"
+    port = _int(name, 0, minimum=1, what=what)
+    if port > 65535:
+        raise _invalid(name, f"{what}, 65535 or less", _env(name, ""))
     return port
 
 

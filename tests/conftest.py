@@ -230,6 +230,15 @@ class Worker:
     def output(self) -> str:
         return self.log.read_text()
 
+    def stop(self) -> None:
+        """A warm shutdown, then a kill if it does not end within 15 s."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
 
 def start_worker(
     log: Path,
@@ -281,12 +290,7 @@ def worker(catalog: Path, redis_client: Any, celery_app: Any) -> Iterator[Worker
         _wait_for_worker(celery_app, w.proc, w.log)
         yield w
     finally:
-        w.proc.terminate()
-        try:
-            w.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            w.proc.kill()
-            w.proc.wait()
+        w.stop()
 
 
 class ClosingClient(FlaskClient):

@@ -71,13 +71,12 @@ def test_a_stale_job_version_refuses_the_settlement(sqlite_session):
         wallet.settle(s, wallet_id, job_id, 400, 150, job=(7, {"status": "success"}))
 
 
-@pytest.mark.parametrize("dialect_session", ["sqlite_session", "db_session"])
-def test_a_hold_writes_its_new_job_only_when_it_is_placed(dialect_session, request):
-    s = request.getfixturevalue(dialect_session)
-    account_id, wallet_id = make_wallet(s)
-    wallet.top_up(s, wallet_id, 1_000)
-    job_id = uuid.uuid4()
-    row = {
+def new_job_row(
+    job_id: uuid.UUID, account_id: uuid.UUID, wallet_id: uuid.UUID, **values: object
+) -> dict[str, object]:
+    """A job row as app/jobs/submit.py hands it to a hold: every column with a Python-side
+    default is given (PostgreSQL's INSERT ... SELECT does not run them)."""
+    return {
         "id": job_id,
         "account_id": account_id,
         "wallet_id": wallet_id,
@@ -91,10 +90,19 @@ def test_a_hold_writes_its_new_job_only_when_it_is_placed(dialect_session, reque
         "markup": "0.15",
         "estimated_input_tokens": 9,
         "expected_quotes": 1,
-        # As app/jobs/submit.py: every column with a Python-side default is given.
         "created_at": utcnow(),
         "updated_at": utcnow(),
+        **values,
     }
+
+
+@pytest.mark.parametrize("dialect_session", ["sqlite_session", "db_session"])
+def test_a_hold_writes_its_new_job_only_when_it_is_placed(dialect_session, request):
+    s = request.getfixturevalue(dialect_session)
+    account_id, wallet_id = make_wallet(s)
+    wallet.top_up(s, wallet_id, 1_000)
+    job_id = uuid.uuid4()
+    row = new_job_row(job_id, account_id, wallet_id)
     refused = wallet.hold(s, wallet_id, job_id, 5_000, new_job={**row, "hold_micros": 5_000})
     assert refused is None
     assert s.scalar(select(Job.id).where(Job.id == job_id)) is None
@@ -121,25 +129,8 @@ def test_hold_largest_holds_the_largest_choice_the_wallet_covers(dialect_session
     wallet.top_up(s, wallet_id, 1_000)
 
     def row(job_id: uuid.UUID) -> dict[str, object]:
-        return {
-            "id": job_id,
-            "account_id": account_id,
-            "wallet_id": wallet_id,
-            "status": "quoting",
-            "version": 1,
-            "model": "llama-3.1-8b",
-            "request": {"input": "hi"},
-            "performance_profile": "economy",
-            "routing_strategy": "lowest_cost",
-            "max_output_tokens": 16,
-            "markup": "0.15",
-            "estimated_input_tokens": 9,
-            "expected_quotes": 3,
-            # The largest choice, as app/jobs/submit.py passes it: replaced by the amount held.
-            "hold_micros": 1_500,
-            "created_at": utcnow(),
-            "updated_at": utcnow(),
-        }
+        # The largest choice, as app/jobs/submit.py passes it: replaced by the amount held.
+        return new_job_row(job_id, account_id, wallet_id, expected_quotes=3, hold_micros=1_500)
 
     def hold(choices: list[int]) -> tuple[uuid.UUID, tuple[int, wallet.WalletState] | None]:
         job_id = uuid.uuid4()

@@ -107,12 +107,7 @@ def test_a_worker_only_host_exports_its_processes_series_on_the_worker_port(
         assert "flopex_http_request_duration_seconds" not in text
         assert f"worker metrics on http://127.0.0.1:{port}/metrics" in worker.output()
     finally:
-        worker.proc.terminate()
-        try:
-            worker.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            worker.proc.kill()
-            worker.proc.wait()
+        worker.stop()
 
 
 def test_the_worker_listener_is_off_unless_set_and_starts_once_per_process(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import time
 
 from flask import current_app, g, request
@@ -49,7 +48,7 @@ class PrincipalCache:
         if principal is None:
             if self.failures_per_min > 0 and client is not None:
                 verdict = RateLimiter(get_redis()).record_auth_failure(
-                    failure_bucket(client), self.failures_per_min
+                    client, self.failures_per_min
                 )
                 if not verdict.allowed:
                     raise RateLimited(
@@ -62,17 +61,6 @@ class PrincipalCache:
                 self._entries.clear()
             self._entries[digest] = (now + self.ttl_s, principal)
         return principal
-
-
-def failure_bucket(client: str) -> str:
-    """The address whose failures count together: an IPv4 address, or an IPv6 /64."""
-    try:
-        address = ipaddress.ip_address(client)
-    except ValueError:
-        return client
-    if address.version == 6:
-        return str(ipaddress.ip_network(f"{address}/64", strict=False))
-    return str(address)
 
 
 def require_principal() -> Principal:

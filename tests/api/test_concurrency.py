@@ -146,11 +146,9 @@ def test_forty_concurrent_requests_on_ten_holds_admit_at_most_ten(
     assert drop == -sum(e.amount_micros for e in entries if e.kind == "capture")
 
 
-def test_forty_concurrent_admissions_on_ten_holds_admit_exactly_ten(make_account, catalog):
-    w = max(
-        worst_cases(RACE_BODY["model"], RACE_BODY["input"], RACE_BODY["max_output_tokens"]).values()
-    )
-    account = make_account(str(micros_to_usd(10 * w)))
+def admit_at_once(account: Any, n: int) -> list[Any]:
+    """``n`` admissions of RACE_BODY (economy) released together, each in its own session as
+    the web runs them: the accepted job, or the error code of a refused one."""
     with session_scope() as session:
         principal = accounts.authenticate(session, account.api_key)
     request = InferenceRequest(
@@ -160,19 +158,27 @@ def test_forty_concurrent_admissions_on_ten_holds_admit_exactly_ten(make_account
         performance_profile="economy",
     )
 
-    def submit(_: int) -> uuid.UUID | str:
+    def submit() -> Any:
         session = session_factory()()
         try:
             job = SubmitInference(session, principal, request, get_settings()).run().job
             session.commit()
-            return job.id
+            return job
         except FlopexError as exc:
             session.rollback()
             return exc.code
         finally:
             session.close()
 
-    results = run_together([lambda i=i: submit(i) for i in range(40)])
+    return run_together([submit] * n)
+
+
+def test_forty_concurrent_admissions_on_ten_holds_admit_exactly_ten(make_account, catalog):
+    w = max(
+        worst_cases(RACE_BODY["model"], RACE_BODY["input"], RACE_BODY["max_output_tokens"]).values()
+    )
+    account = make_account(str(micros_to_usd(10 * w)))
+    results = [r if isinstance(r, str) else r.id for r in admit_at_once(account, 40)]
 
     admitted = [r for r in results if isinstance(r, uuid.UUID)]
     assert len(admitted) == 10
@@ -206,28 +212,7 @@ def test_concurrent_admissions_each_hold_the_largest_worst_case_still_covered(
     assert middle + cheapest - 1 < largest
     start = 2 * largest + middle + cheapest - 1
     account = make_account(str(micros_to_usd(start)))
-    with session_scope() as session:
-        principal = accounts.authenticate(session, account.api_key)
-    request = InferenceRequest(
-        model=RACE_BODY["model"],
-        prompt=RACE_BODY["input"],
-        max_output_tokens=RACE_BODY["max_output_tokens"],
-        performance_profile="economy",
-    )
-
-    def submit(_: int) -> int | str:
-        session = session_factory()()
-        try:
-            job = SubmitInference(session, principal, request, get_settings()).run().job
-            session.commit()
-            return job.hold_micros
-        except FlopexError as exc:
-            session.rollback()
-            return exc.code
-        finally:
-            session.close()
-
-    results = run_together([lambda i=i: submit(i) for i in range(16)])
+    results = [r if isinstance(r, str) else r.hold_micros for r in admit_at_once(account, 16)]
 
     assert sorted(r for r in results if isinstance(r, int)) == [middle, largest, largest]
     assert Counter(r for r in results if isinstance(r, str)) == {"insufficient_balance": 13}
