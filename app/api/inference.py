@@ -227,7 +227,6 @@ class InferenceCollection(MethodView):
                 ENDPOINT,
                 idempotency.fingerprint(ENDPOINT, raw_body),
                 settings.idempotency_ttl_s,
-                legacy_fp=idempotency.legacy_fingerprint(ENDPOINT, raw_body),
             )
             if claim.state != "new":
                 session.commit()
