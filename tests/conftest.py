@@ -350,6 +350,29 @@ def make_account(database: str) -> Any:
 
 
 @pytest.fixture
+def no_stuck_jobs_from_other_tests(database: str) -> None:
+    """A sweeper reads the oldest stuck jobs first, a page at a time. Tests that only exercise
+    the wallet or the job row (tests/factories.py) commit jobs in a live status that nothing will
+    ever finish; to a sweep run as if minutes later they all look stuck, and enough of them push
+    the test's own job off the page (it depends on which tests ran first). They are moved out of
+    the sweep's sight, a day ahead, before a test that sweeps: no money moves."""
+    from datetime import timedelta
+
+    from sqlalchemy import func, update
+
+    from app.db import session_scope
+    from app.jobs import states
+    from app.models import Job
+
+    with session_scope() as session:
+        session.execute(
+            update(Job)
+            .where(Job.status.in_(states.LIVE), Job.updated_at <= func.now())
+            .values(updated_at=func.now() + timedelta(days=1))
+        )
+
+
+@pytest.fixture
 def db_session(database: str) -> Iterator[Session]:
     """A session inside a transaction that is rolled back after the test."""
     from app.db import get_engine
