@@ -293,6 +293,89 @@ def worker(catalog: Path, redis_client: Any, celery_app: Any) -> Iterator[Worker
         w.stop()
 
 
+@dataclass
+class WebServer:
+    """gunicorn with the production configuration (config/gunicorn.conf.py), on a free port."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+def start_web(log: Path, env: dict[str, str] | None = None) -> WebServer:
+    import socket
+
+    import requests
+
+    from scripts.dev import gunicorn_control_args
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = log.open("wb")
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "gunicorn"),
+            "-c",
+            "config/gunicorn.conf.py",
+            *gunicorn_control_args(log.parent / f"web-{port}"),
+            "app:create_app()",
+        ],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "PORT": str(port),
+            "BIND_HOST": "127.0.0.1",
+            "WEB_CONCURRENCY": "1",
+            **(env or {}),
+        },
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    server = WebServer(proc, log, port)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gunicorn exited early:\n{log.read_text()}")
+        try:
+            if requests.get(f"{server.base_url}/healthz", timeout=1).status_code == 200:
+                return server
+        except requests.RequestException:
+            time.sleep(0.1)  # readiness poll of a process we just started
+    proc.kill()
+    raise RuntimeError(f"gunicorn did not answer:\n{log.read_text()}")
+
+
+def stop_web(server: WebServer) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def web_server(database: str, redis_client: Any) -> Iterator[WebServer]:
+    """The real web server, with short slow-client bounds (2 s) so tests can cross them."""
+    (_TMP / "web").mkdir(exist_ok=True)
+    server = start_web(
+        _TMP / "web" / "gunicorn.log",
+        {"WEB_HEADER_TIMEOUT_S": "2", "WEB_BODY_TIMEOUT_S": "2"},
+    )
+    try:
+        yield server
+    finally:
+        stop_web(server)
+
+
 class ClosingClient(FlaskClient):
     """Closes each response once its body is read, as a WSGI server does after sending it:
     work the app defers to close() (an async submission's publish) runs as in production."""
