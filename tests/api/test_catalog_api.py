@@ -18,9 +18,8 @@ def probe(redis_client, now=None):
         return probe_all(
             session,
             redis_client,
-            Breaker(redis_client, settings.breaker),
+            Breaker.from_settings(redis_client, settings),
             timeout_s=0.5,
-            health_window_s=settings.health_window_s,
             now=now,
         )
 
