@@ -63,7 +63,15 @@ def quote_job(
         if (e := entries.get(o["provider"])) is None or e.age_s(now) > policy.freshness_s
     ]
     if stale:
-        entries.update(board.refresh(client, breaker, stale, policy.quote_deadline_ms / 1000))
+        entries.update(
+            board.refresh(
+                client,
+                breaker,
+                stale,
+                policy.quote_deadline_ms / 1000,
+                fresh_after=now - policy.freshness_s,
+            )
+        )
         now = time.time()
 
     quotes = []

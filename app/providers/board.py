@@ -206,8 +206,15 @@ def _lead(
     timeout_s: float,
     token: str,
     release: Any,
+    fresh_after: float | None = None,
 ) -> Entry:
     try:
+        if fresh_after is not None:
+            # A flight that landed between the caller's read and this lock already did the
+            # work: one ping per provider per staleness, not one per waiter that came late.
+            landed = read(client, [target.provider]).get(target.provider)
+            if landed is not None and landed.measured_at >= fresh_after:
+                return landed
         return check(client, breaker, target, timeout_s)
     finally:
         # Wake every waiter of this flight (rotated, never taken: see app/jobs/notify.py), then
@@ -220,16 +227,21 @@ def _lead(
 
 
 def refresh_one(
-    client: redis.Redis, breaker: Breaker, target: Target, timeout_s: float
+    client: redis.Redis,
+    breaker: Breaker,
+    target: Target,
+    timeout_s: float,
+    fresh_after: float | None = None,
 ) -> Entry | None:
     """The provider's entry after a fresh check: ours if no check of it was in flight, else the
     one in flight, waited for (at most ``timeout_s`` and a little). None when a flight we waited
-    for never landed (its process died): the caller keeps what it had."""
+    for never landed (its process died): the caller keeps what it had. An entry measured since
+    ``fresh_after`` (a flight that landed after the caller's read) is returned without a ping."""
     acquire, release = _scripts(client)
     token = uuid.uuid4().hex
     held = acquire(keys=[_lock_key(target.provider)], args=[token, _lock_ms(timeout_s)])
     if held is None:
-        return _lead(client, breaker, target, timeout_s, token, release)
+        return _lead(client, breaker, target, timeout_s, token, release, fresh_after)
     done = _done_key(str(held))
     # redis-py types the timeout as int; the server takes seconds with decimals.
     if client.blmove(done, done, timeout_s + 0.5, "RIGHT", "LEFT") is None:  # type: ignore[arg-type]
@@ -252,15 +264,18 @@ def refresh(
     breaker: Breaker,
     targets: Sequence[Target],
     timeout_s: float,
+    fresh_after: float | None = None,
 ) -> dict[str, Entry]:
     """Refreshes every target (in parallel when there are several) under single flight and
     returns the entries that landed."""
     if not targets:
         return {}
     if len(targets) == 1:
-        found = refresh_one(client, breaker, targets[0], timeout_s)
+        found = refresh_one(client, breaker, targets[0], timeout_s, fresh_after)
         return {found.provider: found} if found else {}
-    futures = [_executor().submit(refresh_one, client, breaker, t, timeout_s) for t in targets]
+    futures = [
+        _executor().submit(refresh_one, client, breaker, t, timeout_s, fresh_after) for t in targets
+    ]
     entries = [f.result() for f in futures]
     return {e.provider: e for e in entries if e is not None}
 
