@@ -46,7 +46,10 @@ def _unavailable(resp: Any, job_named: bool) -> str | None:
     if not job_named:
         assert "job_id" not in error and "X-Flopex-Job-Id" not in resp.headers
         return None
-    assert resp.headers.get("X-Flopex-Job-Id") == error["job_id"], (resp.headers, error)
+    assert resp.headers["X-Flopex-Job-Id"] == error["job_id"]
+    # Without an Idempotency-Key, a resubmission could run a second job: clients are told so.
+    keyed = "Idempotency-Key" in resp.request.headers
+    assert resp.headers.get("X-Should-Retry") == (None if keyed else "false")
     return str(error["job_id"])
 
 
