@@ -156,8 +156,8 @@ WEATHER = {
 }
 
 
-def test_tools_round_trip(sdk, pipeline):
-    api, _ = sdk()
+def test_tools_round_trip(sdk, pipeline, client):
+    api, account = sdk()
     messages: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
     first = api.chat.completions.create(
         model=MODEL, messages=messages, tools=[WEATHER], tool_choice="auto", max_tokens=64
@@ -170,6 +170,10 @@ def test_tools_round_trip(sdk, pipeline):
     arguments = json.loads(call.function.arguments)
     assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("c", "f")
     provider = first.model_extra["flopex"]["provider"]
+    polled = client.get(
+        f"/v1/inference/{first.model_extra['flopex']['job_id']}", headers=account.headers
+    )
+    assert polled.get_json()["tool_calls"] == [call.model_dump()]
     sent = _last_request(pipeline, provider)
     assert sent["tools"] == [WEATHER] and sent["tool_choice"] == "auto"
 
