@@ -531,3 +531,34 @@ def test_a_key_whose_first_request_still_runs_is_a_conflict_naming_its_job(sdk, 
         model=MODEL, messages=HELLO, max_tokens=8, extra_headers={"Idempotency-Key": "k-running"}
     )
     assert answer.model_extra["flopex"]["job_id"] == job_id
+
+
+def test_a_wait_that_runs_out_is_a_504_naming_the_running_job(sdk, pipeline, client, monkeypatch):
+    """An OpenAI client cannot read the exchange's 202: without a Prefer header, a wait that
+    runs out is an error naming the job, which carries on and is charged once."""
+    import dataclasses
+
+    from app.api import inference
+    from config.settings import get_settings
+
+    short = dataclasses.replace(get_settings(), sync_timeout_s=0)
+    monkeypatch.setattr(inference, "get_settings", lambda: short)
+    for provider in pipeline.values():
+        provider.configure(latency_ms=1000)
+    api, account = sdk(max_retries=2)
+    with pytest.raises(openai.InternalServerError) as running:
+        api.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8)
+    error = running.value
+    assert error.status_code == 504 and error.code == "job_still_running"
+    job_id = error.body["job_id"]  # type: ignore[index]
+    assert error.response.headers["X-Flopex-Job-Id"] == job_id
+    assert error.response.headers["X-Should-Retry"] == "false"  # so the SDK did not resubmit
+    done = client.get(f"/v1/inference/{job_id}?wait=30", headers=account.headers).get_json()
+    assert done["status"] == "success"
+    assert [e.kind for e in _ledger(account)].count("hold") == 1
+    # Asked for (Prefer: wait=0), the exchange's 202 with the job.
+    raw = api.chat.completions.with_raw_response.create(
+        model=MODEL, messages=HELLO, max_tokens=8, extra_headers={"Prefer": "wait=0"}
+    )
+    assert raw.status_code == 202 and json.loads(raw.text)["object"] == "inference"
+    client.get(f"/v1/inference/{raw.headers['X-Flopex-Job-Id']}?wait=30", headers=account.headers)
