@@ -3,10 +3,12 @@
 One pooled ``requests.Session`` per process keeps connections to providers warm; both calls are
 sent straight on its urllib3 pool for the provider (the same warm connections and TLS settings)
 without requests' per-call machinery (cookies, hooks, environment, redirects, response wrapping),
-which cost ~0.3 ms of CPU per call. Redirects are not followed. Retries (tenacity,
-jittered exponential backoff) cover only failures where the provider did not do the work: a
-refused connection, 429 and 5xx answers. A read timeout is not retried, since the provider may
-still be generating (and billing) that request; the caller falls back to the next quote instead.
+whose CPU cost per call is measured in docs/performance.md. Redirects are not followed. Retries
+(tenacity, jittered exponential backoff) cover only failures where the provider did not do the
+work: a refused connection and 5xx answers. A 429 is not retried (the provider asked us to wait:
+the job falls through to its next provider). A read timeout is not retried, since the provider
+may still be generating (and billing) that request; the caller falls back to the next quote
+instead.
 """
 
 from __future__ import annotations
@@ -131,9 +133,8 @@ def _send(
 def ping(base_url: str, api_key: str | None, timeout_s: float) -> int:
     """Measured round trip of ``GET /models`` in ms; raises ProviderFailure when not live.
 
-    A quote is a ping, and a job pings every provider, so this is most of a quote task's own
-    CPU (0.43-0.65 -> 0.27 ms per ping without requests' machinery, docs/performance.md). A
-    ping that is redirected is not a live endpoint."""
+    The quote board's check (app/providers/board.py). A ping that is redirected is not a live
+    endpoint."""
     headers = {"Accept": "application/json", **_auth_headers(api_key)}
     start = time.perf_counter()
     try:
