@@ -20,7 +20,7 @@ from config.settings import get_settings
 log = logging.getLogger(__name__)
 
 
-def _run(task: Task, job_id: str, resume: bool, version: int | None = None) -> str | None:
+def _run(task: Task[Any, Any], job_id: str, resume: bool, version: int | None = None) -> str | None:
     session = session_factory()()
     try:
         service = RouteAndExecute(session, get_redis(), get_settings(), task.app)
@@ -38,21 +38,21 @@ def _run(task: Task, job_id: str, resume: bool, version: int | None = None) -> s
 
 
 @shared_task(name=task_names.ROUTE, bind=True)
-def route(self: Task, job_id: str) -> str | None:
+def route(self: Task[Any, Any], job_id: str) -> str | None:
     """The job's one hop: route from the quote board, execute, settle, signal. A redelivered
     or duplicate message finds the job already claimed and does nothing."""
     return _run(self, job_id, resume=False)
 
 
 @shared_task(name=task_names.LEGACY_QUOTE, bind=True)
-def legacy_quote(self: Task, job_id: str, *_: Any) -> str | None:
+def legacy_quote(self: Task[Any, Any], job_id: str, *_: Any) -> str | None:
     """A quote message sent before the quote board (one per provider): the first one to run
     routes the job from the board, the others find it claimed."""
     return _run(self, job_id, resume=False)
 
 
 @shared_task(name=task_names.RESUME, bind=True)
-def resume(self: Task, job_id: str, *_: Any) -> str | None:
+def resume(self: Task[Any, Any], job_id: str, *_: Any) -> str | None:
     """The job's version the sweeper saw comes in a message header (absent from older senders:
     then no check). Extra arguments of older messages are ignored."""
     version = getattr(self.request, RESUME_VERSION_HEADER, None)

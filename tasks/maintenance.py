@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Task, shared_task
 
 from app import idempotency, task_names
@@ -15,7 +17,7 @@ from config.settings import get_settings
 
 
 @shared_task(name=task_names.SWEEP, bind=True)
-def sweep_stuck_jobs(self: Task) -> dict[str, list[str]]:
+def sweep_stuck_jobs(self: Task[Any, Any]) -> dict[str, list[str]]:
     with session_scope() as session:
         report = sweep(session, self.app, get_redis(), get_settings())
     return {"requoted": report.requoted, "resumed": report.resumed, "webhooks": report.webhooks}
@@ -28,7 +30,7 @@ def purge_idempotency_keys() -> int:
 
 
 @shared_task(name=task_names.REFRESH_BOARD, bind=True)
-def refresh_board(self: Task) -> int:
+def refresh_board(self: Task[Any, Any]) -> int:
     """Beat's clock for the quote board: one check task per enabled provider, on `fast`, each
     expiring with the next refresh (a backlog of checks is worth nothing)."""
     settings = get_settings()
@@ -48,7 +50,7 @@ def refresh_board(self: Task) -> int:
 
 
 @shared_task(name=task_names.LEGACY_PROBE, bind=True)
-def probe_providers(self: Task) -> int:
+def probe_providers(self: Task[Any, Any]) -> int:
     """The health probe's schedule of older deployments: the board refresh."""
     return int(refresh_board())
 

@@ -38,10 +38,13 @@ def _under(name: str, package: str) -> bool:
     return name == package or name.startswith(package + ".")
 
 
-# config/gunicorn.conf.py is the web server's bootstrap (its fork hooks reset the app's
-# connections), the web's counterpart of workers/: above the app, not below it.
+# config/gunicorn.conf.py and config/gunicorn_worker.py are the web server's bootstrap (fork
+# hooks, its worker class), the web's counterpart of workers/: above the app, not below it.
+_SERVER_BOOTSTRAP = {"gunicorn.conf.py", "gunicorn_worker.py"}
+
+
 @pytest.mark.parametrize(
-    "path", [p for p in _modules("config") if p.name != "gunicorn.conf.py"], ids=_rel
+    "path", [p for p in _modules("config") if p.name not in _SERVER_BOOTSTRAP], ids=_rel
 )
 def test_config_imports_nothing_of_ours(path: Path) -> None:
     assert not {n for n in _imports(path) if _under(n, "app") or _under(n, "tasks")}

@@ -122,7 +122,7 @@ class RouteAndExecute:
         )
         decision = self._decide(job, quotes, explore=self._explores(job))
         decision.dropped[:0] = [{"provider": p, "reason": "provider_disabled"} for p in withdrawn]
-        route = {
+        route: dict[str, Any] = {
             # Keep each option's endpoint with its quote: resume() needs it after a crash.
             "quotes": [
                 {
@@ -216,6 +216,7 @@ class RouteAndExecute:
             estimated_input_tokens=job.estimated_input_tokens,
             max_output_tokens=job.max_output_tokens,
             explore=explore,
+            explore_below=speed.MIN_SAMPLES,
         )
 
     def _deadline(self, job: Job) -> float:
@@ -307,6 +308,8 @@ class RouteAndExecute:
                 retries=self.settings.provider_retries,
                 budget_s=deadline - time.time(),
                 on_failed_try=failed_try,
+                messages=job.messages,
+                params=job.provider_params,
             )
         except ProviderFailure as exc:
             elapsed = time.perf_counter() - started
@@ -367,6 +370,7 @@ class RouteAndExecute:
             provider_model_id=quote.provider_model_id,
             output_text=result.text,
             finish_reason=result.finish_reason,
+            tool_calls=result.tool_calls,
             input_tokens=result.input_tokens,
             output_tokens=result.output_tokens,
             # The hold is the binding ceiling (max_price_usd and the wallet): a provider that

@@ -63,7 +63,8 @@ def quote_job(
         if (e := entries.get(o["provider"])) is None or e.age_s(now) > policy.freshness_s
     ]
     if stale:
-        entries.update(board.refresh(client, breaker, stale, policy.quote_deadline_ms / 1000))
+        seen = {name: e.measured_at for name, e in entries.items()}
+        entries.update(board.refresh(client, breaker, stale, policy.quote_deadline_ms / 1000, seen))
         now = time.time()
 
     quotes = []
@@ -81,6 +82,7 @@ def quote_job(
         latency = None
         if live and rtt is not None:
             latency = rtt + learned.ttft_ms + learned.generation_ms(max_output_tokens)
+        error: str | None
         if circuit_open:
             error = "circuit_open"
         elif entry is None:

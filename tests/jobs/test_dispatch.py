@@ -13,12 +13,12 @@ import pytest
 from app.broker import PUBLISH_ERRORS, Channel
 from app.jobs.dispatch import send_route
 from app.logs import HEADER_JOB_ID
-from tests.jobs.test_quoting import _option as quoting_option
+from tests.factories import route_option
 
 
 def _option(provider: str) -> dict[str, Any]:
     # A job's stored option carries more than the message needs.
-    return {**quoting_option(provider), "ignored": "not sent"}
+    return {**route_option(provider), "ignored": "not sent"}
 
 
 def test_one_message_per_job_with_a_short_argsrepr(celery_app, redis_client):

@@ -16,6 +16,7 @@ from app.jobs.quoting import quote_job
 from app.providers import board, health, speed
 from app.providers.breaker import Breaker
 from config.settings import ProfilePolicy, get_settings
+from tests.factories import route_option
 
 WINDOW_S = 300
 POLICY = ProfilePolicy(quote_deadline_ms=2000, queue="balanced", freshness_s=5.0)
@@ -23,14 +24,9 @@ POLICY = ProfilePolicy(quote_deadline_ms=2000, queue="balanced", freshness_s=5.0
 
 def _option(provider: str, base_url: str = "", offering_id: int = 1) -> dict[str, Any]:
     return {
+        **route_option(provider),
         "offering_id": offering_id,
-        "provider": provider,
         "base_url": base_url or f"http://{provider}.invalid/v1",
-        "api_key_env": None,
-        "provider_model_id": "m",
-        "input_price_micros_per_m": 50_000,
-        "output_price_micros_per_m": 80_000,
-        "estimated_charge_micros": 12,
         "expected_ttft_ms": 30,
         "expected_tokens_per_s": 100.0,
     }
