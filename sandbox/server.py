@@ -543,6 +543,10 @@ def _parse_chat(body: bytes) -> _ChatRequest | _ApiError:
             return _bad_request(
                 f"messages[{index}] must be an object with a string 'role'.", "invalid_messages"
             )
+        if message["role"] == "tool" and not isinstance(message.get("tool_call_id"), str):
+            return _bad_request(
+                f"messages[{index}] is a tool message without a tool_call_id.", "invalid_messages"
+            )
         text = _message_text(message.get("content"))
         if text is None:
             return _bad_request(
@@ -576,6 +580,80 @@ def _generate_text(seed: bytes, n: int) -> str:
     return " ".join(words[:n])
 
 
+def _example_value(schema: Any, seed: bytes, depth: int = 0) -> Any:
+    """A deterministic value valid for a (simple) JSON Schema: enough for tool arguments and
+    json_schema answers to parse and match the declared types."""
+    if not isinstance(schema, dict) or depth > 8:
+        return _generate_text(seed, 1)
+    if "enum" in schema and isinstance(schema["enum"], list) and schema["enum"]:
+        return schema["enum"][seed[0] % len(schema["enum"])]
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or (kind is None and "properties" in schema):
+        properties = schema.get("properties")
+        if not isinstance(properties, dict):
+            return {}
+        return {
+            name: _example_value(sub, hashlib.sha256(seed + name.encode()).digest(), depth + 1)
+            for name, sub in properties.items()
+        }
+    if kind == "array":
+        return [_example_value(schema.get("items"), seed, depth + 1)]
+    if kind == "integer":
+        return seed[0] % 100
+    if kind == "number":
+        return (seed[0] % 100) / 4
+    if kind == "boolean":
+        return seed[0] % 2 == 0
+    if kind == "null":
+        return None
+    return _generate_text(seed, 2)
+
+
+def _tool_call_message(raw: dict[str, Any], seed: bytes) -> tuple[dict[str, Any], str] | None:
+    """With tools (and tool_choice not "none"), the answer is one call of the chosen tool (or
+    the first), its arguments valid for the tool's parameters; after a tool result (the last
+    message has the tool role), a text answer, so a round trip ends."""
+    tools = raw.get("tools")
+    choice = raw.get("tool_choice", "auto")
+    messages = raw.get("messages") or [{}]
+    if not isinstance(tools, list) or not tools or choice == "none":
+        return None
+    if messages[-1].get("role") == "tool" and choice != "required":
+        return None
+    functions = [t.get("function") for t in tools if isinstance(t, dict)]
+    functions = [f for f in functions if isinstance(f, dict) and isinstance(f.get("name"), str)]
+    if not functions:
+        return None
+    chosen = functions[0]
+    if isinstance(choice, dict):
+        wanted = (choice.get("function") or {}).get("name")
+        chosen = next((f for f in functions if f["name"] == wanted), chosen)
+    arguments = _example_value(chosen.get("parameters") or {"type": "object"}, seed)
+    call = {
+        "id": f"call_{seed.hex()[:24]}",
+        "type": "function",
+        "function": {"name": chosen["name"], "arguments": json.dumps(arguments)},
+    }
+    return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
+
+
+def _formatted_message(raw: dict[str, Any], seed: bytes) -> tuple[dict[str, Any], str] | None:
+    """response_format json_object: a JSON object; json_schema: a value valid for the
+    schema (simple schemas: types, properties, items, enum)."""
+    fmt = raw.get("response_format")
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+        value: Any = {"answer": _generate_text(seed, 3)}
+    elif kind == "json_schema":
+        spec = fmt.get("json_schema") if isinstance(fmt, dict) else None
+        value = _example_value((spec or {}).get("schema") or {"type": "object"}, seed)
+    else:
+        return None
+    return {"role": "assistant", "content": json.dumps(value)}, "stop"
+
+
 def _build_completion(config: SandboxConfig, chat: _ChatRequest) -> dict[str, Any]:
     limit = config.output_tokens if chat.max_tokens is None else chat.max_tokens
     n = min(limit, config.output_tokens)
@@ -590,6 +668,11 @@ def _build_completion(config: SandboxConfig, chat: _ChatRequest) -> dict[str, An
     completion_tokens = count_tokens(text)
     finish_reason = "length" if n == limit and limit < config.output_tokens else "stop"
     request_hash = hashlib.sha256(config.name.encode() + b"\0" + _canonical(chat.raw)).hexdigest()
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    shaped = _tool_call_message(chat.raw, seed) or _formatted_message(chat.raw, seed)
+    if shaped is not None:
+        message, finish_reason = shaped
+        completion_tokens = count_tokens(_canonical(message).decode())
     return {
         "id": f"chatcmpl-{request_hash[:24]}",
         "object": "chat.completion",
@@ -598,7 +681,7 @@ def _build_completion(config: SandboxConfig, chat: _ChatRequest) -> dict[str, An
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "finish_reason": finish_reason,
             }
         ],
