@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck format install bench clean
+.PHONY: run test lint typecheck format install bench bench-routing clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+# Routing quality in the simulated market (bench/market.toml): regret, errors, shares.
+bench-routing: $(STAMP)
+	$(BIN)/python bench/routing.py
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache
