@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.models import Provider
-from app.providers import health
+from app.providers import health, history
 from app.providers.breaker import Breaker
 from app.providers.openai_compat import ProviderFailure, ping, resolve_api_key
 
@@ -59,6 +59,7 @@ def probe_all(
             breaker.record_failure(name, checked)
         health.record_outcome(client, name, result.live, health_window_s)
         client.set(_KEY.format(name), json.dumps(asdict(result)), ex=max(60, health_window_s))
+        history.record(client, name, checked, result.live, result.latency_ms)
         results.append(result)
     return results
 

@@ -1,0 +1,310 @@
+"""What the console reads: an account's jobs, ledger, spend and keys, and the market. Plain
+domain queries (a session in, rows out), each scoped to one account by the caller's principal;
+the job list and ledger page apply the API's own filters and cursors (app/api/inference.py,
+app/api/wallet.py)."""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import redis
+from sqlalchemy import Select, func, select, tuple_
+from sqlalchemy.orm import Session, defer
+
+from app.exceptions import FlopexError
+from app.jobs import states
+from app.models import ApiKey, Job, LedgerEntry, ModelAlias, Offering, Provider
+from app.providers import health, history
+from app.providers.breaker import Breaker, BreakerConfig
+from app.providers.probe import last_probe
+
+
+@dataclass(frozen=True)
+class JobFilters:
+    """The job list's filters, as GET /v1/inference takes them (``status`` is a public one)."""
+
+    status: str | None = None
+    model: str | None = None
+    customer_ref: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+def _filtered(stmt: Select[Any], account_id: uuid.UUID, filters: JobFilters) -> Select[Any]:
+    stmt = stmt.where(Job.account_id == account_id)
+    if filters.status is not None:
+        stmt = stmt.where(Job.status.in_(states.INTERNAL[filters.status]))
+    if filters.model is not None:
+        stmt = stmt.where(Job.model == filters.model)
+    if filters.customer_ref is not None:
+        stmt = stmt.where(Job.customer_ref == filters.customer_ref)
+    if filters.created_after is not None:
+        stmt = stmt.where(Job.created_at > filters.created_after)
+    if filters.created_before is not None:
+        stmt = stmt.where(Job.created_at < filters.created_before)
+    return stmt
+
+
+def own_job(session: Session, account_id: uuid.UUID, job_id: str) -> Job | None:
+    """The account's job; another account's is the same None as one that does not exist."""
+    try:
+        parsed = uuid.UUID(job_id)
+    except ValueError:
+        return None
+    return session.scalar(select(Job).where(Job.id == parsed, Job.account_id == account_id))
+
+
+@dataclass
+class JobPage:
+    jobs: list[Job]
+    has_more: bool
+
+    @property
+    def next_cursor(self) -> str | None:
+        return str(self.jobs[-1].id) if self.has_more and self.jobs else None
+
+
+def list_jobs(
+    session: Session,
+    account_id: uuid.UUID,
+    filters: JobFilters,
+    limit: int,
+    starting_after: str | None = None,
+) -> JobPage:
+    """Newest first, ``limit`` per page, the page after the job ``starting_after``."""
+    stmt = _filtered(select(Job), account_id, filters).options(
+        # A row of the list shows none of these; the request and output can be large.
+        defer(Job.request),
+        defer(Job.output_text),
+        defer(Job.metadata_),
+        defer(Job.quotes),
+        defer(Job.routing),
+    )
+    if starting_after is not None:
+        cursor = own_job(session, account_id, starting_after)
+        if cursor is None:
+            raise FlopexError("job_not_found", f"No job {starting_after}.", "starting_after")
+        stmt = stmt.where(tuple_(Job.created_at, Job.id) < tuple_(cursor.created_at, cursor.id))
+    rows = list(
+        session.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))
+    )
+    return JobPage(rows[:limit], len(rows) > limit)
+
+
+EXPORT_COLUMNS = (
+    Job.id,
+    Job.created_at,
+    Job.finished_at,
+    Job.status,
+    Job.model,
+    Job.provider_name,
+    Job.performance_profile,
+    Job.customer_ref,
+    Job.input_tokens,
+    Job.output_tokens,
+    Job.charge_micros,
+    Job.latency_ms,
+    Job.error_code,
+)
+
+
+def export_jobs(session: Session, account_id: uuid.UUID, filters: JobFilters) -> Iterator[Any]:
+    """Every matching job, newest first, streamed in batches (an export of any size)."""
+    stmt = _filtered(select(*EXPORT_COLUMNS), account_id, filters).order_by(
+        Job.created_at.desc(), Job.id.desc()
+    )
+    yield from session.execute(stmt.execution_options(yield_per=1000))
+
+
+@dataclass
+class LedgerPage:
+    entries: list[LedgerEntry]
+    has_more: bool
+
+    @property
+    def next_cursor(self) -> str | None:
+        return str(self.entries[-1].id) if self.has_more and self.entries else None
+
+
+def ledger_page(
+    session: Session, wallet_id: uuid.UUID, limit: int, starting_after: int | None = None
+) -> LedgerPage:
+    """Newest first; the cursor must be one of the wallet's own entries (as the API's)."""
+    stmt = select(LedgerEntry).where(LedgerEntry.wallet_id == wallet_id)
+    if starting_after is not None:
+        own = session.scalar(
+            select(LedgerEntry.id).where(
+                LedgerEntry.id == starting_after, LedgerEntry.wallet_id == wallet_id
+            )
+        )
+        if own is None:
+            raise FlopexError("not_found", f"No ledger entry {starting_after}.", "starting_after")
+        stmt = stmt.where(LedgerEntry.id < starting_after)
+    rows = list(session.scalars(stmt.order_by(LedgerEntry.id.desc()).limit(limit + 1)))
+    return LedgerPage(rows[:limit], len(rows) > limit)
+
+
+def export_ledger(session: Session, wallet_id: uuid.UUID) -> Iterator[LedgerEntry]:
+    stmt = (
+        select(LedgerEntry)
+        .where(LedgerEntry.wallet_id == wallet_id)
+        .order_by(LedgerEntry.id.desc())
+        .execution_options(yield_per=1000)
+    )
+    yield from session.scalars(stmt)
+
+
+def job_ledger(session: Session, wallet_id: uuid.UUID, job_id: uuid.UUID) -> list[LedgerEntry]:
+    return list(
+        session.scalars(
+            select(LedgerEntry)
+            .where(LedgerEntry.wallet_id == wallet_id, LedgerEntry.job_id == job_id)
+            .order_by(LedgerEntry.id)
+        )
+    )
+
+
+@dataclass
+class Overview:
+    days: list[date]
+    spend_by_day: dict[date, int] = field(default_factory=dict)  # micro-USD charged
+    requests_by_day: dict[date, dict[str, int]] = field(default_factory=dict)  # public status
+    spend_by_model: dict[str, int] = field(default_factory=dict)
+    spend_by_provider: dict[str, int] = field(default_factory=dict)
+    requests: int = 0
+    spend: int = 0
+
+
+def overview(
+    session: Session, account_id: uuid.UUID, days: int = 30, now: datetime | None = None
+) -> Overview:
+    """The last ``days`` UTC days of an account's jobs, by the day each job was created: one
+    grouped query over the (account_id, created_at) index. Spend is what the jobs were
+    charged (their captures in the ledger)."""
+    today = (now or datetime.now(UTC)).astimezone(UTC).date()
+    first = today - timedelta(days=days - 1)
+    since = datetime(first.year, first.month, first.day, tzinfo=UTC)
+    if session.get_bind().dialect.name == "postgresql":
+        day: Any = func.date(func.timezone("UTC", Job.created_at))
+    else:  # SQLite (make run's embedded default) stores UTC without a zone
+        day = func.date(Job.created_at)
+    rows = session.execute(
+        select(
+            day,
+            Job.status,
+            Job.model,
+            Job.provider_name,
+            func.count(),
+            func.coalesce(func.sum(Job.charge_micros), 0),
+        )
+        .where(Job.account_id == account_id, Job.created_at >= since)
+        .group_by(day, Job.status, Job.model, Job.provider_name)
+    ).all()
+    result = Overview(days=[first + timedelta(days=i) for i in range(days)])
+    spend_by_day: dict[date, int] = defaultdict(int)
+    requests_by_day: dict[date, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    by_model: dict[str, int] = defaultdict(int)
+    by_provider: dict[str, int] = defaultdict(int)
+    for raw_day, status, model, provider, count, charged in rows:
+        d = raw_day if isinstance(raw_day, date) else date.fromisoformat(str(raw_day))
+        charged = int(charged or 0) if status == states.SUCCESS else 0
+        requests_by_day[d][states.PUBLIC[status]] += int(count)
+        result.requests += int(count)
+        if charged:
+            spend_by_day[d] += charged
+            by_model[model] += charged
+            by_provider[provider or "?"] += charged
+            result.spend += charged
+    result.spend_by_day = dict(spend_by_day)
+    result.requests_by_day = {d: dict(v) for d, v in requests_by_day.items()}
+    result.spend_by_model = dict(sorted(by_model.items(), key=lambda kv: -kv[1]))
+    result.spend_by_provider = dict(sorted(by_provider.items(), key=lambda kv: -kv[1]))
+    return result
+
+
+def list_keys(session: Session, account_id: uuid.UUID) -> list[ApiKey]:
+    return list(
+        session.scalars(
+            select(ApiKey).where(ApiKey.account_id == account_id).order_by(ApiKey.created_at)
+        )
+    )
+
+
+def own_key(session: Session, account_id: uuid.UUID, prefix: str) -> ApiKey | None:
+    return session.scalar(
+        select(ApiKey).where(ApiKey.prefix == prefix, ApiKey.account_id == account_id)
+    )
+
+
+@dataclass(frozen=True)
+class Offer:
+    provider: str
+    input_price_micros_per_m: int
+    output_price_micros_per_m: int
+
+
+@dataclass(frozen=True)
+class ProviderState:
+    name: str
+    live: bool | None
+    latency_ms: int | None
+    checked_at: float | None
+    success_rate: Decimal | None
+    circuit: str
+    history: list[history.Sample]
+
+
+@dataclass
+class Market:
+    models: dict[str, list[Offer]]
+    providers: dict[str, ProviderState]
+
+
+def market(
+    session: Session,
+    client: redis.Redis,
+    breaker_config: BreakerConfig,
+    health_window_s: int,
+) -> Market:
+    """Every enabled model with its enabled providers' prices, and each provider's state as
+    GET /v1/providers shows it (probe, success rate, breaker), with its recent probe history."""
+    rows = session.execute(
+        select(
+            ModelAlias.alias,
+            Provider.name,
+            Offering.input_price_micros_per_m,
+            Offering.output_price_micros_per_m,
+        )
+        .join(Offering, Offering.alias_id == ModelAlias.id)
+        .join(Provider, Provider.id == Offering.provider_id)
+        .where(ModelAlias.enabled, Offering.enabled, Provider.enabled)
+        .order_by(ModelAlias.alias, Provider.name)
+    ).all()
+    models: dict[str, list[Offer]] = {}
+    for alias, provider, price_in, price_out in rows:
+        models.setdefault(alias, []).append(Offer(provider, price_in, price_out))
+    names = sorted({o.provider for offers in models.values() for o in offers})
+    breaker = Breaker(client, breaker_config)
+    pipe = client.pipeline(transaction=False)
+    read_rates = health.queue_success_rates(pipe, names, health_window_s)
+    rates = read_rates(pipe.execute())
+    histories = history.read(client, names)
+    providers = {}
+    for name in names:
+        probe = last_probe(client, name)
+        providers[name] = ProviderState(
+            name=name,
+            live=probe["live"] if probe else None,
+            latency_ms=probe["latency_ms"] if probe else None,
+            checked_at=probe["checked_at"] if probe else None,
+            success_rate=rates[name],
+            circuit=breaker.state(name),
+            history=histories[name],
+        )
+    return Market(models, providers)
