@@ -150,14 +150,29 @@ def ledger_page(
     return LedgerPage(rows[:limit], len(rows) > limit)
 
 
-def export_ledger(session: Session, wallet_id: uuid.UUID) -> Iterator[LedgerEntry]:
+LEDGER_COLUMNS = (
+    LedgerEntry.id,
+    LedgerEntry.created_at,
+    LedgerEntry.kind,
+    LedgerEntry.amount_micros,
+    LedgerEntry.held_delta_micros,
+    LedgerEntry.balance_after_micros,
+    LedgerEntry.held_after_micros,
+    LedgerEntry.job_id,
+    LedgerEntry.memo,
+)
+
+
+def export_ledger(session: Session, wallet_id: uuid.UUID) -> Iterator[Any]:
+    """Every entry of the wallet, newest first, as rows (no ORM objects: an export of any
+    size), streamed in batches."""
     stmt = (
-        select(LedgerEntry)
+        select(*LEDGER_COLUMNS)
         .where(LedgerEntry.wallet_id == wallet_id)
         .order_by(LedgerEntry.id.desc())
         .execution_options(yield_per=1000)
     )
-    yield from session.scalars(stmt)
+    yield from session.execute(stmt)
 
 
 def job_ledger(session: Session, wallet_id: uuid.UUID, job_id: uuid.UUID) -> list[LedgerEntry]:

@@ -4,8 +4,9 @@ numbers in a table beside it. Sizes are in viewBox units, so a chart scales to a
 
 from __future__ import annotations
 
+import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from html import escape
 
@@ -26,7 +27,7 @@ STATUS_COLOURS = {
 }
 
 _W, _H = 640, 220
-_LEFT, _RIGHT, _TOP, _BOTTOM = 56, 12, 16, 36
+_LEFT, _RIGHT, _TOP, _BOTTOM = 84, 16, 16, 36
 
 
 def _svg(title: str, desc: str, body: str, width: int = _W, height: int = _H) -> Markup:
@@ -45,17 +46,32 @@ def _text(x: float, y: float, label: str, anchor: str = "middle", cls: str = "ti
     )
 
 
-def _nice_max(value: float) -> float:
+def _nice_max(value: float, whole: bool = False) -> float:
+    """The top of an axis: 1, 2, 2.5 or 5 times a power of ten, at or above ``value``; with
+    ``whole``, an even whole number (its half is a gridline)."""
     if value <= 0:
-        return 1.0
-    magnitude = 10 ** (len(str(int(value))) - 1) if value >= 1 else 1.0
+        return 2.0 if whole else 1.0
+    if whole and value <= 10:
+        return float(max(2, math.ceil(value / 2) * 2))
+    magnitude = 10 ** math.floor(math.log10(value))
     for step in (1, 2, 2.5, 5, 10):
-        if value <= step * magnitude:
-            return step * magnitude
+        top = step * magnitude
+        if top >= value * (1 - 1e-9) and (not whole or (top >= 2 and top % 2 == 0)):
+            return top
     return 10 * magnitude
 
 
-def _y_axis(top: float, fmt: str, unit_scale: float = 1.0) -> str:
+def usd(value: float) -> str:
+    """An axis label in dollars, with no more places than it needs (up to six)."""
+    text = f"{value:.6f}".rstrip("0").rstrip(".")
+    return f"${text}"
+
+
+def whole(value: float) -> str:
+    return f"{value:.0f}"
+
+
+def _y_axis(top: float, fmt: Callable[[float], str]) -> str:
     """Gridlines at 0, 1/2 and the top of the scale, labelled."""
     out = []
     plot_h = _H - _TOP - _BOTTOM
@@ -64,7 +80,7 @@ def _y_axis(top: float, fmt: str, unit_scale: float = 1.0) -> str:
         out.append(
             f'<line x1="{_LEFT}" x2="{_W - _RIGHT}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
         )
-        out.append(_text(_LEFT - 6, y + 4, fmt.format(top * frac / unit_scale), "end"))
+        out.append(_text(_LEFT - 6, y + 4, fmt(top * frac), "end"))
     return "".join(out)
 
 
@@ -80,13 +96,13 @@ def bar_chart(
     desc: str,
     labels: Sequence[str],
     series: Sequence[Series],
-    fmt: str = "{:g}",
+    fmt: Callable[[float], str] = whole,
     label_every: int = 5,
 ) -> Markup:
     """Vertical bars, one per label, the series stacked in order."""
     n = max(1, len(labels))
     totals = [sum(s.values[i] for s in series) for i in range(len(labels))]
-    top = _nice_max(max(totals, default=0))
+    top = _nice_max(max(totals, default=0), whole=fmt is whole)
     plot_w, plot_h = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
     slot = plot_w / n
     bar_w = max(1.0, slot * 0.7)
@@ -103,7 +119,7 @@ def bar_chart(
             parts.append(
                 f'<rect x="{x:.1f}" y="{base:.1f}" width="{bar_w:.1f}" height="{h:.1f}" '
                 f'fill="{s.colour}"><title>{escape(label)}: {escape(s.name)} '
-                f"{escape(fmt.format(v))}</title></rect>"
+                f"{escape(fmt(v))}</title></rect>"
             )
         if i % label_every == 0 or i == n - 1:
             parts.append(_text(x + bar_w / 2, _H - _BOTTOM + 16, label))
@@ -122,8 +138,8 @@ def hbar_chart(title: str, desc: str, rows: Sequence[tuple[str, float, str]]) ->
     """Horizontal bars: (label, value, value's text) per row, largest first."""
     row_h = 26
     height = max(1, len(rows)) * row_h + 8
-    label_w, value_w = 150, 110
-    plot_w = _W - label_w - value_w
+    width, label_w, value_w = 480, 120, 100
+    plot_w = width - label_w - value_w
     top = max((v for _, v, _ in rows), default=0) or 1
     parts = []
     for i, (label, value, shown) in enumerate(rows):
@@ -135,8 +151,8 @@ def hbar_chart(title: str, desc: str, rows: Sequence[tuple[str, float, str]]) ->
         )
         parts.append(_text(label_w + w + 6, y + 17, shown, "start", "label"))
     if not rows:
-        parts.append(_text(_W / 2, 20, "nothing yet", "middle", "label"))
-    return _svg(title, desc, "".join(parts), _W, height)
+        parts.append(_text(width / 2, 20, "nothing yet", "middle", "label"))
+    return _svg(title, desc, "".join(parts), width, height)
 
 
 @dataclass(frozen=True)
@@ -151,7 +167,7 @@ class Point:
 
 
 def scatter_chart(
-    title: str, desc: str, points: Sequence[Point], x_unit: str, y_fmt: str
+    title: str, desc: str, points: Sequence[Point], x_unit: str, y_fmt: Callable[[float], str] = usd
 ) -> Markup:
     """Quotes on one chart: latency across, charge up. Filled: live; hollow: not live; a ring:
     the provider that served; a cross: dropped. A quote of unknown latency sits at the right
@@ -164,7 +180,8 @@ def scatter_chart(
     for frac in (0.0, 0.5, 1.0):
         x = _LEFT + plot_w * frac
         parts.append(_text(x, _H - _BOTTOM + 16, f"{x_top * frac:g} {x_unit}"))
-    parts.append(_text(_LEFT + plot_w + 24, _H - _BOTTOM + 16, "?"))
+    if len(known) < len(points):
+        parts.append(_text(_LEFT + plot_w + 24, _H - _BOTTOM + 16, "?"))
     for p in points:
         x = _LEFT + plot_w + 24 if p.x is None else _LEFT + plot_w * p.x / x_top
         y = _TOP + plot_h * (1 - p.y / y_top)

@@ -9,7 +9,6 @@ import json
 import logging
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -44,7 +43,7 @@ from app.jobs.dispatch import dispatch_quotes
 from app.jobs.notify import wait_done
 from app.jobs.render import render_job, routing_summary
 from app.jobs.submit import SubmitInference
-from app.models import Job, LedgerEntry, ModelAlias, iso_utc
+from app.models import Job, ModelAlias, iso_utc
 from app.money import display_usd, micros_to_usd
 from app.redis_client import get_redis
 from config.settings import PROFILES, get_settings
@@ -118,7 +117,9 @@ def _error_page(status: int, message: str, code: str | None = None) -> Any:
 
 @blp.app_template_filter("usd")
 def _usd(micros: int | None) -> str:
-    return "—" if micros is None else display_usd(micros)
+    if micros is None:
+        return "—"
+    return f"-{display_usd(-micros)}" if micros < 0 else display_usd(micros)
 
 
 @blp.app_template_filter("when")
@@ -206,7 +207,7 @@ def overview() -> Any:
                 [data.spend_by_day.get(d, 0) / 1_000_000 for d in data.days],
             )
         ],
-        fmt="${:.4f}",
+        fmt=charts.usd,
     )
     statuses = ["success", "failed", "cancelled", "running", "queued"]
     requests_chart = charts.bar_chart(
@@ -221,7 +222,6 @@ def overview() -> Any:
             )
             for s in statuses
         ],
-        fmt="{:.0f}",
     )
     by_model = charts.hbar_chart(
         "Spend by model, last 30 days",
@@ -400,7 +400,6 @@ def route_pictures(job: Job) -> dict[str, Any]:
         "; ".join(f"{p.label}: {p.note}" for p in points) or "no quotes",
         points,
         "ms",
-        "${:.6f}",
     )
     spans = [
         charts.Span(
@@ -461,7 +460,7 @@ def _ledger_cursor() -> int | None:
     return int(raw)
 
 
-def _entry_row(e: LedgerEntry) -> list[Any]:
+def _entry_row(e: Any) -> list[Any]:
     return [
         e.id,
         iso_utc(e.created_at),
@@ -498,8 +497,15 @@ def wallet_csv() -> Any:
         "job_id",
         "memo",
     ]
-    rows = (_entry_row(e) for e in reports.export_ledger(db(), who.wallet_id))
-    return _csv(header, rows, "flopex-ledger.csv")
+
+    def rows() -> Iterator[list[Any]]:
+        # The query runs while the response streams, inside its context (stream_with_context),
+        # whose teardown closes the session: opened in the view, its connection would outlive
+        # the request.
+        for e in reports.export_ledger(db(), who.wallet_id):
+            yield _entry_row(e)
+
+    return _csv(header, rows(), "flopex-ledger.csv")
 
 
 # --- market ---------------------------------------------------------------------------------
@@ -537,8 +543,9 @@ _FIELDS = (
 
 
 def _playground_body(form: dict[str, str]) -> dict[str, Any]:
-    """The form as the API's JSON body: empty fields are left out; numbers and the metadata
-    object are parsed here, everything else is the API's own validation (ValidationError)."""
+    """The form as the API's JSON body: empty fields are left out; whole numbers and the
+    metadata object are parsed here (max_price_usd goes as a string, which the API accepts
+    too); everything else is the API's own validation (ValidationError)."""
     body: dict[str, Any] = {}
     problems: dict[str, list[str]] = {}
     for name in _FIELDS:
@@ -552,11 +559,6 @@ def _playground_body(form: dict[str, str]) -> dict[str, Any]:
                 body[name] = int(raw)
             except ValueError:
                 problems[name] = ["Not a whole number."]
-        elif name == "max_price_usd":
-            try:
-                body[name] = Decimal(raw)
-            except InvalidOperation:
-                problems[name] = ["Not a number."]
         elif name == "metadata":
             try:
                 body[name] = json.loads(raw)

@@ -201,3 +201,42 @@ def test_sign_in_never_redirects_off_site(flask_app: Any, make_account: Any) -> 
         data={"api_key": account.api_key, "csrf_token": token, "next": "https://evil.example/x"},
     )
     assert answer.headers["Location"] == "/console/"
+
+
+def test_the_csv_exports_hold_only_the_accounts_own_rows(
+    flask_app: Any, make_account: Any, console: tuple[Any, Account]
+) -> None:
+    import csv
+    import io
+    from datetime import UTC, datetime
+
+    from app.db import session_scope
+    from tests.test_reports import add_job
+
+    client, me = console
+    other = make_account()
+    with session_scope() as session:
+        mine = add_job(
+            session,
+            me,
+            datetime.now(UTC),
+            "success",
+            charge_micros=1234,
+            provider_name="alpha",
+            customer_ref="csv",
+        )
+        add_job(session, other, datetime.now(UTC), "success", charge_micros=1, customer_ref="csv")
+        mine_id = str(mine.id)
+    answer = client.get("/console/activity.csv?customer_ref=csv")
+    assert answer.mimetype == "text/csv"
+    assert "attachment" in answer.headers["Content-Disposition"]
+    rows = list(csv.DictReader(io.StringIO(answer.get_data(as_text=True))))
+    assert [(r["id"], r["cost_usd"], r["provider"], r["status"]) for r in rows] == [
+        (mine_id, "0.001234", "alpha", "success")
+    ]
+    ledger = list(
+        csv.DictReader(io.StringIO(client.get("/console/wallet.csv").get_data(as_text=True)))
+    )
+    assert [(r["kind"], r["amount_usd"], r["balance_after_usd"]) for r in ledger] == [
+        ("topup", "5.000000", "5.000000")
+    ]

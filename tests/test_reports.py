@@ -1,0 +1,107 @@
+"""The console's domain queries (app/reports.py) on real PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session
+
+from app import reports
+from app.exceptions import FlopexError
+from app.models import Job
+
+NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+
+
+def add_job(session: Session, account: Any, created: datetime, status: str, **fields: Any) -> Job:
+    job = Job(
+        account_id=account.account_id,
+        wallet_id=account.wallet_id,
+        status=status,
+        model=fields.pop("model", "llama-3.1-8b"),
+        request={"input": "x"},
+        performance_profile="balanced",
+        routing_strategy="lowest_cost",
+        max_output_tokens=5,
+        markup="0.15",
+        estimated_input_tokens=1,
+        expected_quotes=0,
+        created_at=created,
+        **fields,
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def test_overview_groups_the_last_30_utc_days(db_session: Session, make_account: Any) -> None:
+    me, other = make_account(), make_account()
+    add_job(db_session, me, NOW, "success", charge_micros=100, provider_name="alpha")
+    add_job(
+        db_session,
+        me,
+        NOW - timedelta(hours=1),
+        "success",
+        charge_micros=50,
+        provider_name="bravo",
+        model="qwen-7b",
+    )
+    add_job(db_session, me, NOW - timedelta(days=1), "failed", charge_micros=None)
+    add_job(db_session, me, NOW - timedelta(days=1), "executing")
+    # A failed job never charges, whatever the column says; older than 30 days and another
+    # account's jobs are not counted.
+    add_job(db_session, me, NOW - timedelta(days=2), "failed", charge_micros=999)
+    add_job(db_session, me, NOW - timedelta(days=30), "success", charge_micros=7)
+    add_job(db_session, other, NOW, "success", charge_micros=1000, provider_name="alpha")
+
+    data = reports.overview(db_session, me.account_id, now=NOW)
+    today, yesterday = NOW.date(), NOW.date() - timedelta(days=1)
+    assert data.days[0] == today - timedelta(days=29) and data.days[-1] == today
+    assert data.spend == 150 and data.spend_by_day == {today: 150}
+    assert data.requests == 5
+    assert data.requests_by_day[today] == {"success": 2}
+    assert data.requests_by_day[yesterday] == {"failed": 1, "running": 1}
+    assert data.spend_by_model == {"llama-3.1-8b": 100, "qwen-7b": 50}
+    assert list(data.spend_by_provider) == ["alpha", "bravo"]
+
+
+def test_job_list_filters_and_cursor(db_session: Session, make_account: Any) -> None:
+    me, other = make_account(), make_account()
+    jobs = [
+        add_job(db_session, me, NOW - timedelta(minutes=i), "success", model=m, customer_ref=r)
+        for i, (m, r) in enumerate(
+            [("llama-3.1-8b", "a"), ("qwen-7b", "a"), ("qwen-7b", "b"), ("llama-3.1-8b", "b")]
+        )
+    ]
+    theirs = add_job(db_session, other, NOW, "success")
+    everything = reports.list_jobs(db_session, me.account_id, reports.JobFilters(), 3)
+    assert [j.id for j in everything.jobs] == [j.id for j in jobs[:3]]
+    assert everything.has_more and everything.next_cursor == str(jobs[2].id)
+    rest = reports.list_jobs(
+        db_session, me.account_id, reports.JobFilters(), 3, everything.next_cursor
+    )
+    assert [j.id for j in rest.jobs] == [jobs[3].id] and not rest.has_more
+    qwen_b = reports.list_jobs(
+        db_session, me.account_id, reports.JobFilters(model="qwen-7b", customer_ref="b"), 10
+    )
+    assert [j.id for j in qwen_b.jobs] == [jobs[2].id]
+    window = reports.JobFilters(
+        created_after=NOW - timedelta(minutes=2, seconds=30), created_before=NOW
+    )
+    assert [j.id for j in reports.list_jobs(db_session, me.account_id, window, 10).jobs] == [
+        jobs[1].id,
+        jobs[2].id,
+    ]
+    with pytest.raises(FlopexError) as refused:
+        reports.list_jobs(db_session, me.account_id, reports.JobFilters(), 3, str(theirs.id))
+    assert refused.value.code == "job_not_found"
+    exported = list(
+        reports.export_jobs(db_session, me.account_id, reports.JobFilters(status="success"))
+    )
+    assert [r.id for r in exported] == [j.id for j in jobs]
+    assert reports.own_job(db_session, me.account_id, str(theirs.id)) is None
+    assert reports.own_job(db_session, me.account_id, "not-a-uuid") is None
+    assert reports.own_job(db_session, me.account_id, str(uuid.uuid4())) is None
