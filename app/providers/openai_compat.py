@@ -18,7 +18,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import requests
 import urllib3
@@ -100,8 +100,12 @@ def _send(
     the whole body read."""
     prepared = _prepared(url)
     session = http_session()
-    pool = session.get_adapter(prepared.url or "").get_connection_with_tls_context(
-        prepared, verify=session.verify
+    # http_session() mounts an HTTPAdapter for every scheme it serves.
+    adapter = cast(HTTPAdapter, session.get_adapter(prepared.url or ""))
+    # An HTTP(S) connection pool (types-requests says only ConnectionPool).
+    pool = cast(
+        urllib3.HTTPConnectionPool,
+        adapter.get_connection_with_tls_context(prepared, verify=session.verify),
     )
     return pool.urlopen(
         method,
