@@ -1,7 +1,7 @@
-"""What the console reads: an account's jobs, ledger, spend and keys, and the market. Plain
-domain queries (a session in, rows out), each scoped to one account by the caller's principal;
-the job list and ledger page apply the API's own filters and cursors (app/api/inference.py,
-app/api/wallet.py)."""
+"""What the console reads beyond the API's own queries (app/jobs/queries.py,
+app/ledger_queries.py): exports, a job's ledger entries, the overview's aggregates, the keys and
+the market. Plain domain queries (a session in, rows out), each scoped to one account by the
+caller's principal."""
 
 from __future__ import annotations
 
@@ -14,88 +14,15 @@ from decimal import Decimal
 from typing import Any
 
 import redis
-from sqlalchemy import Select, func, select, tuple_
-from sqlalchemy.orm import Session, defer
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
-from app.exceptions import FlopexError
 from app.jobs import states
+from app.jobs.queries import JobFilter, filter_jobs
 from app.models import ApiKey, Job, LedgerEntry, ModelAlias, Offering, Provider
 from app.providers import health, history
 from app.providers.breaker import Breaker, BreakerConfig
 from app.providers.probe import last_probe
-
-
-@dataclass(frozen=True)
-class JobFilters:
-    """The job list's filters, as GET /v1/inference takes them (``status`` is a public one)."""
-
-    status: str | None = None
-    model: str | None = None
-    customer_ref: str | None = None
-    created_after: datetime | None = None
-    created_before: datetime | None = None
-
-
-def _filtered(stmt: Select[Any], account_id: uuid.UUID, filters: JobFilters) -> Select[Any]:
-    stmt = stmt.where(Job.account_id == account_id)
-    if filters.status is not None:
-        stmt = stmt.where(Job.status.in_(states.INTERNAL[filters.status]))
-    if filters.model is not None:
-        stmt = stmt.where(Job.model == filters.model)
-    if filters.customer_ref is not None:
-        stmt = stmt.where(Job.customer_ref == filters.customer_ref)
-    if filters.created_after is not None:
-        stmt = stmt.where(Job.created_at > filters.created_after)
-    if filters.created_before is not None:
-        stmt = stmt.where(Job.created_at < filters.created_before)
-    return stmt
-
-
-def own_job(session: Session, account_id: uuid.UUID, job_id: str) -> Job | None:
-    """The account's job; another account's is the same None as one that does not exist."""
-    try:
-        parsed = uuid.UUID(job_id)
-    except ValueError:
-        return None
-    return session.scalar(select(Job).where(Job.id == parsed, Job.account_id == account_id))
-
-
-@dataclass
-class JobPage:
-    jobs: list[Job]
-    has_more: bool
-
-    @property
-    def next_cursor(self) -> str | None:
-        return str(self.jobs[-1].id) if self.has_more and self.jobs else None
-
-
-def list_jobs(
-    session: Session,
-    account_id: uuid.UUID,
-    filters: JobFilters,
-    limit: int,
-    starting_after: str | None = None,
-) -> JobPage:
-    """Newest first, ``limit`` per page, the page after the job ``starting_after``."""
-    stmt = _filtered(select(Job), account_id, filters).options(
-        # A row of the list shows none of these; the request and output can be large.
-        defer(Job.request),
-        defer(Job.output_text),
-        defer(Job.metadata_),
-        defer(Job.quotes),
-        defer(Job.routing),
-    )
-    if starting_after is not None:
-        cursor = own_job(session, account_id, starting_after)
-        if cursor is None:
-            raise FlopexError("job_not_found", f"No job {starting_after}.", "starting_after")
-        stmt = stmt.where(tuple_(Job.created_at, Job.id) < tuple_(cursor.created_at, cursor.id))
-    rows = list(
-        session.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))
-    )
-    return JobPage(rows[:limit], len(rows) > limit)
-
 
 EXPORT_COLUMNS = (
     Job.id,
@@ -114,40 +41,13 @@ EXPORT_COLUMNS = (
 )
 
 
-def export_jobs(session: Session, account_id: uuid.UUID, filters: JobFilters) -> Iterator[Any]:
-    """Every matching job, newest first, streamed in batches (an export of any size)."""
-    stmt = _filtered(select(*EXPORT_COLUMNS), account_id, filters).order_by(
+def export_jobs(session: Session, account_id: uuid.UUID, where: JobFilter) -> Iterator[Any]:
+    """Every job the list's filters match (not its cursor), newest first, as rows (no ORM
+    objects: an export of any size), streamed in batches."""
+    stmt = filter_jobs(select(*EXPORT_COLUMNS), account_id, where).order_by(
         Job.created_at.desc(), Job.id.desc()
     )
     yield from session.execute(stmt.execution_options(yield_per=1000))
-
-
-@dataclass
-class LedgerPage:
-    entries: list[LedgerEntry]
-    has_more: bool
-
-    @property
-    def next_cursor(self) -> str | None:
-        return str(self.entries[-1].id) if self.has_more and self.entries else None
-
-
-def ledger_page(
-    session: Session, wallet_id: uuid.UUID, limit: int, starting_after: int | None = None
-) -> LedgerPage:
-    """Newest first; the cursor must be one of the wallet's own entries (as the API's)."""
-    stmt = select(LedgerEntry).where(LedgerEntry.wallet_id == wallet_id)
-    if starting_after is not None:
-        own = session.scalar(
-            select(LedgerEntry.id).where(
-                LedgerEntry.id == starting_after, LedgerEntry.wallet_id == wallet_id
-            )
-        )
-        if own is None:
-            raise FlopexError("not_found", f"No ledger entry {starting_after}.", "starting_after")
-        stmt = stmt.where(LedgerEntry.id < starting_after)
-    rows = list(session.scalars(stmt.order_by(LedgerEntry.id.desc()).limit(limit + 1)))
-    return LedgerPage(rows[:limit], len(rows) > limit)
 
 
 LEDGER_COLUMNS = (

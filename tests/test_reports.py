@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from app import reports
 from app.exceptions import FlopexError
+from app.jobs.queries import JobFilter, list_jobs, own_job
 from app.models import Job
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
@@ -68,7 +69,9 @@ def test_overview_groups_the_last_30_utc_days(db_session: Session, make_account:
     assert list(data.spend_by_provider) == ["alpha", "bravo"]
 
 
-def test_job_list_filters_and_cursor(db_session: Session, make_account: Any) -> None:
+def test_job_list_filters_model_too_and_the_export_matches(
+    db_session: Session, make_account: Any
+) -> None:
     me, other = make_account(), make_account()
     jobs = [
         add_job(db_session, me, NOW - timedelta(minutes=i), "success", model=m, customer_ref=r)
@@ -77,31 +80,25 @@ def test_job_list_filters_and_cursor(db_session: Session, make_account: Any) -> 
         )
     ]
     theirs = add_job(db_session, other, NOW, "success")
-    everything = reports.list_jobs(db_session, me.account_id, reports.JobFilters(), 3)
+    everything = list_jobs(db_session, me.account_id, JobFilter(), 3)
     assert [j.id for j in everything.jobs] == [j.id for j in jobs[:3]]
     assert everything.has_more and everything.next_cursor == str(jobs[2].id)
-    rest = reports.list_jobs(
-        db_session, me.account_id, reports.JobFilters(), 3, everything.next_cursor
+    rest = list_jobs(
+        db_session, me.account_id, JobFilter(starting_after=uuid.UUID(everything.next_cursor)), 3
     )
     assert [j.id for j in rest.jobs] == [jobs[3].id] and not rest.has_more
-    qwen_b = reports.list_jobs(
-        db_session, me.account_id, reports.JobFilters(model="qwen-7b", customer_ref="b"), 10
-    )
+    qwen_b = list_jobs(db_session, me.account_id, JobFilter(model="qwen-7b", customer_ref="b"), 10)
     assert [j.id for j in qwen_b.jobs] == [jobs[2].id]
-    window = reports.JobFilters(
-        created_after=NOW - timedelta(minutes=2, seconds=30), created_before=NOW
-    )
-    assert [j.id for j in reports.list_jobs(db_session, me.account_id, window, 10).jobs] == [
+    window = JobFilter(created_after=NOW - timedelta(minutes=2, seconds=30), created_before=NOW)
+    assert [j.id for j in list_jobs(db_session, me.account_id, window, 10).jobs] == [
         jobs[1].id,
         jobs[2].id,
     ]
     with pytest.raises(FlopexError) as refused:
-        reports.list_jobs(db_session, me.account_id, reports.JobFilters(), 3, str(theirs.id))
+        list_jobs(db_session, me.account_id, JobFilter(starting_after=theirs.id), 3)
     assert refused.value.code == "job_not_found"
-    exported = list(
-        reports.export_jobs(db_session, me.account_id, reports.JobFilters(status="success"))
-    )
+    exported = list(reports.export_jobs(db_session, me.account_id, JobFilter(status="success")))
     assert [r.id for r in exported] == [j.id for j in jobs]
-    assert reports.own_job(db_session, me.account_id, str(theirs.id)) is None
-    assert reports.own_job(db_session, me.account_id, "not-a-uuid") is None
-    assert reports.own_job(db_session, me.account_id, str(uuid.uuid4())) is None
+    for unknown in (str(theirs.id), "not-a-uuid", str(uuid.uuid4())):
+        with pytest.raises(FlopexError):
+            own_job(db_session, me.account_id, unknown)

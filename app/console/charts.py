@@ -53,7 +53,7 @@ def _nice_max(value: float, whole: bool = False) -> float:
         return 2.0 if whole else 1.0
     if whole and value <= 10:
         return float(max(2, math.ceil(value / 2) * 2))
-    magnitude = 10 ** math.floor(math.log10(value))
+    magnitude = 10.0 ** math.floor(math.log10(value))
     for step in (1, 2, 2.5, 5, 10):
         top = step * magnitude
         if top >= value * (1 - 1e-9) and (not whole or (top >= 2 and top % 2 == 0)):
@@ -109,7 +109,7 @@ def bar_chart(
     parts = [_y_axis(top, fmt)]
     for i, label in enumerate(labels):
         x = _LEFT + i * slot + (slot - bar_w) / 2
-        base = _TOP + plot_h
+        base = float(_TOP + plot_h)
         for s in series:
             v = s.values[i]
             if v <= 0:

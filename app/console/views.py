@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import logging
+import uuid
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -31,18 +32,17 @@ from werkzeug.exceptions import HTTPException, NotFound
 from app import accounts, reports, wallet
 from app.accounts import Principal
 from app.api.auth import RateLimited, enforce_rate_limit
-from app.api.inference import _to_request
+from app.api.inference import ENDPOINT, NativeRenderer, _to_request
 from app.api.schemas import InferenceRequestSchema
 from app.api.session import db
-from app.broker import PUBLISH_ERRORS
 from app.console import auth, charts, csrf
 from app.exceptions import FlopexError
 from app.jobs import states
 from app.jobs.cancel import announce_cancelled, cancel
-from app.jobs.dispatch import dispatch_quotes
-from app.jobs.notify import wait_done
+from app.jobs.command import Answer, RunInference, validate_idempotency_key
+from app.jobs.queries import JobFilter, list_jobs, own_job
 from app.jobs.render import render_job, routing_summary
-from app.jobs.submit import SubmitInference
+from app.ledger_queries import ledger_page
 from app.models import Job, ModelAlias, iso_utc
 from app.money import display_usd, micros_to_usd
 from app.redis_client import get_redis
@@ -262,12 +262,21 @@ def _moment(name: str) -> datetime | None:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-def _filters() -> reports.JobFilters:
+def _filters(cursor: bool = False) -> JobFilter:
+    """The API's job-list filters from the query string (and its cursor, for a page)."""
     status = request.args.get("status") or None
     if status is not None and status not in states.INTERNAL:
         raise FlopexError("invalid_request", f"status: unknown status {status!r}.", "status")
-    return reports.JobFilters(
+    starting_after = None
+    raw = request.args.get("starting_after", "").strip()
+    if cursor and raw:
+        try:
+            starting_after = uuid.UUID(raw)
+        except ValueError:
+            raise FlopexError("job_not_found", f"No job {raw}.", "starting_after") from None
+    return JobFilter(
         status=status,
+        starting_after=starting_after,
         model=request.args.get("model", "").strip() or None,
         customer_ref=request.args.get("customer_ref", "").strip() or None,
         created_after=_moment("created_after"),
@@ -284,10 +293,8 @@ def _model_names() -> list[str]:
 @blp.route("/activity")
 def activity() -> Any:
     who = principal()
-    filters = _filters()
-    page = reports.list_jobs(
-        db(), who.account_id, filters, PAGE_SIZE, request.args.get("starting_after") or None
-    )
+    filters = _filters(cursor=True)
+    page = list_jobs(db(), who.account_id, filters, PAGE_SIZE)
     query = {k: v for k, v in request.args.items() if k != "starting_after" and v}
     return render_template(
         "console/activity.html",
@@ -363,10 +370,8 @@ def activity_csv() -> Any:
 
 
 def _own_job(job_id: str) -> Job:
-    job = reports.own_job(db(), principal().account_id, job_id)
-    if job is None:
-        raise NotFound(f"No job {job_id}.")
-    return job
+    # Another account's job is the same 404 as one that does not exist (the API's own lookup).
+    return own_job(db(), principal().account_id, job_id)
 
 
 def route_pictures(job: Job) -> dict[str, Any]:
@@ -479,7 +484,7 @@ def wallet_page() -> Any:
     who = principal()
     session = db()
     state = wallet.get_state(session, who.wallet_id)
-    page = reports.ledger_page(session, who.wallet_id, PAGE_SIZE, _ledger_cursor())
+    page = ledger_page(session, who.wallet_id, PAGE_SIZE, _ledger_cursor())
     return render_template("console/wallet.html", state=state, page=page)
 
 
@@ -542,10 +547,10 @@ _FIELDS = (
 )
 
 
-def _playground_body(form: dict[str, str]) -> dict[str, Any]:
-    """The form as the API's JSON body: empty fields are left out; whole numbers and the
-    metadata object are parsed here (max_price_usd goes as a string, which the API accepts
-    too); everything else is the API's own validation (ValidationError)."""
+def _playground_body(form: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The form as the API's JSON body, and that body loaded by the API's own schema (which
+    raises ValidationError): empty fields are left out; whole numbers and the metadata object
+    are parsed here (max_price_usd goes as a string, which the API accepts too)."""
     body: dict[str, Any] = {}
     problems: dict[str, list[str]] = {}
     for name in _FIELDS:
@@ -569,12 +574,12 @@ def _playground_body(form: dict[str, str]) -> dict[str, Any]:
     if problems:
         raise ValidationError(problems)
     loaded: dict[str, Any] = InferenceRequestSchema().load(body)
-    return loaded
+    return body, loaded
 
 
 @blp.route("/playground", methods=["GET", "POST"])
 def playground() -> Any:
-    form = {k: request.form.get(k, "") for k in _FIELDS}
+    form = {k: request.form.get(k, "") for k in (*_FIELDS, "idempotency_key")}
     context: dict[str, Any] = {
         "models": _model_names(),
         "profiles": PROFILES,
@@ -588,24 +593,64 @@ def playground() -> Any:
             max_output_tokens="256",
             performance_profile="balanced",
             routing_strategy="lowest_cost",
+            # A fresh key per form: sending the same form twice (a double click, the browser's
+            # resubmit) replays the first answer instead of running and charging again.
+            idempotency_key=str(uuid.uuid4()),
         )
         return render_template("console/playground.html", **context)
     who = principal()
     try:
-        args = _playground_body(form)
+        body, args = _playground_body(form)
     except ValidationError as exc:
         context["errors"] = _messages(exc.messages)
         return render_template("console/playground.html", **context), 400
+    sent_key = form["idempotency_key"].strip() or None
     try:
         enforce_rate_limit(who)
-        found = _submit_and_wait(who, args)
+        answer = _run_inference(who, args, body, sent_key)
     except FlopexError as exc:
         context["errors"] = [(exc.param or "request", f"{exc.message} ({exc.code})")]
         return render_template("console/playground.html", **context), exc.http_status
-    context.update(job=found, body=render_job(found), final=found.status in states.FINAL)
+    session = db()
+    session.expire_all()
+    found = session.get(Job, answer.job_id) if answer.job_id is not None else None
+    if found is None:  # an answer without a job: only an error, already shown as one
+        context["errors"] = [("request", answer.body)]
+        return render_template("console/playground.html", **context), answer.status
+    context.update(
+        job=found,
+        body=render_job(found),
+        final=found.status in states.FINAL,
+        replayed=answer.replayed,
+        key_in_use=answer.key_in_use,
+        sent_key=sent_key,
+    )
     if found.status == states.SUCCESS or (found.quotes and "live" in found.quotes[0]):
         context.update(route_pictures(found))
+    # The next send is a new request: a new key (the one sent is shown with the result).
+    form["idempotency_key"] = str(uuid.uuid4())
     return render_template("console/playground.html", **context)
+
+
+def _run_inference(
+    who: Principal, args: dict[str, Any], body: dict[str, Any], key: str | None
+) -> Answer:
+    """POST /v1/inference's own command (app/jobs/command.py), synchronous: the idempotency
+    claim, the job and its hold, the dispatch and the wait for the worker's signal. A job
+    still running when the wait ends is shown as it stands."""
+    return RunInference(
+        db(),
+        who,
+        _to_request(args),
+        get_settings(),
+        endpoint=ENDPOINT,
+        renderer=NativeRenderer(),
+        celery=current_app.extensions["celery"],
+        idempotency_key=validate_idempotency_key(key),
+        body=body if key is not None else None,
+        request_id=g.get("request_id"),
+        models=current_app.extensions["flopex_models"],
+    ).run()
 
 
 def _messages(messages: Any) -> list[tuple[str, str]]:
@@ -615,34 +660,6 @@ def _messages(messages: Any) -> list[tuple[str, str]]:
             for k, v in messages.items()
         ]
     return [("request", str(messages))]
-
-
-def _submit_and_wait(who: Principal, args: dict[str, Any]) -> Job:
-    """The API's synchronous submission: the same command, the same dispatch and the same wait
-    for the worker's signal; a job still running after the wait is shown as it stands."""
-    settings = get_settings()
-    session = db()
-    accepted = SubmitInference(
-        session,
-        who,
-        _to_request(args),
-        settings,
-        request_id=g.get("request_id"),
-        models=current_app.extensions["flopex_models"],
-    ).run()
-    session.commit()
-    job_id = accepted.job.id
-    try:
-        dispatch_quotes(current_app.extensions["celery"], accepted, settings)
-    except PUBLISH_ERRORS:
-        log.exception("broker unreachable; job %s left for the sweeper", job_id)
-    else:
-        session.rollback()  # no connection held while waiting
-        wait_done(get_redis(), job_id, settings.sync_timeout_s)
-    session.expire_all()
-    found = session.get(Job, job_id)
-    assert found is not None
-    return found
 
 
 # --- keys -----------------------------------------------------------------------------------

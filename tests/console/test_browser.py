@@ -62,6 +62,8 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     driver.execute_cdp_cmd(
         "Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)}
     )
+    # Elements are looked for until they appear (a page still loading), up to 10 s.
+    driver.implicitly_wait(10)
     driver.downloads = downloads
     SHOTS.mkdir(parents=True, exist_ok=True)
     try:

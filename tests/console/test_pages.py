@@ -53,7 +53,7 @@ def test_the_session_cookie_is_httponly_samesite_and_holds_no_key(
     cookie = answer.headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/console" in cookie
     assert account.api_key not in cookie
-    secret = account.api_key.rsplit("_", 1)[1]
+    secret = account.api_key.split("_", 2)[2]  # fpx_<prefix>_<secret>
     assert secret not in cookie
 
 
@@ -240,3 +240,37 @@ def test_the_csv_exports_hold_only_the_accounts_own_rows(
     assert [(r["kind"], r["amount_usd"], r["balance_after_usd"]) for r in ledger] == [
         ("topup", "5.000000", "5.000000")
     ]
+
+
+def test_the_playground_runs_the_apis_command_and_replays_a_resent_form(
+    console: tuple[Any, Account], pipeline: Any
+) -> None:
+    from tests.conftest import ledger_kinds
+
+    client, account = console
+    page = client.get("/console/playground").get_data(as_text=True)
+    key = re.search(r'id="idempotency_key" [^>]*value="([^"]+)"', page)
+    assert key
+    form = {
+        "csrf_token": csrf_token(page),
+        "model": "llama-3.1-8b",
+        "input": "hello",
+        "max_output_tokens": "16",
+        "performance_profile": "economy",
+        "routing_strategy": "lowest_cost",
+        "metadata": '{"from": "playground"}',
+        "idempotency_key": key.group(1),
+    }
+    first = client.post("/console/playground", data=form).get_data(as_text=True)
+    assert 'id="pg-status">success' in first and "pg-replayed" not in first
+    again = client.post("/console/playground", data=form).get_data(as_text=True)
+    assert 'id="pg-status">success' in again and "pg-replayed" in again
+    assert ledger_kinds(account).count("capture") == 1  # ran and charged once
+    # The API sees the same job, and the same key replays it there too.
+    listed = client.get("/v1/inference", headers=account.headers).get_json()["data"]
+    assert len(listed) == 1 and listed[0]["metadata"] == {"from": "playground"}
+    # The API's validation, shown on the form.
+    refused = client.post("/console/playground", data={**form, "max_output_tokens": "0"})
+    assert refused.status_code == 400 and "max_output_tokens" in refused.get_data(as_text=True)
+    refused = client.post("/console/playground", data={**form, "metadata": "[1"})
+    assert refused.status_code == 400 and "Not valid JSON" in refused.get_data(as_text=True)
