@@ -22,7 +22,7 @@ STATUS_COLOURS = {
     "success": GREEN,
     "failed": RED,
     "cancelled": GREY,
-    "running": BLUE,
+    "running": "#6639ba",
     "queued": AMBER,
 }
 

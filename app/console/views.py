@@ -10,6 +10,7 @@ import logging
 import uuid
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -328,6 +329,7 @@ def _csv(header: list[str], rows: Iterable[list[Any]], filename: str) -> Respons
 @blp.route("/activity.csv")
 def activity_csv() -> Any:
     who = principal()
+    enforce_rate_limit(who)  # an export is a scan of the account's history: the API's budget
     filters = _filters()
     header = [
         "id",
@@ -491,6 +493,7 @@ def wallet_page() -> Any:
 @blp.route("/wallet.csv")
 def wallet_csv() -> Any:
     who = principal()
+    enforce_rate_limit(who)
     header = [
         "id",
         "created_at",
@@ -528,7 +531,16 @@ def market() -> Any:
         )
         for name, p in data.providers.items()
     }
-    return render_template("console/market.html", data=data, sparks=sparks)
+    return render_template("console/market.html", data=data, sparks=sparks, markup=settings.markup)
+
+
+@blp.app_template_filter("with_markup")
+def _with_markup(micros_per_m: int, markup: Decimal) -> str:
+    """A provider's price per million tokens with our margin, exactly (at least six places)."""
+    value = Decimal(micros_per_m) * (1 + markup) / 1_000_000
+    if value.as_tuple().exponent > -6:  # type: ignore[operator]
+        value = value.quantize(Decimal("0.000001"))
+    return f"${value:f}"
 
 
 # --- playground -----------------------------------------------------------------------------

@@ -138,6 +138,12 @@ def test_the_console_end_to_end(
     # Signing in: the page, a wrong key refused, the right key in.
     driver.get(f"{base}/console/sign-in")
     shot(driver, "sign-in")
+    # The keyboard's first stop is the skip link; the field is labelled.
+    from selenium.webdriver.common.keys import Keys
+
+    driver.find_element("tag name", "body").send_keys(Keys.TAB)
+    assert driver.switch_to.active_element.text == "Skip to content"
+    assert css(driver, 'label[for="api_key"]')[0].text == "API key"
     by_id(driver, "api_key").send_keys("fpx_wrong_" + "x" * 24)
     click_through(driver, css(driver, "form button[type=submit]")[-1])
     assert "invalid or revoked" in by_id(driver, "sign-in-error").text
@@ -216,6 +222,7 @@ def test_the_console_end_to_end(
     ]
     assert kinds == ["hold", "capture", "release"]
     shot(driver, "job")
+    shot(driver, "job-narrow", width=380)
 
     # A failed job's route: every attempt, in order.
     driver.get(f"{base}/console/jobs/{failed}")
@@ -257,6 +264,8 @@ def test_the_console_end_to_end(
         "charlie",
     }
     assert "no history" not in driver.page_source
+    # alpha's llama input price, 0.05 USD/M, with the 15 % margin the tests run with.
+    assert "$0.057500 / $0.092000" in driver.page_source
     shot(driver, "market")
 
     # The playground: every parameter of the API document, the answer, its cost and its route.
