@@ -244,6 +244,8 @@ class RouteAndExecute:
                     connect_timeout_s=self.settings.provider_connect_timeout_s,
                     read_timeout_s=self.settings.provider_read_timeout_s,
                     retries=self.settings.provider_retries,
+                    messages=job.messages,
+                    params=job.provider_params,
                 )
             except ProviderFailure as exc:
                 elapsed = time.perf_counter() - started
@@ -311,6 +313,7 @@ class RouteAndExecute:
             provider_model_id=quote.provider_model_id,
             output_text=result.text,
             finish_reason=result.finish_reason,
+            tool_calls=result.tool_calls,
             input_tokens=result.input_tokens,
             output_tokens=result.output_tokens,
             # The hold is the binding ceiling (max_price_usd and the wallet): a provider that
