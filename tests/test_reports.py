@@ -13,28 +13,24 @@ from app import reports
 from app.exceptions import FlopexError
 from app.jobs.queries import JobFilter, list_jobs, own_job
 from app.models import Job
+from tests.factories import make_job
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
 
 
-def add_job(session: Session, account: Any, created: datetime, status: str, **fields: Any) -> Job:
-    job = Job(
-        account_id=account.account_id,
-        wallet_id=account.wallet_id,
-        status=status,
-        model=fields.pop("model", "llama-3.1-8b"),
-        request={"input": "x"},
-        performance_profile="balanced",
-        routing_strategy="lowest_cost",
-        max_output_tokens=5,
-        markup="0.15",
-        estimated_input_tokens=1,
-        expected_quotes=0,
-        created_at=created,
-        **fields,
+def add_job(session: Session, account: Any, created: datetime, status: str, **columns: Any) -> Job:
+    job = session.get(
+        Job,
+        make_job(
+            session,
+            account.account_id,
+            account.wallet_id,
+            status=status,
+            created_at=created,
+            **columns,
+        ),
     )
-    session.add(job)
-    session.flush()
+    assert job is not None
     return job
 
 

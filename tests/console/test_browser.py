@@ -1,5 +1,5 @@
 """The console in a real browser: headless Chromium (Debian's chromium + chromium-driver, driven
-by Selenium) against the running stack (the app over real HTTP, the Celery worker, the sandbox
+by Selenium) against the running stack (the production web server, the Celery worker, the sandbox
 providers). Each page's screenshot is saved under test-artifacts/console/ for review
 (docs/console.md shows them)."""
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -18,7 +17,7 @@ import pytest
 import requests
 
 from tests.conftest import ROOT
-from tests.conftest import TestAccount as Account
+from tests.factories import TestAccount as Account
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -26,16 +25,10 @@ SHOTS = ROOT / "test-artifacts" / "console"
 
 
 @pytest.fixture(scope="module")
-def live_url(flask_app: Any, worker: Any) -> Iterator[str]:
-    """The app served over HTTP by a threaded WSGI server of its own, beside the worker."""
-    from werkzeug.serving import make_server
-
-    server = make_server("127.0.0.1", 0, flask_app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(timeout=10)
+def live_url(web_server: Any, worker: Any) -> str:
+    """The running stack: the production web server (gunicorn, config/gunicorn.conf.py) and the
+    Celery worker, on the suite's database, Redis and sandbox providers."""
+    return str(web_server.base_url)
 
 
 @pytest.fixture(scope="module")

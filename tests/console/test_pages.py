@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import TestAccount as Account
+from tests.factories import TestAccount as Account
 
 
 def csrf_token(html: str) -> str:
