@@ -28,6 +28,7 @@ from redis.client import Pipeline
 from redis.typing import EncodableT, FieldT
 
 from app.metrics import QUOTE_LATENCY
+from app.providers import history
 from app.providers.breaker import Breaker
 from app.providers.openai_compat import ProviderFailure, ping, resolve_api_key
 
@@ -179,6 +180,7 @@ def check(
         breaker=breaker.state(target.provider, measured),
     )
     write(client, entry)
+    history.record(client, entry.provider, measured, entry.live, entry.rtt_ms)
     return entry
 
 
