@@ -46,6 +46,7 @@ from app.jobs.render import render_job, routing_summary
 from app.ledger_queries import ledger_page
 from app.models import Job, ModelAlias, iso_utc
 from app.money import display_usd, micros_to_usd
+from app.providers.breaker import BreakerConfig
 from app.redis_client import get_redis
 from config.settings import PROFILES, get_settings
 
@@ -522,7 +523,9 @@ def wallet_csv() -> Any:
 @blp.route("/market")
 def market() -> Any:
     settings = get_settings()
-    data = reports.market(db(), get_redis(), settings.breaker, settings.health_window_s)
+    data = reports.market(
+        db(), get_redis(), BreakerConfig.from_settings(settings), settings.health_window_s
+    )
     sparks = {
         name: charts.sparkline(
             f"{name}: probe latency, last {len(p.history)} probes",

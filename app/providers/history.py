@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-KEEP = 360  # the last checks; how long that covers is FLOPEX_QUOTE_REFRESH_S × KEEP
+KEEP = 360  # the last checks; how long that covers is FLOPEX_QUOTE_REFRESH_S times KEEP
 _KEY = "flopex:history:{}"
 
 
