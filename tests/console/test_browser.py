@@ -123,9 +123,8 @@ def test_the_console_end_to_end(
             probe_all(
                 session,
                 redis_client,
-                Breaker(redis_client, settings.breaker),
+                Breaker.from_settings(redis_client, settings),
                 timeout_s=2,
-                health_window_s=settings.health_window_s,
             )
 
     # Signing in: the page, a wrong key refused, the right key in.
