@@ -562,3 +562,28 @@ def test_a_wait_that_runs_out_is_a_504_naming_the_running_job(sdk, pipeline, cli
     )
     assert raw.status_code == 202 and json.loads(raw.text)["object"] == "inference"
     client.get(f"/v1/inference/{raw.headers['X-Flopex-Job-Id']}?wait=30", headers=account.headers)
+
+
+def test_a_job_that_found_no_provider_is_a_503_with_retry_after(sdk, flask_app):
+    from app.models import Provider
+
+    api, account = sdk()
+    models = flask_app.extensions["flopex_models"]  # a catalog change is seen after its TTL
+    models.clear()
+    with session_scope() as session:
+        saved = {p.name: p.base_url for p in session.scalars(select(Provider))}
+        for p in session.scalars(select(Provider)):
+            p.base_url = "http://127.0.0.1:9/v1"  # nothing listens on the discard port
+    try:
+        with pytest.raises(openai.InternalServerError) as unserved:
+            api.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8)
+    finally:
+        with session_scope() as session:
+            for p in session.scalars(select(Provider)):
+                p.base_url = saved[p.name]
+        models.clear()
+    error = unserved.value
+    assert error.status_code == 503 and error.code == "no_provider_available"
+    assert int(error.response.headers["Retry-After"]) >= 1
+    assert error.response.headers["X-Flopex-Job-Id"] == error.body["job_id"]  # type: ignore[index]
+    assert [e.kind for e in _ledger(account)] == ["topup", "hold", "release"]
