@@ -544,12 +544,12 @@ def wallet_csv() -> Any:
 @blp.route("/market")
 def market() -> Any:
     settings = get_settings()
-    data = reports.market(db(), get_redis(), settings.breaker, settings.health_window_s)
+    data = reports.market(db(), get_redis(), settings)
     sparks = {
         name: charts.sparkline(
-            f"{name}: probe latency, last {len(p.history)} probes",
+            f"{name}: round trip of its checks, per minute, last hour",
             [s.latency_ms for s in p.history],
-            [s.live for s in p.history],
+            [s.all_live for s in p.history],
         )
         for name, p in data.providers.items()
     }

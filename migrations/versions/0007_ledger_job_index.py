@@ -1,7 +1,7 @@
 """ledger entries by job: the console's job page lists a job's entries
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 Create Date: 2026-12-04 15:00:00
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 from alembic import op
 
 revision: str = "0007"
-down_revision: str | None = "0005"  # re-chained onto main's head (was "0004")
+down_revision: str | None = "0006"  # re-chained onto main's head (was "0004")
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

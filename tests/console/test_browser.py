@@ -121,11 +121,7 @@ def test_the_console_end_to_end(
     for _ in range(2):
         with session_scope() as session:
             probe_all(
-                session,
-                redis_client,
-                Breaker(redis_client, settings.breaker),
-                timeout_s=2,
-                health_window_s=settings.health_window_s,
+                session, redis_client, Breaker.from_settings(redis_client, settings), timeout_s=2
             )
 
     # Signing in: the page, a wrong key refused, the right key in.
