@@ -21,8 +21,9 @@ from app.jobs import states
 from app.jobs.queries import JobFilter, filter_jobs
 from app.models import ApiKey, Job, LedgerEntry, ModelAlias, Offering, Provider
 from app.providers import health, history
-from app.providers.breaker import Breaker, BreakerConfig
+from app.providers.breaker import Breaker
 from app.providers.probe import last_probe
+from config.settings import Settings
 
 EXPORT_COLUMNS = (
     Job.id,
@@ -184,11 +185,11 @@ class Market:
 def market(
     session: Session,
     client: redis.Redis,
-    breaker_config: BreakerConfig,
-    health_window_s: int,
+    settings: Settings,
 ) -> Market:
     """Every enabled model with its enabled providers' prices, and each provider's state as
-    GET /v1/providers shows it (probe, success rate, breaker), with its recent probe history."""
+    GET /v1/providers shows it (the board's last check, success rate, breaker), with its last
+    hour of checks."""
     rows = session.execute(
         select(
             ModelAlias.alias,
@@ -205,9 +206,9 @@ def market(
     for alias, provider, price_in, price_out in rows:
         models.setdefault(alias, []).append(Offer(provider, price_in, price_out))
     names = sorted({o.provider for offers in models.values() for o in offers})
-    breaker = Breaker(client, breaker_config)
+    breaker = Breaker.from_settings(client, settings)
     pipe = client.pipeline(transaction=False)
-    read_rates = health.queue_success_rates(pipe, names, health_window_s)
+    read_rates = health.queue_success_rates(pipe, names, settings.health_window_s)
     rates = read_rates(pipe.execute())
     histories = history.read(client, names)
     providers = {}

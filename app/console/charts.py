@@ -248,7 +248,7 @@ def timeline_chart(title: str, desc: str, spans: Sequence[Span]) -> Markup:
 
 
 def sparkline(title: str, values: Sequence[int | None], live: Sequence[bool]) -> Markup:
-    """A small latency line; a red tick where the probe found the provider down."""
+    """A small latency line; a red tick where a check found the provider down."""
     width, height = 160, 36
     if not values:
         return _svg(
@@ -279,8 +279,8 @@ def sparkline(title: str, values: Sequence[int | None], live: Sequence[bool]) ->
     )
     down = sum(1 for up in live if not up)
     desc = (
-        f"{n} probes; latency {min(known)} to {max(known)} ms; down {down} times"
+        f"{n} points; latency {min(known)} to {max(known)} ms; down in {down}"
         if known
-        else f"{n} probes, none answered"
+        else f"{n} points, none answered"
     )
     return _svg(title, desc, line + "".join(marks), width, height)

@@ -9,7 +9,7 @@ import json
 import logging
 import uuid
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,7 +46,6 @@ from app.jobs.render import render_job, routing_summary
 from app.ledger_queries import ledger_page
 from app.models import Job, ModelAlias, iso_utc
 from app.money import display_usd, micros_to_usd
-from app.providers.breaker import BreakerConfig
 from app.redis_client import get_redis
 from config.settings import PROFILES, get_settings
 
@@ -111,6 +110,18 @@ def _domain_error(err: FlopexError) -> Any:
 @blp.errorhandler(HTTPException)
 def _http_error(err: HTTPException) -> Any:
     return _error_page(err.code or 500, err.description or err.name)
+
+
+@blp.errorhandler(Exception)
+def _unexpected(err: Exception) -> Any:
+    log.exception("unhandled error in the console")
+    return _error_page(500, "Something went wrong on our side; try again.")
+
+
+@blp.route("/<path:unknown>")
+def not_found(unknown: str) -> Any:
+    """Any other path under /console: the console's own 404 page, not the API's JSON."""
+    raise NotFound(f"There is no page /console/{unknown}.")
 
 
 def _error_page(status: int, message: str, code: str | None = None) -> Any:
@@ -306,7 +317,17 @@ def activity() -> Any:
         query=query,
         models=_model_names(),
         statuses=list(states.INTERNAL),
+        presets=_presets(),
     )
+
+
+def _presets() -> list[tuple[str, str]]:
+    """Quick time ranges, as the datetime-local field writes a time (UTC, to the second)."""
+    now = datetime.now(UTC).replace(microsecond=0, tzinfo=None)
+    return [
+        (label, (now - timedelta(hours=hours)).isoformat())
+        for label, hours in (("Last hour", 1), ("Last 24 hours", 24), ("Last 7 days", 168))
+    ]
 
 
 def _csv(header: list[str], rows: Iterable[list[Any]], filename: str) -> Response:
@@ -523,14 +544,12 @@ def wallet_csv() -> Any:
 @blp.route("/market")
 def market() -> Any:
     settings = get_settings()
-    data = reports.market(
-        db(), get_redis(), BreakerConfig.from_settings(settings), settings.health_window_s
-    )
+    data = reports.market(db(), get_redis(), settings)
     sparks = {
         name: charts.sparkline(
-            f"{name}: probe latency, last {len(p.history)} probes",
+            f"{name}: round trip of its checks, per minute, last hour",
             [s.latency_ms for s in p.history],
-            [s.live for s in p.history],
+            [s.all_live for s in p.history],
         )
         for name, p in data.providers.items()
     }

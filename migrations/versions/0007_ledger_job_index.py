@@ -1,7 +1,7 @@
 """ledger entries by job: the console's job page lists a job's entries
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 Create Date: 2026-12-04 15:00:00
 """
 

@@ -121,10 +121,7 @@ def test_the_console_end_to_end(
     for _ in range(2):
         with session_scope() as session:
             probe_all(
-                session,
-                redis_client,
-                Breaker.from_settings(redis_client, settings),
-                timeout_s=2,
+                session, redis_client, Breaker.from_settings(redis_client, settings), timeout_s=2
             )
 
     # Signing in: the page, a wrong key refused, the right key in.

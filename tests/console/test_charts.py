@@ -102,6 +102,6 @@ def test_timeline_lays_attempts_end_to_end() -> None:
 def test_sparkline_marks_the_probes_that_found_the_provider_down() -> None:
     svg = parse(charts.sparkline("x", [10, None, 30], [True, False, True]))
     assert len(svg.findall(f"{_NS}line")) == 1
-    assert "down 1 times" in (svg.find(f"{_NS}desc").text or "")  # type: ignore[union-attr]
+    assert "down in 1" in (svg.find(f"{_NS}desc").text or "")  # type: ignore[union-attr]
     empty = parse(charts.sparkline("x", [], []))
     assert "no history" in ET.tostring(empty, encoding="unicode")

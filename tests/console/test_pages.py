@@ -96,6 +96,8 @@ def test_every_page_renders(console: tuple[Any, Account]) -> None:
 
 def test_bad_filters_are_a_page_not_a_crash(console: tuple[Any, Account]) -> None:
     client, _ = console
+    unknown = client.get("/console/nowhere/at/all")
+    assert unknown.status_code == 404 and unknown.mimetype == "text/html"
     assert client.get("/console/activity?status=bogus").status_code == 400
     assert client.get("/console/activity?created_after=yesterday").status_code == 400
     assert client.get("/console/activity?starting_after=nope").status_code == 404
