@@ -15,6 +15,7 @@ from sqlalchemy import select, tuple_
 
 from app import idempotency
 from app.accounts import Principal
+from app.api import sse
 from app.api.auth import authenticate_and_limit, require_principal
 from app.api.parser import FlopexParser
 from app.api.prefer import Preferences, parse_prefer
@@ -32,7 +33,7 @@ from app.api.session import db
 from app.broker import PUBLISH_ERRORS
 from app.db import autocommit, make_durable
 from app.exceptions import FlopexError, InvalidRequest, error_body
-from app.jobs import states
+from app.jobs import events, states
 from app.jobs.cancel import announce_cancelled, cancel
 from app.jobs.dispatch import dispatch_quotes
 from app.jobs.notify import wait_done
@@ -115,6 +116,7 @@ def _to_request(args: dict[str, Any]) -> InferenceRequest:
         max_latency_ms=args.get("max_latency_ms"),
         metadata=args.get("metadata"),
         callback_url=args.get("callback_url"),
+        stream=args.get("stream", False),
     )
 
 
@@ -231,6 +233,11 @@ class InferenceCollection(MethodView):
             )
             if claim.state != "new":
                 session.commit()
+                replays_stream = claim.state in ("replay", "in_progress")
+                if args["stream"] and replays_stream and not prefer.respond_async:
+                    # Never a second execution: the first request's stream, from its start.
+                    assert claim.job_id is not None
+                    return _stream(claim.job_id, replayed=True)
                 response = _answer_duplicate(
                     claim,
                     settings.sync_timeout_s if prefer.wait_s is None else prefer.wait_s,
@@ -287,6 +294,8 @@ class InferenceCollection(MethodView):
             log.exception("broker unreachable; job %s left for the sweeper", job.id)
             make_durable(session)
             return _json_response(current_app.json.dumps(render_job(job)), 202, job_id=job.id)
+        if args["stream"]:
+            return _stream(job.id, stop_on_disconnect=True)
         wait_s = settings.sync_timeout_s if prefer.wait_s is None else prefer.wait_s
         return _wait_applied(_await_outcome(job.id, record_id, wait_s), prefer)
 
@@ -347,6 +356,66 @@ class InferenceItem(MethodView):
             session.expire_all()
             job = _own_job(principal, job_id)
         return _json_response(current_app.json.dumps(render_job(job)), 200)
+
+
+def _stream(job_id: uuid.UUID, *, replayed: bool = False, stop_on_disconnect: bool = False) -> Any:
+    """A synchronous `stream: true` answer: the job's events as they come (app/api/sse.py)."""
+    headers = {"X-Flopex-Job-Id": str(job_id)}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    db().rollback()  # hold no connection while streaming
+    return sse.relay(
+        job_id,
+        sse.native_frames,
+        stop_on_disconnect=stop_on_disconnect,
+        early_error=True,
+        celery=current_app.extensions["celery"],
+        headers=headers,
+    )
+
+
+_LAST_EVENT_ID_DOC = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "pattern": "^[0-9]+-[0-9]+$"},
+    "description": "The `id` of the last event received: the stream resumes after it, nothing "
+    "missing or repeated. Absent: from the first event.",
+}
+
+
+@blp.route("/inference/<job_id>/events")
+class InferenceEvents(MethodView):
+    @blp.arguments(NO_QUERY, location="query", as_kwargs=True)
+    @blp.response(
+        200,
+        description="`text/event-stream`: `routing`, `delta`..., then `completed` or `failed` "
+        "(docs/api.md, Streaming). Each event's `id` resumes the stream in Last-Event-ID.",
+        content_type="text/event-stream",
+        headers=REQUEST_ID,
+    )
+    @blp.alt_response(400, schema=ApiErrorSchema, description="invalid_request (Last-Event-ID)")
+    @blp.alt_response(404, schema=ApiErrorSchema, description="job_not_found (param job_id)")
+    @blp.doc(security=[{"bearerAuth": []}], parameters=[_LAST_EVENT_ID_DOC])
+    def get(self, job_id: str) -> Any:
+        """A job's events, from the start or after Last-Event-ID, for as long as they are kept
+        (FLOPEX_STREAM_EVENTS_TTL_S after the last one); after that, the finished job as one
+        `completed` (or `failed`) event. Reading never stops the job."""
+        principal = require_principal()
+        job = _own_job(principal, job_id)
+        after = request.headers.get("Last-Event-ID")
+        if after is not None and not events.EVENT_ID.fullmatch(after.strip()):
+            raise InvalidRequest(
+                "Last-Event-ID must be an event id (digits-digits).", "Last-Event-ID"
+            )
+        found = job.id
+        db().rollback()  # hold no connection while streaming
+        return sse.relay(
+            found,
+            sse.native_frames,
+            after=after.strip() if after else None,
+            headers={"X-Flopex-Job-Id": str(found)},
+        )
 
 
 @blp.route("/inference/<job_id>/cancel")

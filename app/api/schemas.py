@@ -26,6 +26,15 @@ class StrictInteger(fields.Integer):
         return value
 
 
+class StrictBoolean(fields.Boolean):
+    """A JSON true or false and nothing else: no 1, no "true"."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValidationError("Must be a boolean.")
+        return value
+
+
 # JSON's number grammar: what a string may hold where a number is expected.
 _JSON_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 
@@ -142,6 +151,14 @@ class InferenceRequestSchema(Schema):
         metadata={
             "description": "Flopex POSTs the finished job here, signed (Flopex-Signature; see "
             "GET /v1/webhook_secret). An extension of the API document."
+        },
+    )
+    stream = StrictBoolean(
+        load_default=False,
+        metadata={
+            "description": "Answer as Server-Sent Events (`text/event-stream`): `routing`, "
+            "`delta`, then `completed` or `failed` (docs/api.md, Streaming). With "
+            "`Prefer: respond-async`, 202 with the job; attach at GET /v1/inference/{id}/events."
         },
     )
 
