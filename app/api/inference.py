@@ -28,6 +28,7 @@ from app.api.schemas import (
     JobListQuerySchema,
     JobListSchema,
     JobObjectSchema,
+    StreamEventSchema,
 )
 from app.api.session import db
 from app.broker import PUBLISH_ERRORS
@@ -97,6 +98,20 @@ APPLIED = {
     )
 }
 CHALLENGE = {"WWW-Authenticate": _header("RFC 6750 challenge", 'Bearer realm="flopex"')}
+
+
+def document_streaming(spec: Any) -> None:
+    """`stream: true` answers the same 200 as Server-Sent Events: the submit's 200 gets the
+    `text/event-stream` form beside its JSON one (flask-smorest declares one content type per
+    status). Called once the blueprint is registered."""
+    response = spec._paths["/v1/inference"]["post"]["responses"]["200"]
+    response["content"]["text/event-stream"] = {
+        "schema": {"$ref": "#/components/schemas/StreamEvent"}
+    }
+    response["description"] = response["description"].rstrip(".") + (
+        ". With `stream: true`: Server-Sent Events (`routing`, `delta`, then `completed` or "
+        "`failed`; docs/api.md, Streaming) and the `X-Flopex-Job-Id` header."
+    )
 
 
 # Authentication and the rate limit come before validation, as with Stripe: an unauthenticated
@@ -389,8 +404,10 @@ class InferenceEvents(MethodView):
     @blp.arguments(NO_QUERY, location="query", as_kwargs=True)
     @blp.response(
         200,
+        schema=StreamEventSchema,
         description="`text/event-stream`: `routing`, `delta`..., then `completed` or `failed` "
-        "(docs/api.md, Streaming). Each event's `id` resumes the stream in Last-Event-ID.",
+        "(docs/api.md, Streaming), a keep-alive comment line every FLOPEX_STREAM_KEEPALIVE_S "
+        "without an event. Each event's `id` resumes the stream in Last-Event-ID.",
         content_type="text/event-stream",
         headers=REQUEST_ID,
     )

@@ -491,3 +491,31 @@ class ReadySchema(Schema):
 class WebhookSecretSchema(Schema):
     object = fields.String(metadata={"example": "webhook_secret"})
     secret = fields.String(metadata={"description": "HMAC-SHA256 key of Flopex-Signature"})
+
+
+class StreamEventSchema(Schema):
+    """One Server-Sent Event of a job's stream (docs/api.md, Streaming), as sent on the wire:
+    `id: <id>`, `event: <event>`, `data: <JSON>`, then a blank line."""
+
+    id = fields.String(
+        metadata={
+            "description": "Increasing `<digits>-<digits>`; send the last one received as "
+            "Last-Event-ID to resume. Absent on the single event answering a job whose events "
+            "are no longer kept.",
+            "example": "1733325000000-0",
+        }
+    )
+    event = fields.String(
+        validate=validate.OneOf(("routing", "delta", "completed", "failed")),
+        metadata={"description": "The event's name."},
+    )
+    data = fields.Dict(
+        metadata={
+            "description": "routing: `id`, `provider` (about to be asked), `winner`, `order`, "
+            "`dropped`, `reason`. delta: `text`, and `tool_calls` fragments when the provider "
+            "sent them. completed: the job as GET /v1/inference/{id} returns it, plus "
+            "`finish_reason`. failed: `error` (the one error shape, with `job_id`), `status` "
+            "(failed or cancelled) and, for a stream cut after its first token, `output_text`, "
+            "`usage`, `billing`, `provider`."
+        }
+    )
