@@ -16,7 +16,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from kombu.exceptions import BatchPublishError, OperationalError
+# celery-types' kombu stubs lack BatchPublishError and the channel's private methods.
+from kombu.exceptions import BatchPublishError, OperationalError  # type: ignore[attr-defined]
 from kombu.transport import redis as kombu_redis
 
 TRANSPORT = "app.broker:Transport"
@@ -31,20 +32,20 @@ PUBLISH_ERRORS = (OperationalError, BatchPublishError)
 class Channel(kombu_redis.Channel):
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:
-            return super()._create_client(asynchronous=True)
+            return super()._create_client(asynchronous=True)  # type: ignore[misc]
         client = self.__dict__.get("_flopex_client")
         if client is None:
             with _lock:
                 client = self.__dict__.get("_flopex_client")
                 if client is None:
-                    client = self.__dict__["_flopex_client"] = super()._create_client()
+                    client = self.__dict__["_flopex_client"] = super()._create_client()  # type: ignore[misc]
         return client
 
     def _disconnect_pools(self) -> None:
         # The cached client belongs to the pool being dropped (after a fork, or on close):
         # the next command builds one on the new pool.
         self.__dict__.pop("_flopex_client", None)
-        super()._disconnect_pools()
+        super()._disconnect_pools()  # type: ignore[misc]
 
     def close(self) -> None:
         self.__dict__.pop("_flopex_client", None)

@@ -134,16 +134,16 @@ def load_catalog(session: Session, path: Path, allow_empty: bool = False) -> Loa
 
     alias_rows: dict[str, ModelAlias] = {}
     for alias, spec in models.items():
-        row = session.scalar(select(ModelAlias).where(ModelAlias.alias == alias)) or ModelAlias(
-            alias=alias
-        )
-        row.max_output_tokens = int(spec["max_output_tokens"])
-        row.context_length = int(spec["context_length"])
-        row.enabled = bool(spec.get("enabled", True))
-        if row.max_output_tokens < 1 or row.context_length < 1:
+        alias_row = session.scalar(
+            select(ModelAlias).where(ModelAlias.alias == alias)
+        ) or ModelAlias(alias=alias)
+        alias_row.max_output_tokens = int(spec["max_output_tokens"])
+        alias_row.context_length = int(spec["context_length"])
+        alias_row.enabled = bool(spec.get("enabled", True))
+        if alias_row.max_output_tokens < 1 or alias_row.context_length < 1:
             raise ValueError(f"model {alias}: caps must be positive")
-        session.add(row)
-        alias_rows[alias] = row
+        session.add(alias_row)
+        alias_rows[alias] = alias_row
     session.execute(
         update(ModelAlias)
         .where(ModelAlias.alias.not_in(list(models) or [""]))
@@ -158,18 +158,18 @@ def load_catalog(session: Session, path: Path, allow_empty: bool = False) -> Loa
             raise ValueError(f"{where}: unknown model or provider")
         alias_id = alias_rows[spec["model"]].id
         provider_id = provider_rows[spec["provider"]].id
-        row = session.scalar(
+        offering_row = session.scalar(
             select(Offering).where(
                 Offering.alias_id == alias_id, Offering.provider_id == provider_id
             )
         ) or Offering(alias_id=alias_id, provider_id=provider_id)
-        row.provider_model_id = spec["provider_model_id"]
-        row.input_price_micros_per_m = _price(spec["input_price_usd_per_million"], where)
-        row.output_price_micros_per_m = _price(spec["output_price_usd_per_million"], where)
-        row.enabled = bool(spec.get("enabled", True))
-        session.add(row)
+        offering_row.provider_model_id = spec["provider_model_id"]
+        offering_row.input_price_micros_per_m = _price(spec["input_price_usd_per_million"], where)
+        offering_row.output_price_micros_per_m = _price(spec["output_price_usd_per_million"], where)
+        offering_row.enabled = bool(spec.get("enabled", True))
+        session.add(offering_row)
         session.flush()
-        seen.add(row.id)
+        seen.add(offering_row.id)
     session.execute(update(Offering).where(Offering.id.not_in(seen or {0})).values(enabled=False))
     session.flush()
     serving = any(

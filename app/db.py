@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from sqlalchemy import Engine, Update, create_engine, event, func, literal, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import get_settings
+
+_U = TypeVar("_U", bound=Update)
 
 _engine: Engine | None = None
 _factory: sessionmaker[Session] | None = None
@@ -201,7 +204,7 @@ def autocommit(session: Session) -> bool:
     return True
 
 
-def without_flush_wait(stmt: Update) -> Update:
+def without_flush_wait(stmt: _U) -> _U:
     """``stmt``, run as its own (autocommit) transaction, commits without waiting for its WAL
     flush: the setting is made inside the statement (``set_config(..., is_local => true)``),
     lasts until that transaction has committed, and is evaluated only for a row the WHERE

@@ -12,12 +12,13 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Context, Decimal
-from typing import Any
+from typing import Any, cast
 
 import simplejson
 from sqlalchemy import delete, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from app.models import IdempotencyKey
@@ -155,7 +156,10 @@ def record_response(
     ).one()
     if commit:
         session.commit()
-    return stored[0], stored[1]
+    stored_status, stored_body = stored
+    # Set by the UPDATE above, or by the caller that stored first.
+    assert stored_status is not None and stored_body is not None
+    return stored_status, stored_body
 
 
 def forget(session: Session, record_id: int) -> None:
@@ -164,7 +168,10 @@ def forget(session: Session, record_id: int) -> None:
 
 
 def purge_expired(session: Session, now: datetime | None = None) -> int:
-    result = session.execute(
-        delete(IdempotencyKey).where(IdempotencyKey.expires_at <= (now or datetime.now(UTC)))
+    result = cast(
+        CursorResult[Any],
+        session.execute(
+            delete(IdempotencyKey).where(IdempotencyKey.expires_at <= (now or datetime.now(UTC)))
+        ),
     )
     return result.rowcount or 0

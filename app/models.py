@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -20,6 +20,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
     Uuid,
@@ -48,7 +49,9 @@ def iso_utc(value: datetime | None) -> str | None:
 
 
 class Base(DeclarativeBase):
-    pass
+    # Every model here is mapped to one Table (never a join or a select): Core statements
+    # (wallet, job rows) take it as a table.
+    __table__: ClassVar[Table]
 
 
 class Account(Base):

@@ -11,7 +11,7 @@ import functools
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -27,6 +27,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -309,8 +310,11 @@ def _move(
         ],
     )
     if job is not None and job_columns is not None:
-        result = session.execute(
-            _finish_job_alone(job_columns), {**params, "p_balance_after": state.balance_micros}
+        result = cast(
+            CursorResult[Any],
+            session.execute(
+                _finish_job_alone(job_columns), {**params, "p_balance_after": state.balance_micros}
+            ),
         )
         if result.rowcount != 1:
             raise StaleDataError(f"job {job_id}: version {job[0]} is no longer current")
@@ -369,7 +373,7 @@ def hold(
 
 
 @functools.lru_cache(maxsize=8)
-def _hold_largest_statement(no_flush: bool, new_job_columns: tuple[str, ...] | None) -> Select:
+def _hold_largest_statement(no_flush: bool, new_job_columns: tuple[str, ...] | None) -> Select[Any]:
     """The PostgreSQL form of ``hold_largest``: one statement that picks the amount, places the
     hold, records it and inserts the new job (``p_new_<column key>``, its ``hold_micros`` the
     amount picked).

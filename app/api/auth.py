@@ -65,7 +65,7 @@ class PrincipalCache:
 
 def require_principal() -> Principal:
     """Authenticates once per request (cached on ``g``)."""
-    principal = g.get("principal")
+    principal: Principal | None = g.get("principal")
     if principal is not None:
         return principal
     header = request.headers.get("Authorization", "")

@@ -55,7 +55,7 @@ class ExactDecimal(fields.Decimal):
 
 
 def number_or_string_property(
-    self: Any, field: fields.Field, ret: dict[str, Any], **kwargs: Any
+    self: Any, field: fields.Field[Any], ret: dict[str, Any], **kwargs: Any
 ) -> dict[str, Any]:
     """An apispec attribute function (registered in app/api/__init__.py): an ExactDecimal
     accepts a JSON number or a string holding one, and the OpenAPI document says both instead

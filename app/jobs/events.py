@@ -23,7 +23,6 @@ import redis
 import simplejson
 from redis.client import Pipeline
 
-from app.json import dumps_exact
 from config.settings import Settings, get_settings
 
 ROUTING = "routing"
@@ -36,6 +35,11 @@ TERMINAL = frozenset({COMPLETED, FAILED})
 # Last-Event-ID.
 EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 _START = "0-0"
+
+
+def _dumps(data: dict[str, Any]) -> str:
+    """Compact JSON, every Decimal amount written digit for digit (as app/json.py does)."""
+    return str(simplejson.dumps(data, use_decimal=True, separators=(",", ":"), default=str))
 
 
 def _key(job_id: uuid.UUID | str) -> str:
@@ -71,7 +75,7 @@ def queue_append(
     key = _key(job_id)
     pipe.xadd(
         key,
-        {"e": name, "d": dumps_exact(data)},
+        {"e": name, "d": _dumps(data)},
         maxlen=settings.stream_max_events,
         approximate=False,
     )
@@ -115,7 +119,7 @@ def read(
 ) -> list[Event]:
     """The events after ``after`` (an event id, or ``0-0`` for all), waiting up to ``block_ms``
     for one (None: not at all); [] when none came."""
-    answer = client.xread({_key(job_id): after}, count=512, block=block_ms)
+    answer: Any = client.xread({_key(job_id): after}, count=512, block=block_ms)
     if not answer:
         return []
     _, entries = answer[0]
@@ -129,7 +133,7 @@ def exists(client: redis.Redis, job_id: uuid.UUID | str) -> bool:
 def delivered(client: redis.Redis, job_id: uuid.UUID | str) -> tuple[str, int] | None:
     """The text and the number of deltas a job's stream holds (None when it has no stream): what
     a client of a job whose worker died mid-stream has received."""
-    entries = client.xrange(_key(job_id))
+    entries: Any = client.xrange(_key(job_id))
     if not entries:
         return None
     deltas = [_decode(i, f) for i, f in entries if f.get("e") == DELTA]

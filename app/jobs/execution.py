@@ -123,7 +123,7 @@ class RouteAndExecute:
         )
         decision = self._decide(job, quotes)
         decision.dropped[:0] = [{"provider": p, "reason": "provider_disabled"} for p in withdrawn]
-        route = {
+        route: dict[str, Any] = {
             # Keep each option's endpoint with its quote: resume() needs it after a crash.
             "quotes": [
                 {

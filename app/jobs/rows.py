@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import functools
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Update, bindparam, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
@@ -100,9 +101,12 @@ def write(session: Session, job: Job, *, no_flush: bool = False, **values: Any) 
     values.setdefault("updated_at", utcnow())
     version = job.version
     column_values = columns(values)
-    result = session.execute(
-        _write_statement(tuple(sorted(column_values)), no_flush),
-        params(job.id, version, column_values),
+    result = cast(
+        CursorResult[Any],
+        session.execute(
+            _write_statement(tuple(sorted(column_values)), no_flush),
+            params(job.id, version, column_values),
+        ),
     )
     if result.rowcount != 1:
         raise StaleDataError(f"job {job.id}: version {version} is no longer current")

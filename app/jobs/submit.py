@@ -78,8 +78,11 @@ class SubmitInference:
         request_id: str | None = None,
         models: ModelCache | None = None,
         defer: bool = False,
+        job_id: uuid.UUID | None = None,
     ) -> None:
         self.models = models
+        # Chosen by the caller when it must be able to name the job after a fault.
+        self.job_id = job_id or uuid.uuid4()
         # The hold's commit may skip waiting for its WAL flush (a synchronous submit: the
         # worker makes it durable before the outcome is announced; docs/billing.md).
         self.defer = defer
@@ -189,7 +192,7 @@ class SubmitInference:
         policy = self.settings.profiles[req.performance_profile]
         now = utcnow()
         values: dict[str, Any] = {
-            "id": uuid.uuid4(),
+            "id": self.job_id,
             "account_id": self.principal.account_id,
             "api_key_id": self.principal.api_key_id,
             "wallet_id": self.principal.wallet_id,

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import requests
 import urllib3
@@ -107,8 +107,12 @@ def _send(
     the whole body read (``stream``: left unread, the connection held until it is released)."""
     prepared = _prepared(url)
     session = http_session()
-    pool = session.get_adapter(prepared.url or "").get_connection_with_tls_context(
-        prepared, verify=session.verify
+    # http_session() mounts an HTTPAdapter for every scheme it serves.
+    adapter = cast(HTTPAdapter, session.get_adapter(prepared.url or ""))
+    # An HTTP(S) connection pool (types-requests says only ConnectionPool).
+    pool = cast(
+        urllib3.HTTPConnectionPool,
+        adapter.get_connection_with_tls_context(prepared, verify=session.verify),
     )
     return pool.urlopen(
         method,
@@ -354,7 +358,7 @@ class ProviderStream:
             # Not released to the pool: the connection is closed, so the provider sees the
             # client go and stops generating (a pooled connection would keep it running).
             with contextlib.suppress(Exception):
-                response.shutdown()  # type: ignore[attr-defined]
+                response.shutdown()
             with contextlib.suppress(Exception):
                 response.close()
             with contextlib.suppress(Exception):
@@ -409,7 +413,7 @@ class ProviderStream:
         data: list[str] = []
         while True:
             try:
-                block = response.read1(_READ_SIZE)  # type: ignore[attr-defined]
+                block = response.read1(_READ_SIZE)
             except urllib3.exceptions.ReadTimeoutError as exc:
                 raise ProviderFailure("timeout", "the provider stalled mid-stream") from exc
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:

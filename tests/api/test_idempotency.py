@@ -231,6 +231,7 @@ def test_retries_of_a_key_whose_job_runs_or_finished_never_wait_for_nothing(
     client, pipeline, make_account, redis_client, monkeypatch
 ):
     from app.api import inference
+    from app.jobs import command
 
     waits: list[str] = []
     real_wait = inference.wait_done
@@ -240,6 +241,7 @@ def test_retries_of_a_key_whose_job_runs_or_finished_never_wait_for_nothing(
         return real_wait(client_, job_id, timeout_s)
 
     monkeypatch.setattr(inference, "wait_done", spy)
+    monkeypatch.setattr(command, "wait_done", spy)
     account = make_account()
     for provider in pipeline.values():
         provider.configure(latency_ms=1500)  # the job is still running during the retries
