@@ -111,6 +111,14 @@ def _read_sse(
     return Timing(True, (first - sent) * 1000, [(t - first) * 1000 for t in arrivals])
 
 
+def _content(data: bytes) -> str:
+    """A provider chunk's content delta ('' for the role chunk, usage, [DONE])."""
+    if not data.startswith(b"{"):
+        return ""
+    choices = json.loads(data).get("choices") or [{}]
+    return str((choices[0].get("delta") or {}).get("content") or "")
+
+
 def _host_port(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
     return parts.hostname or "127.0.0.1", parts.port or 80
@@ -139,7 +147,7 @@ def direct_stream(base_url: str, max_tokens: int, timeout_s: float = 120) -> Tim
         return _read_sse(
             resp,
             sent,
-            lambda _e, d: d.startswith(b"{") and b'"content":"' in d and b'"content":""' not in d,
+            lambda _e, d: bool(_content(d)),
             lambda _e, d: d == b"[DONE]",
         )
     except OSError as exc:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from app.failpoints import failpoint
 from app.jobs.events import DELTA, ROUTING, EventWriter
 from app.models import Job
 from app.money import ceil_micros, customer_charge, provider_cost
@@ -101,7 +102,9 @@ def stream_completion(
                 if delta.tool_calls:
                     data["tool_calls"] = list(delta.tool_calls)
                 delivered += 1
-                if writer.append(DELTA, data):
+                stop = writer.append(DELTA, data)
+                failpoint("after_stream_delta")
+                if stop:
                     # Closing the connection is how the provider learns to stop generating.
                     stream.close()
                     raise _cut(stream, delivered, None)
