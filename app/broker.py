@@ -9,12 +9,31 @@ the asynchronous client that the worker's event loop uses for BRPOP, is the stoc
 
 Selected with Celery's ``broker_transport`` setting for ``redis://`` and ``rediss://`` brokers
 (app/celery_app.py); any other broker URL keeps its own transport.
+
+It also fixes kombu's stock transport (5.7, the same in earlier versions; celery/kombu#582 and
+#970 are the same family) killing the worker when Redis restarts. On a lost connection Celery
+collects it (``Connection.collect``: close the channels, then detach the transport,
+``transport.client = None``) and closes it again. The first close of the default channel stops
+at its pending BRPOP read (a connection error, swallowed) before it marks itself closed, so the
+second close runs the rest of it: ``restore_unacked`` asks for a client, the channel's pool is
+gone, and building a new one reads ``self.connection.client.hostname`` from the detached
+transport: ``AttributeError``, which Celery does not count as a connection error, so the worker
+stops ("Unrecoverable error"). A late acknowledgement of a task that finished meanwhile takes the
+same path. Only a channel holding unacknowledged messages restores them, which is why our
+configuration reaches it (``task_acks_late`` with a prefetch of 4: a busy worker always holds
+some) and a minimal app (acknowledging on receipt) does not. Here that client request raises
+the transport's own connection error instead: the close and the late ack are then ignored or
+logged as connection errors, and the worker reconnects. The unacknowledged messages stay in
+Redis's unacked set (restored after the visibility timeout) and their jobs are in PostgreSQL:
+the sweeper finishes any a lost message would leave (app/jobs/recovery.py).
 """
 
 from __future__ import annotations
 
 import threading
 from typing import Any
+
+import redis
 
 # celery-types' kombu stubs lack BatchPublishError and the channel's private methods.
 from kombu.exceptions import BatchPublishError, OperationalError  # type: ignore[attr-defined]
@@ -30,6 +49,14 @@ PUBLISH_ERRORS = (OperationalError, BatchPublishError)
 
 
 class Channel(kombu_redis.Channel):
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        if self.connection.client is None:
+            # The transport was detached from its connection (see the module docstring).
+            raise redis.exceptions.ConnectionError(
+                "the broker connection was closed; this channel is no longer usable"
+            )
+        return super()._connparams(asynchronous=asynchronous)
+
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:
             return super()._create_client(asynchronous=True)  # type: ignore[misc]

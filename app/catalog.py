@@ -72,7 +72,7 @@ class LoadReport:
 _KEYS = {
     "": {"providers", "models", "offerings"},
     "providers": {"name", "base_url", "api_key_env", "enabled"},
-    "models": {"alias", "max_output_tokens", "context_length", "enabled"},
+    "models": {"alias", "max_output_tokens", "context_length", "default_max_tokens", "enabled"},
     "offerings": {
         "model",
         "provider",
@@ -142,6 +142,14 @@ def load_catalog(session: Session, path: Path, allow_empty: bool = False) -> Loa
         alias_row.enabled = bool(spec.get("enabled", True))
         if alias_row.max_output_tokens < 1 or alias_row.context_length < 1:
             raise ValueError(f"model {alias}: caps must be positive")
+        default = spec.get("default_max_tokens")
+        if default is not None and (
+            isinstance(default, bool)
+            or not isinstance(default, int)
+            or not 1 <= default <= alias_row.max_output_tokens
+        ):
+            raise ValueError(f"model {alias}: default_max_tokens must be 1 to max_output_tokens")
+        alias_row.default_max_tokens = default
         session.add(alias_row)
         alias_rows[alias] = alias_row
     session.execute(
@@ -213,12 +221,22 @@ class RouteOption:
         return self.__dict__.copy()
 
 
+# max_tokens of a chat request that sends none, for a model whose catalog entry names no
+# default_max_tokens (docs/api.md): the hold covers it, so not the whole context.
+DEFAULT_MAX_TOKENS = 4096
+
+
+def default_max_tokens(configured: int | None, max_output_tokens: int) -> int:
+    return configured if configured is not None else min(DEFAULT_MAX_TOKENS, max_output_tokens)
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     alias: str
     max_output_tokens: int
     context_length: int
     options: tuple[RouteOption, ...]
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
 
 
 class ModelCache:
@@ -279,4 +297,57 @@ def find_model(session: Session, alias: str) -> ModelEntry | None:
         for _, off, prov in rows
         if off is not None and prov is not None
     )
-    return ModelEntry(model.alias, model.max_output_tokens, model.context_length, options)
+    return ModelEntry(
+        model.alias,
+        model.max_output_tokens,
+        model.context_length,
+        options,
+        default_max_tokens(model.default_max_tokens, model.max_output_tokens),
+    )
+
+
+@dataclass(frozen=True)
+class ModelListing:
+    """A model as GET /v1/models shows it: its caps and the prices of the offerings serving it
+    now (an offering counts only while its provider is enabled too)."""
+
+    alias: str
+    max_output_tokens: int
+    default_max_tokens: int
+    context_length: int
+    input_prices: tuple[int, ...]
+    output_prices: tuple[int, ...]
+
+
+def list_models(session: Session, alias: str | None = None) -> list[ModelListing]:
+    """Every enabled model (or the one ``alias``), by alias; a model whose providers are all
+    disabled is still listed, with none, like one never offered."""
+    stmt = (
+        select(ModelAlias, Offering)
+        .outerjoin(
+            Offering,
+            (Offering.alias_id == ModelAlias.id)
+            & Offering.enabled
+            & Offering.provider_id.in_(select(Provider.id).where(Provider.enabled)),
+        )
+        .where(ModelAlias.enabled)
+        .order_by(ModelAlias.alias)
+    )
+    if alias is not None:
+        stmt = stmt.where(ModelAlias.alias == alias)
+    grouped: dict[str, tuple[ModelAlias, list[Offering]]] = {}
+    for model, offering in session.execute(stmt).all():
+        offerings = grouped.setdefault(model.alias, (model, []))[1]
+        if offering is not None:
+            offerings.append(offering)
+    return [
+        ModelListing(
+            model.alias,
+            model.max_output_tokens,
+            default_max_tokens(model.default_max_tokens, model.max_output_tokens),
+            model.context_length,
+            tuple(o.input_price_micros_per_m for o in offerings),
+            tuple(o.output_price_micros_per_m for o in offerings),
+        )
+        for model, offerings in grouped.values()
+    ]

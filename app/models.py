@@ -149,6 +149,8 @@ class ModelAlias(Base):
     alias: Mapped[str] = mapped_column(String(128), unique=True)
     max_output_tokens: Mapped[int] = mapped_column(Integer)
     context_length: Mapped[int] = mapped_column(Integer)
+    # max_tokens of a chat request that sends none; NULL: min(4096, max_output_tokens).
+    default_max_tokens: Mapped[int | None] = mapped_column(Integer)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
 
 
@@ -232,6 +234,11 @@ class Job(Base):
     # (a private address); null without a callback_url.
     webhook_status: Mapped[str | None] = mapped_column(String(16))
     webhook_attempted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A chat completion's request as the provider gets it (NULL for a native job: one user
+    # message), and the tool calls it answered with.
+    messages: Mapped[list[dict[str, Any]] | None] = mapped_column(Json)
+    provider_params: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    tool_calls: Mapped[list[dict[str, Any]] | None] = mapped_column(Json)
 
     __mapper_args__ = {"version_id_col": version}
 

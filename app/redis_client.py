@@ -23,7 +23,9 @@ def get_redis() -> redis.Redis:
             socket_connect_timeout=5,
             # Blocking reads (BLPOP for sync waits and long polls) must outlive their own timeout.
             socket_timeout=max(get_settings().sync_timeout_s, get_settings().max_wait_s) + 30,
-            max_connections=256,
+            # One per open request at most (a sync wait, a stream), of up to 1000 per gevent
+            # worker (config/gunicorn.conf.py); Redis accepts 10,000 clients by default.
+            max_connections=2048,
         )
         _pid = os.getpid()
     return _client

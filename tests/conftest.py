@@ -293,6 +293,89 @@ def worker(catalog: Path, redis_client: Any, celery_app: Any) -> Iterator[Worker
         w.stop()
 
 
+@dataclass
+class WebServer:
+    """gunicorn with the production configuration (config/gunicorn.conf.py), on a free port."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+def start_web(log: Path, env: dict[str, str] | None = None) -> WebServer:
+    import socket
+
+    import requests
+
+    from scripts.dev import gunicorn_control_args
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = log.open("wb")
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "gunicorn"),
+            "-c",
+            "config/gunicorn.conf.py",
+            *gunicorn_control_args(log.parent / f"web-{port}"),
+            "app:create_app()",
+        ],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "PORT": str(port),
+            "BIND_HOST": "127.0.0.1",
+            "WEB_CONCURRENCY": "1",
+            **(env or {}),
+        },
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    server = WebServer(proc, log, port)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gunicorn exited early:\n{log.read_text()}")
+        try:
+            if requests.get(f"{server.base_url}/healthz", timeout=1).status_code == 200:
+                return server
+        except requests.RequestException:
+            time.sleep(0.1)  # readiness poll of a process we just started
+    proc.kill()
+    raise RuntimeError(f"gunicorn did not answer:\n{log.read_text()}")
+
+
+def stop_web(server: WebServer) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def web_server(database: str, redis_client: Any) -> Iterator[WebServer]:
+    """The real web server, with short slow-client bounds (2 s) so tests can cross them."""
+    (_TMP / "web").mkdir(exist_ok=True)
+    server = start_web(
+        _TMP / "web" / "gunicorn.log",
+        {"WEB_HEADER_TIMEOUT_S": "2", "WEB_BODY_TIMEOUT_S": "2"},
+    )
+    try:
+        yield server
+    finally:
+        stop_web(server)
+
+
 class ClosingClient(FlaskClient):
     """Closes each response once its body is read, as a WSGI server does after sending it:
     work the app defers to close() (an async submission's publish) runs as in production."""
@@ -336,34 +419,40 @@ def pipeline(
     reset()
 
 
-@dataclass
-class TestAccount:
-    account_id: uuid.UUID
-    wallet_id: uuid.UUID
-    api_key: str
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"}
-
-
 @pytest.fixture
 def make_account(database: str) -> Any:
-    from app import accounts, wallet
+    """A committed account with an API key and a topped-up wallet (tests/factories.py)."""
     from app.db import session_scope
-    from app.money import usd_to_micros
+    from tests.factories import TestAccount, make_customer
 
     def make(balance_usd: str = "10.00", name: str = "test") -> TestAccount:
         with session_scope() as session:
-            account = accounts.create_account(session, name)
-            _, raw = accounts.issue_key(session, account.id)
-            principal = accounts.authenticate(session, raw)
-            assert principal is not None
-            if Decimal(balance_usd) > 0:
-                wallet.top_up(session, principal.wallet_id, usd_to_micros(balance_usd), "test")
-        return TestAccount(account.id, principal.wallet_id, raw)
+            return make_customer(session, balance_usd, name)
 
     return make
+
+
+@pytest.fixture
+def no_stuck_jobs_from_other_tests(database: str) -> None:
+    """A sweeper reads the oldest stuck jobs first, a page at a time. Tests that only exercise
+    the wallet or the job row (tests/factories.py) commit jobs in a live status that nothing will
+    ever finish; to a sweep run as if minutes later they all look stuck, and enough of them push
+    the test's own job off the page (it depends on which tests ran first). They are moved out of
+    the sweep's sight, a day ahead, before a test that sweeps: no money moves."""
+    from datetime import timedelta
+
+    from sqlalchemy import func, update
+
+    from app.db import session_scope
+    from app.jobs import states
+    from app.models import Job
+
+    with session_scope() as session:
+        session.execute(
+            update(Job)
+            .where(Job.status.in_(states.LIVE), Job.updated_at <= func.now())
+            .values(updated_at=func.now() + timedelta(days=1))
+        )
 
 
 @pytest.fixture

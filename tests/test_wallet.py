@@ -19,38 +19,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
-from app import accounts, wallet
+from app import wallet
 from app.db import session_factory, session_scope
-from app.models import Job, LedgerEntry, Wallet
+from app.models import Job, LedgerEntry
 from app.wallet import WalletState
 from tests.conftest import run_together
+from tests.factories import Owner, make_held_job, make_job, make_wallet
 
 USD = 1_000_000
-
-
-def make_wallet(session: Session) -> tuple[uuid.UUID, uuid.UUID]:
-    account = accounts.create_account(session, f"wallet-test-{uuid.uuid4().hex[:6]}")
-    wallet_id = session.scalar(select(Wallet.id).where(Wallet.account_id == account.id))
-    return account.id, wallet_id
-
-
-def make_job(session: Session, account_id: uuid.UUID, wallet_id: uuid.UUID) -> uuid.UUID:
-    job = Job(
-        account_id=account_id,
-        wallet_id=wallet_id,
-        status="executing",
-        model="llama-3.1-8b",
-        request={"input": "hi"},
-        performance_profile="economy",
-        routing_strategy="lowest_cost",
-        max_output_tokens=16,
-        markup="0.15",
-        estimated_input_tokens=9,
-        expected_quotes=1,
-    )
-    session.add(job)
-    session.flush()
-    return job.id
 
 
 def entries(session: Session, wallet_id: uuid.UUID) -> list[tuple[Any, ...]]:
@@ -371,9 +347,9 @@ def _held_job(make_account: Any) -> tuple[Any, uuid.UUID, int]:
     """A committed job with a $3 hold on a $10 wallet; returns (account, job id, version)."""
     account = make_account("10.00")
     with session_scope() as session:
-        job_id = make_job(session, account.account_id, account.wallet_id)
-        wallet.hold(session, account.wallet_id, job_id, 3 * USD)
-        version = session.scalar(select(Job.version).where(Job.id == job_id))
+        job_id, version = make_held_job(
+            session, Owner(account.account_id, account.wallet_id), 3 * USD
+        )
     return account, job_id, version
 
 

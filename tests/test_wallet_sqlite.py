@@ -14,7 +14,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from app import wallet
 from app.db import build_engine
 from app.models import Base, Job, LedgerEntry, utcnow
-from tests.test_wallet import make_job, make_wallet
+from tests.factories import make_job, make_wallet
 
 
 @pytest.fixture

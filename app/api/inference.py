@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from flask import current_app, g, request
@@ -30,11 +31,11 @@ from app.api.session import db
 from app.exceptions import FlopexError, InvalidRequest
 from app.jobs import events, states
 from app.jobs.cancel import announce_cancelled, cancel
-from app.jobs.command import Answer, RunInference, validate_idempotency_key
+from app.jobs.command import Answer, Renderer, RunInference, validate_idempotency_key
 from app.jobs.notify import wait_done
 from app.jobs.queries import JobFilter, list_jobs, own_job
 from app.jobs.render import render_failure, render_job, render_success
-from app.jobs.submit import InferenceRequest
+from app.jobs.submit import InferenceRequest, exchange_controls
 from app.models import Job
 from app.redis_client import get_redis
 from config.settings import get_settings
@@ -48,7 +49,7 @@ blp = Blueprint(
 )
 blp.ARGUMENTS_PARSER = FlopexParser()
 
-_PREFER_DOC = {
+PREFER_DOC = {
     "name": "Prefer",
     "in": "header",
     "required": False,
@@ -58,7 +59,7 @@ _PREFER_DOC = {
     "while it carries on. Honoured preferences are named in Preference-Applied; unknown or "
     "unparsable ones (`wait=soon`) are ignored, never an error.",
 }
-_IDEMPOTENCY_DOC = {
+IDEMPOTENCY_DOC = {
     "name": "Idempotency-Key",
     "in": "header",
     "required": False,
@@ -68,7 +69,7 @@ _IDEMPOTENCY_DOC = {
 }
 
 
-def _header(description: str, example: str | None = None) -> dict[str, Any]:
+def header_doc(description: str, example: str | None = None) -> dict[str, Any]:
     schema: dict[str, Any] = {"type": "string"}
     if example is not None:
         schema["example"] = example
@@ -76,22 +77,24 @@ def _header(description: str, example: str | None = None) -> dict[str, Any]:
 
 
 # Response headers, declared in the OpenAPI document where they are sent.
-REQUEST_ID = {"X-Request-ID": _header("This request's id (yours when you sent one); in our logs")}
-LOCATION = {"Location": _header("The job to poll", "/v1/inference/{id}")}
-RETRY_AFTER = {"Retry-After": _header("Seconds to wait before retrying", "1")}
+REQUEST_ID = {
+    "X-Request-ID": header_doc("This request's id (yours when you sent one); in our logs")
+}
+LOCATION = {"Location": header_doc("The job to poll", "/v1/inference/{id}")}
+RETRY_AFTER = {"Retry-After": header_doc("Seconds to wait before retrying", "1")}
 REPLAYED = {
-    "Idempotent-Replayed": _header(
+    "Idempotent-Replayed": header_doc(
         "`true` when this answers an Idempotency-Key already used (docs/idempotency.md)", "true"
     )
 }
 APPLIED = {
-    "Preference-Applied": _header(
+    "Preference-Applied": header_doc(
         "The Prefer preferences honoured: `respond-async`, or `wait=N` (the seconds actually "
         "allowed, capped by FLOPEX_MAX_WAIT_S)",
         "wait=10",
     )
 }
-CHALLENGE = {"WWW-Authenticate": _header("RFC 6750 challenge", 'Bearer realm="flopex"')}
+CHALLENGE = {"WWW-Authenticate": header_doc("RFC 6750 challenge", 'Bearer realm="flopex"')}
 
 
 def document_streaming(spec: Any) -> None:
@@ -118,13 +121,7 @@ def _to_request(args: dict[str, Any]) -> InferenceRequest:
         model=args["model"],
         prompt=args.get("input") or args.get("prompt") or "",
         max_output_tokens=args["max_output_tokens"],
-        performance_profile=args["performance_profile"],
-        routing_strategy=args["routing_strategy"],
-        customer_ref=args.get("customer_ref"),
-        max_price_usd=args.get("max_price_usd"),
-        max_latency_ms=args.get("max_latency_ms"),
-        metadata=args.get("metadata"),
-        callback_url=args.get("callback_url"),
+        **exchange_controls(args),
         stream=args.get("stream", False),
     )
 
@@ -136,7 +133,7 @@ _ERROR = ApiErrorSchema()
 _JOB_LIST = JobListSchema()
 
 
-def _dumps(body: Any) -> str:
+def dumps(body: Any) -> str:
     return str(current_app.json.dumps(body))
 
 
@@ -145,16 +142,16 @@ class NativeRenderer:
 
     def final(self, job: Job) -> tuple[int, str]:
         if job.status == states.SUCCESS:
-            return 200, _dumps(_SUCCESS.dump(render_success(job)))
+            return 200, dumps(_SUCCESS.dump(render_success(job)))
         body, status = render_failure(job)
-        return status, _dumps(_ERROR.dump(body))
+        return status, dumps(_ERROR.dump(body))
 
     def job(self, job: Job) -> str:
         return job_text(job)
 
 
 def job_text(job: Job) -> str:
-    return _dumps(_JOB.dump(render_job(job)))
+    return dumps(_JOB.dump(render_job(job)))
 
 
 def _json_response(body: str, status: int) -> Any:
@@ -168,7 +165,8 @@ def answer_response(answer: Answer, prefer: Preferences) -> Any:
         response.headers["Idempotent-Replayed"] = "true"
     if answer.job_id is not None and (answer.status == 202 or answer.key_in_use):
         response.headers["Location"] = f"/v1/inference/{answer.job_id}"
-    if answer.key_in_use:
+    if answer.key_in_use or answer.status in (429, 503):
+        # A job that failed for want of a provider is worth retrying shortly, as a 429 is.
         response.headers["Retry-After"] = "1"
     if answer.respond_async:
         response.headers["Preference-Applied"] = "respond-async"
@@ -188,7 +186,7 @@ def submit(
     request_: InferenceRequest,
     *,
     endpoint: str,
-    renderer: Any,
+    renderer: Renderer,
     profile: str,
 ) -> tuple[Answer, Preferences]:
     """Runs the submit command for a front door, with what the HTTP request says about it."""
@@ -214,6 +212,60 @@ def submit(
     return answer, prefer
 
 
+def submit_responses(
+    bp: Blueprint, *, bad_request: str, extra_headers: dict[str, Any] | None = None
+) -> Callable[[Any], Any]:
+    """The answers every submit endpoint documents beside its 200 (``extra_headers``: the
+    front door's own headers on its 202 and 503)."""
+    more = extra_headers or {}
+    answers: list[tuple[int, str, dict[str, Any] | None]] = [
+        (
+            202,
+            "Accepted: the job runs on (Location to poll)",
+            {**LOCATION, **APPLIED, **REPLAYED, **REQUEST_ID, **more},
+        ),
+        (400, bad_request, None),
+        (401, "invalid_api_key", CHALLENGE),
+        (402, "insufficient_balance", None),
+        (404, "model_not_found", None),
+        (
+            409,
+            "idempotency_key_in_use (error.job_id names the running job)",
+            {**LOCATION, **RETRY_AFTER},
+        ),
+        (
+            415,
+            "unsupported_media_type: a Content-Encoding other than identity",
+            {"Accept-Encoding": header_doc("The codings accepted", "identity")},
+        ),
+        (
+            422,
+            "max_price_exceeded, max_latency_exceeded, "
+            "idempotency_key_reused_with_different_request",
+            None,
+        ),
+        (429, "rate_limited", RETRY_AFTER),
+        (502, "provider_error", None),
+        (
+            503,
+            "no_provider_available; service_unavailable, a fault of ours (error.job_id when a "
+            "job was accepted)",
+            {**RETRY_AFTER, **more},
+        ),
+        (504, "timeout", None),
+    ]
+
+    def document(view: Any) -> Any:
+        for status, description, headers in answers:
+            schema = JobObjectSchema if status == 202 else ApiErrorSchema
+            view = bp.alt_response(status, schema=schema, description=description, headers=headers)(
+                view
+            )
+        return view
+
+    return document
+
+
 @blp.route("/inference")
 class InferenceCollection(MethodView):
     # Schema instances, not classes, in every @blp.arguments: webargs instantiates a class on
@@ -221,43 +273,12 @@ class InferenceCollection(MethodView):
     @blp.arguments(InferenceRequestSchema())
     @blp.arguments(NO_QUERY, location="query", as_kwargs=True)
     @blp.response(200, InferenceResponseSchema, headers={**REQUEST_ID, **REPLAYED, **APPLIED})
-    @blp.alt_response(
-        202,
-        schema=JobObjectSchema,
-        description="Accepted: the job runs on (Location to poll)",
-        headers={**LOCATION, **APPLIED, **REPLAYED, **REQUEST_ID},
-    )
-    @blp.alt_response(
-        400,
-        schema=ApiErrorSchema,
-        description="invalid_request (a duplicate key in the body included), model cap, "
+    @submit_responses(
+        blp,
+        bad_request="invalid_request (a duplicate key in the body included), model cap, "
         "context length",
     )
-    @blp.alt_response(401, schema=ApiErrorSchema, description="invalid_api_key", headers=CHALLENGE)
-    @blp.alt_response(402, schema=ApiErrorSchema, description="insufficient_balance")
-    @blp.alt_response(404, schema=ApiErrorSchema, description="model_not_found")
-    @blp.alt_response(
-        409,
-        schema=ApiErrorSchema,
-        description="idempotency_key_in_use (error.job_id names the running job)",
-        headers={**LOCATION, **RETRY_AFTER},
-    )
-    @blp.alt_response(
-        415,
-        schema=ApiErrorSchema,
-        description="unsupported_media_type: a Content-Encoding other than identity",
-        headers={"Accept-Encoding": _header("The codings accepted", "identity")},
-    )
-    @blp.alt_response(
-        422,
-        schema=ApiErrorSchema,
-        description="max_price_exceeded, max_latency_exceeded, idempotency_key_reused_with_different_request",
-    )
-    @blp.alt_response(429, schema=ApiErrorSchema, description="rate_limited", headers=RETRY_AFTER)
-    @blp.alt_response(502, schema=ApiErrorSchema, description="provider_error")
-    @blp.alt_response(503, schema=ApiErrorSchema, description="no_provider_available")
-    @blp.alt_response(504, schema=ApiErrorSchema, description="timeout")
-    @blp.doc(security=[{"bearerAuth": []}], parameters=[_PREFER_DOC, _IDEMPOTENCY_DOC])
+    @blp.doc(security=[{"bearerAuth": []}], parameters=[PREFER_DOC, IDEMPOTENCY_DOC])
     def post(self, args: dict[str, Any]) -> Any:
         """Run one inference on the provider that wins the quotes for your profile.
 
@@ -305,7 +326,7 @@ class InferenceCollection(MethodView):
             "has_more": page.has_more,
             "next_cursor": page.next_cursor,
         }
-        return _json_response(_dumps(_JOB_LIST.dump(body)), 200)
+        return _json_response(dumps(_JOB_LIST.dump(body)), 200)
 
 
 @blp.route("/inference/<job_id>")

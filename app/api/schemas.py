@@ -179,30 +179,41 @@ class InferenceRequestSchema(Schema):
                 f"Longer than {settings.max_input_chars} characters.",
                 "input" if text_input else "prompt",
             )
-        callback = data.get("callback_url")
-        if callback is not None and not valid_url(callback):
-            raise ValidationError("Must be an http or https URL.", "callback_url")
-        private = callback is not None and names_private_host(callback)
-        if private and not settings.webhook_allow_private:
+        check_controls(data)
+
+
+def check_controls(data: dict[str, Any]) -> None:
+    """The exchange's own controls, wherever they arrive (the native body, or a chat
+    completion's extra body fields): the same rules and the same errors."""
+    settings = get_settings()
+    for name in ("model", "customer_ref", "callback_url", "metadata"):
+        problem = _text_problem(data.get(name))
+        if problem:
+            raise ValidationError(problem, name)
+    callback = data.get("callback_url")
+    if callback is not None and not valid_url(callback):
+        raise ValidationError("Must be an http or https URL.", "callback_url")
+    private = callback is not None and names_private_host(callback)
+    if private and not settings.webhook_allow_private:
+        raise ValidationError(
+            "Must be reachable from the internet: private, loopback and link-local "
+            "addresses never receive webhooks.",
+            "callback_url",
+        )
+    ref = data.get("customer_ref")
+    if ref is not None and not 1 <= len(ref) <= settings.max_customer_ref_len:
+        raise ValidationError(
+            f"Must be 1 to {settings.max_customer_ref_len} characters.", "customer_ref"
+        )
+    metadata = data.get("metadata")
+    if metadata is not None:
+        # Its size as stored: compact UTF-8, not \\u-escaped.
+        size = len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode())
+        if size > settings.max_metadata_bytes:
             raise ValidationError(
-                "Must be reachable from the internet: private, loopback and link-local "
-                "addresses never receive webhooks.",
-                "callback_url",
+                f"Serialized size {size} bytes exceeds {settings.max_metadata_bytes}.",
+                "metadata",
             )
-        ref = data.get("customer_ref")
-        if ref is not None and not 1 <= len(ref) <= settings.max_customer_ref_len:
-            raise ValidationError(
-                f"Must be 1 to {settings.max_customer_ref_len} characters.", "customer_ref"
-            )
-        metadata = data.get("metadata")
-        if metadata is not None:
-            # Its size as stored: compact UTF-8, not \\u-escaped.
-            size = len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode())
-            if size > settings.max_metadata_bytes:
-                raise ValidationError(
-                    f"Serialized size {size} bytes exceeds {settings.max_metadata_bytes}.",
-                    "metadata",
-                )
 
 
 class UsageSchema(Schema):
@@ -440,9 +451,15 @@ class ModelPricingSchema(Schema):
 
 
 class ModelSchema(Schema):
+    """A model as the OpenAI SDKs parse it (id, object, owned_by), with the exchange's fields."""
+
     id = fields.String(metadata={"example": "llama-3.1-8b"})
     object = fields.String(metadata={"example": "model"})
+    owned_by = fields.String(metadata={"example": "flopex"})
     max_output_tokens = fields.Integer()
+    default_max_tokens = fields.Integer(
+        metadata={"description": "max_tokens of a chat completion that sends none"}
+    )
     context_length = fields.Integer()
     providers = fields.Integer(metadata={"description": "providers serving it now"})
     pricing = fields.Nested(ModelPricingSchema, allow_none=True)

@@ -47,8 +47,10 @@ class ChatFrames:
     stream started is an error object in the stream, then the end (no ``[DONE]``)."""
 
     def __init__(self, job_id: uuid.UUID | str, model: str, created: int, include_usage: bool):
-        self.id = f"chatcmpl-{job_id}"
-        self.job_id = str(job_id)
+        job = uuid.UUID(str(job_id))
+        # The id the non-streaming chat.completion of the job has (app/jobs/chat.py).
+        self.id = f"chatcmpl-{job.hex}"
+        self.job_id = str(job)
         self.model = model
         self.created = created
         self.include_usage = include_usage

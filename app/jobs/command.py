@@ -193,7 +193,6 @@ class RunInference:
                 self.endpoint,
                 idempotency.fingerprint(self.endpoint, self.body),
                 self.settings.idempotency_ttl_s,
-                legacy_fp=idempotency.legacy_fingerprint(self.endpoint, self.body),
             )
             if claim.state != "new":
                 self._job_id, self._committed = claim.job_id, claim.job_id is not None

@@ -266,6 +266,8 @@ class RouteAndExecute:
                         connect_timeout_s=self.settings.provider_connect_timeout_s,
                         read_timeout_s=self.settings.provider_read_timeout_s,
                         retries=self.settings.provider_retries,
+                        messages=job.messages,
+                        params=job.provider_params,
                     )
             except StreamCut as cut:
                 attempt["latency_ms"] = int((time.perf_counter() - started) * 1000)
@@ -336,6 +338,7 @@ class RouteAndExecute:
             provider_model_id=quote.provider_model_id,
             output_text=result.text,
             finish_reason=result.finish_reason,
+            tool_calls=result.tool_calls,
             input_tokens=result.input_tokens,
             output_tokens=result.output_tokens,
             # The hold is the binding ceiling (max_price_usd and the wallet): a provider that

@@ -70,7 +70,9 @@ def payload(job: Job, quote: Quote) -> dict[str, Any]:
     request = job.request or {}
     return {
         "model": quote.provider_model_id,
-        "messages": [{"role": "user", "content": request.get("input", "")}],
+        "messages": job.messages or [{"role": "user", "content": request.get("input", "")}],
+        # A chat completion's sampling, tool and format parameters, sent unchanged.
+        **(job.provider_params or {}),
         "max_tokens": job.max_output_tokens,
     }
 
@@ -118,6 +120,7 @@ def stream_completion(
         output_tokens=stream.usage.output_tokens if stream.usage else delivered,
         finish_reason=stream.finish_reason,
         provider_response_id=stream.response_id,
+        tool_calls=stream.tool_calls or None,
     )
 
 

@@ -80,6 +80,8 @@ class Completion:
     output_tokens: int
     finish_reason: str | None
     provider_response_id: str | None
+    # The assistant's tool calls, as the provider wrote them (a chat completion with tools).
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 def _auth_headers(api_key: str | None) -> dict[str, str]:
@@ -169,6 +171,9 @@ def _parse(body: Any) -> Completion:
         raise ProviderFailure("malformed", "response has no choices")
     message = choices[0].get("message")
     text = message.get("content") if isinstance(message, dict) else None
+    tool_calls = _tool_calls(message)
+    if text is None and tool_calls:
+        text = ""  # an answer made of tool calls only
     if not isinstance(text, str):
         raise ProviderFailure("malformed", "response has no message content")
     # What PostgreSQL text cannot hold would fail the result's write after the provider was
@@ -192,7 +197,37 @@ def _parse(body: Any) -> Completion:
         # Informational, and stored in 32 characters: anything longer is cut, never an error.
         finish_reason=_UNSTORABLE.sub("\ufffd", finish)[:32] if isinstance(finish, str) else None,
         provider_response_id=response_id if isinstance(response_id, str) else None,
+        tool_calls=tool_calls,
     )
+
+
+def _tool_calls(message: Any) -> list[dict[str, Any]] | None:
+    """The message's tool calls when they have the shape a client can act on (an id, and a
+    function's name with its arguments as a string); a malformed one fails the provider."""
+    calls = message.get("tool_calls") if isinstance(message, dict) else None
+    if calls is None or calls == []:
+        return None
+    if not isinstance(calls, list):
+        raise ProviderFailure("malformed", "tool_calls is not a list")
+    kept = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if (
+            not isinstance(function, dict)
+            or not isinstance(call.get("id"), str)
+            or not isinstance(function.get("name"), str)
+            or not isinstance(function.get("arguments"), str)
+            or _UNSTORABLE.search(function["arguments"] + function["name"] + call["id"])
+        ):
+            raise ProviderFailure("malformed", "a tool call has no id, name or arguments")
+        kept.append(
+            {
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": function["name"], "arguments": function["arguments"]},
+            }
+        )
+    return kept
 
 
 def complete(
@@ -205,11 +240,16 @@ def complete(
     connect_timeout_s: float,
     read_timeout_s: float,
     retries: int,
+    messages: list[dict[str, Any]] | None = None,
+    params: dict[str, Any] | None = None,
 ) -> Completion:
+    """``messages`` and ``params`` (sampling and tool parameters, sent unchanged): a chat
+    completion's request; without them, ``prompt`` is the one user message."""
     body = json.dumps(
         {
             "model": model,
-            "messages": [{"role": "user", "content": prompt}],
+            "messages": messages or [{"role": "user", "content": prompt}],
+            **(params or {}),
             "max_tokens": max_tokens,
         }
     ).encode()

@@ -58,7 +58,7 @@ def test_chat_chunks_role_content_tool_calls_finish_usage_done():
             COMPLETED,
         ],
     )
-    assert all(c["id"] == f"chatcmpl-{JOB}" for c in got[:-1])
+    assert all(c["id"] == f"chatcmpl-{JOB.replace('-', '')}" for c in got[:-1])
     assert all(c["object"] == "chat.completion.chunk" for c in got[:-1])
     assert got[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert [c["choices"][0]["delta"] for c in got[1:4]] == [

@@ -14,12 +14,12 @@ import pytest
 from app.broker import PUBLISH_ERRORS, Channel
 from app.jobs.dispatch import send_quotes
 from app.logs import HEADER_JOB_ID
-from tests.jobs.test_quoting import _option as quoting_option
+from tests.factories import route_option
 
 
 def _option(provider: str) -> dict[str, Any]:
     # A job's stored option carries more than the quote message needs.
-    return {**quoting_option(provider), "ignored": "not sent"}
+    return {**route_option(provider), "ignored": "not sent"}
 
 
 def test_one_quote_message_per_provider_with_a_short_argsrepr(celery_app, redis_client):

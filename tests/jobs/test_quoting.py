@@ -3,29 +3,15 @@ rate in one round trip (Redis logic only: fakeredis)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import fakeredis
 import pytest
 
 from app.jobs.quoting import collect_quotes, store_quote
 from app.providers import health
 from app.routing import Quote
+from tests.factories import route_option
 
 WINDOW_S = 300
-
-
-def _option(provider: str) -> dict[str, Any]:
-    return {
-        "offering_id": 1,
-        "provider": provider,
-        "base_url": f"http://{provider}.invalid/v1",
-        "api_key_env": None,
-        "provider_model_id": "m",
-        "input_price_micros_per_m": 50_000,
-        "output_price_micros_per_m": 80_000,
-        "estimated_charge_micros": 12,
-    }
 
 
 @pytest.fixture
@@ -38,13 +24,15 @@ def test_collected_quotes_carry_each_providers_success_rate(client):
     for ok in (True, True, True, False):
         health.record_outcome(client, "alpha", ok, WINDOW_S)
     quoted = Quote(
-        **{k: v for k, v in _option("alpha").items() if k in Quote.__dataclass_fields__},
+        **{k: v for k, v in route_option("alpha").items() if k in Quote.__dataclass_fields__},
         live=True,
         estimated_latency_ms=7,
     )
     assert store_quote(client, "job-1", quoted) == 1
 
-    quotes = collect_quotes(client, "job-1", [_option("alpha"), _option("bravo")], WINDOW_S)
+    quotes = collect_quotes(
+        client, "job-1", [route_option("alpha"), route_option("bravo")], WINDOW_S
+    )
 
     alpha, bravo = quotes
     assert (alpha.provider, alpha.live, alpha.estimated_latency_ms) == ("alpha", True, 7)

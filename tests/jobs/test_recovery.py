@@ -33,6 +33,8 @@ from tests.conftest import (
 
 CRASH_REDIS_URL = TEST_REDIS_URL.rsplit("/", 1)[0] + "/14"
 
+pytestmark = pytest.mark.usefixtures("no_stuck_jobs_from_other_tests")
+
 
 @pytest.fixture
 def crash_env(pipeline, tmp_path, monkeypatch):

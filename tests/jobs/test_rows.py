@@ -9,7 +9,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from app.jobs import rows, states
 from app.models import Job
-from tests.test_wallet import make_job, make_wallet
+from tests.factories import USD, Owner, make_held_job, make_job, make_wallet
 
 
 def _job(session: Session, status: str = states.EXECUTING) -> Job:
@@ -70,10 +70,13 @@ def test_a_no_flush_write_in_autocommit_commits_by_itself_and_keeps_its_fence(ma
     from sqlalchemy import text
     from sqlalchemy.orm.attributes import set_committed_value
 
-    from app.db import autocommit, session_factory
-    from tests.test_wallet import _held_job
+    from app.db import autocommit, session_factory, session_scope
 
-    _account, job_id, version = _held_job(make_account)
+    account = make_account("10.00")
+    with session_scope() as setup:
+        job_id, version = make_held_job(
+            setup, Owner(account.account_id, account.wallet_id), 3 * USD
+        )
     session = session_factory()()
     try:
         job = session.get(Job, job_id)
