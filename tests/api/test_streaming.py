@@ -20,7 +20,6 @@ from app.db import session_scope
 from app.jobs import events
 from app.models import Job, LedgerEntry
 from app.money import customer_charge, micros_to_usd
-from sandbox import SandboxConfig
 from tests.api.streaming_client import (
     SSE,
     WebServer,
@@ -29,12 +28,6 @@ from tests.api.streaming_client import (
     start_web,
 )
 from tests.conftest import PROVIDERS
-
-# The sandbox's paced streams and mid-stream faults (ttft_ms, tokens_per_s, stream_fault).
-needs_paced_sandbox = pytest.mark.skipif(
-    "ttft_ms" not in {f.name for f in dataclasses.fields(SandboxConfig)},
-    reason="the sandbox does not pace streams yet",
-)
 
 BODY = {"model": "llama-3.1-8b", "input": "Stream me a story.", "max_output_tokens": 200}
 
@@ -120,7 +113,6 @@ def assert_billed_as(account: Any, job_id: str, billing: dict[str, Any]) -> None
 # -- the native stream -------------------------------------------------------------------------
 
 
-@needs_paced_sandbox
 def test_native_stream_sends_routing_deltas_then_the_completed_job(web, providers, make_account):
     account = make_account("10.00")
     stream = open_stream(web, "POST", "/v1/inference", account.headers, {**BODY, "stream": True})
@@ -153,7 +145,6 @@ def test_native_stream_sends_routing_deltas_then_the_completed_job(web, provider
     assert provider.streams_log()[-1]["outcome"] == "completed"
 
 
-@needs_paced_sandbox
 def test_keep_alive_comments_while_waiting(web, providers, make_account):
     account = make_account("10.00")
     for provider in providers.values():
@@ -196,7 +187,6 @@ def test_every_provider_failing_before_any_token_is_a_plain_error(web, providers
     assert ledger(account, job_id).get("capture") is None
 
 
-@needs_paced_sandbox
 @pytest.mark.parametrize("fault", ["error", "disconnect", "stall"])
 def test_a_provider_failing_mid_stream_ends_it_with_failed_billed_for_what_was_delivered(
     web, providers, make_account, fault
@@ -235,7 +225,6 @@ def test_a_provider_failing_mid_stream_ends_it_with_failed_billed_for_what_was_d
 # -- a client that goes away ---------------------------------------------------------------------
 
 
-@needs_paced_sandbox
 def test_a_client_that_disconnects_stops_the_provider_and_pays_for_what_was_generated(
     web, providers, make_account
 ):
@@ -266,7 +255,6 @@ def test_a_client_that_disconnects_stops_the_provider_and_pays_for_what_was_gene
     assert_billed_as(account, job_id, final["billing"])
 
 
-@needs_paced_sandbox
 def test_an_async_stream_keeps_running_and_resumes_with_nothing_missing_or_repeated(
     web, providers, make_account
 ):
