@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import http.client
 import json
+import os
 import shutil
 import signal
 import sys
@@ -298,7 +299,7 @@ def capacity(
     stop = threading.Event()
     base: list[tuple[int, float]] = []
     loops = [
-        threading.Thread(target=ordinary, args=(stack.base_url, api_key, stop, base))
+        threading.Thread(target=ordinary, args=(stack.base_url, api_key, stop, base), daemon=True)
         for _ in range(clients)
     ]
     for t in loops:
@@ -326,15 +327,16 @@ def capacity(
     stop = threading.Event()
     during: list[tuple[int, float]] = []
     loops = [
-        threading.Thread(target=ordinary, args=(stack.base_url, api_key, stop, during))
+        threading.Thread(target=ordinary, args=(stack.base_url, api_key, stop, during), daemon=True)
         for _ in range(clients)
     ]
     for t in loops:
         t.start()
     time.sleep(min(seconds * 0.6, max(2.0, seconds - 2)))
     memory_during = {**stack.memory(), "redis_mb": redis_memory_mb(stack)}
+    deadline = time.monotonic() + seconds * 6 + 90
     for t in threads:
-        t.join(timeout=seconds * 6 + 90)
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
     stop.set()
     for t in loops:
         t.join()
@@ -368,7 +370,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="fewer streams, shorter capacity run")
     p.add_argument("--streams", type=int, default=256, help="concurrent streams held open (256)")
     p.add_argument("--stream-seconds", type=float, default=10.0, help="length of each (10 s)")
-    p.add_argument("--capacity-tokens-per-s", type=float, default=10.0)
+    p.add_argument("--capacity-tokens-per-s", type=float, default=5.0)
     p.add_argument("--ordinary-clients", type=int, default=4)
     p.add_argument("--tokens", type=int, default=32, help="tokens per TTFT/pacing stream (32)")
     p.add_argument("--tokens-per-s", type=float, default=100.0, help="provider pace (100/s)")
@@ -409,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
             ["--web-workers", str(args.web_workers), "--redis-url", args.redis_url]
         )
         bench_run.configure_environment(run_args, db_url, tmp)
+        # PostgreSQL's connections are shared with everything else on this machine (100 in
+        # all): 4 (+4 overflow) per process is plenty, since a stream holds none.
+        os.environ["FLOPEX_DB_POOL_SIZE"] = "4"
         flush_redis(args.redis_url)
         stack.sandboxes = start_sandboxes(3, tmp, latency_ms=0)
         catalog = tmp / "catalog.toml"

@@ -36,7 +36,8 @@ Frames = Callable[[Event], Iterable[bytes]]
 
 def native_frames(event: Event) -> Iterable[bytes]:
     head = f"id: {event.id}\n" if event.id else ""
-    yield f"{head}event: {event.name}\ndata: {dumps_exact(event.data)}\n\n".encode()
+    # The stored JSON as it is: one line (compact JSON has no newline), never parsed here.
+    yield f"{head}event: {event.name}\ndata: {event.raw}\n\n".encode()
 
 
 class ChatFrames:
@@ -182,14 +183,16 @@ def relay(
     source = events.follow(
         events.relay_client(), job_id, after, settings.stream_keepalive_s, _finished(job_id)
     )
-    ready: list[Event | None] = []
+    ready: list[list[Event] | None] = []
     if early_error:
-        for item in source:
-            ready.append(item)
-            if item is None or item.name in (DELTA, COMPLETED, FAILED):
+        for batch in source:
+            ready.append(batch)
+            if batch is None or any(e.name in (DELTA, COMPLETED, FAILED) for e in batch):
                 break
-        last = ready[-1] if ready else None
-        if last is not None and last.name == FAILED and "error" in last.data:
+        seen = [e for batch in ready if batch for e in batch]
+        last = seen[-1] if seen else None
+        first_output = next((e for e in seen if e.name in (DELTA, COMPLETED, FAILED)), None)
+        if first_output is not None and first_output is last and last.name == FAILED:
             error = last.data["error"]
             response = Response(
                 dumps_exact({"error": error}),
@@ -204,22 +207,28 @@ def relay(
         try:
             if not ready:
                 yield KEEPALIVE  # the headers go out now, before the first event
-            for item in _chain(ready, source):
-                if item is None:
+            for batch in _chain(ready, source):
+                if batch is None:
                     yield KEEPALIVE
                     continue
-                yield from frames(item)
-                if item.terminal:
-                    ended = True
-        finally:
+                # A batch is written at once: one write for all the events Redis had.
+                yield b"".join(frame for event in batch for frame in frames(event))
+                ended = ended or batch[-1].terminal
+        except GeneratorExit:
+            # The server closes the body when the client has gone (a write failed). A fault of
+            # ours (Redis, PostgreSQL) ends the body too, but is not the client leaving: the
+            # job carries on and the client can resume it.
             if not ended and stop_on_disconnect:
                 _stop(job_id, celery)
+            raise
 
     response = Response(body(), mimetype="text/event-stream")
     response.headers.update({**_HEADERS, **(headers or {})})
     return response
 
 
-def _chain(first: list[Event | None], rest: Iterator[Event | None]) -> Iterator[Event | None]:
+def _chain(
+    first: list[list[Event] | None], rest: Iterator[list[Event] | None]
+) -> Iterator[list[Event] | None]:
     yield from first
     yield from rest

@@ -16,7 +16,6 @@ import os
 import re
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -50,11 +49,32 @@ def _stop_key(job_id: uuid.UUID | str) -> str:
     return f"flopex:stop:{job_id}"
 
 
-@dataclass(frozen=True)
 class Event:
-    id: str
-    name: str
-    data: dict[str, Any]
+    """One event: ``id`` (the Redis Stream entry id; "" for one made from the job row),
+    ``name`` and its data, kept as the JSON text it was stored as (``raw``) and parsed only when
+    read (``data``): relaying a native event needs no parse and no second encoding."""
+
+    __slots__ = ("_data", "_raw", "id", "name")
+
+    def __init__(
+        self, id: str, name: str, data: dict[str, Any] | None = None, raw: str | None = None
+    ) -> None:
+        self.id = id
+        self.name = name
+        self._data = data
+        self._raw = raw
+
+    @property
+    def data(self) -> dict[str, Any]:
+        if self._data is None:
+            self._data = simplejson.loads(self._raw or "{}", use_decimal=True)
+        return self._data
+
+    @property
+    def raw(self) -> str:
+        if self._raw is None:
+            self._raw = _dumps(self._data or {})
+        return self._raw
 
     @property
     def terminal(self) -> bool:
@@ -109,9 +129,7 @@ def request_stop(client: redis.Redis, job_id: uuid.UUID | str, ttl_s: int) -> No
 
 
 def _decode(entry_id: str, fields: dict[str, str]) -> Event:
-    return Event(
-        entry_id, fields.get("e", ""), simplejson.loads(fields.get("d", "{}"), use_decimal=True)
-    )
+    return Event(entry_id, fields.get("e", ""), raw=fields.get("d", "{}"))
 
 
 def read(
@@ -146,9 +164,10 @@ def follow(
     after: str | None,
     keepalive_s: float,
     finished: Callable[[], Event | None],
-) -> Iterator[Event | None]:
-    """Every event after ``after`` (None: from the start), as it is appended, until the terminal
-    one; ``None`` is yielded after each ``keepalive_s`` with nothing new (send a keep-alive).
+) -> Iterator[list[Event] | None]:
+    """Every event after ``after`` (None: from the start), in the batches Redis returns them as
+    they are appended, until the terminal one (the last of its batch); ``None`` is yielded
+    after each ``keepalive_s`` with nothing new (send a keep-alive).
 
     ``finished()`` reads the job row: the job as its terminal event once it is final, else
     None. It answers when the stream holds nothing to relay: expired (kept
@@ -158,32 +177,24 @@ def follow(
     if not exists(client, job_id):
         final = finished()
         if final is not None:
-            yield final
+            yield [final]
             return
     block_ms = max(int(keepalive_s * 1000), 1)
     while True:
         batch = read(client, job_id, last, block_ms)
-        for event in batch:
-            yield event
-            last = event.id
-            if event.terminal:
-                return
-        if batch:
-            continue
-        final = finished()
-        if final is not None:
-            # The terminal event may have been appended since the read timed out.
-            late = read(client, job_id, last, None)
-            for event in late:
-                yield event
-                last = event.id
-                if event.terminal:
-                    return
-            if late:
+        if not batch:
+            final = finished()
+            if final is None:
+                yield None
                 continue
-            yield final
+            # The terminal event may have been appended since the read timed out.
+            batch = read(client, job_id, last, None) or [final]
+        ended = next((i for i, e in enumerate(batch) if e.terminal), None)
+        if ended is not None:
+            yield batch[: ended + 1]
             return
-        yield None
+        yield batch
+        last = batch[-1].id
 
 
 _relay: redis.Redis | None = None
