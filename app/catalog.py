@@ -13,6 +13,7 @@ import re
 import time
 import tomllib
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,26 @@ def _price(value: Any, where: str) -> int:
     return micros
 
 
+def _speed_priors(spec: dict[str, Any], where: str) -> tuple[int | None, Decimal | None]:
+    """The optional speed priors (app/providers/speed.py): a whole number of milliseconds to
+    the first token, and output tokens per second above 0."""
+    ttft = spec.get("expected_ttft_ms")
+    if ttft is not None and (isinstance(ttft, bool) or not isinstance(ttft, int) or ttft < 0):
+        raise ValueError(f"{where}: expected_ttft_ms must be a whole number of ms, 0 or more")
+    tps = spec.get("expected_tokens_per_s")
+    if tps is not None:
+        if isinstance(tps, bool) or not isinstance(tps, int | float | str):
+            raise ValueError(f"{where}: expected_tokens_per_s must be a number above 0")
+        try:
+            tps = Decimal(repr(tps) if isinstance(tps, float) else str(tps))
+        except InvalidOperation:
+            raise ValueError(f"{where}: expected_tokens_per_s must be a number above 0") from None
+        if not tps.is_finite() or tps <= 0 or tps >= Decimal("100000000"):
+            raise ValueError(f"{where}: expected_tokens_per_s must be a number above 0")
+        tps = tps.quantize(Decimal("0.01"))
+    return ttft, tps
+
+
 @dataclass(frozen=True)
 class LoadReport:
     providers: int
@@ -79,6 +100,8 @@ _KEYS = {
         "provider_model_id",
         "input_price_usd_per_million",
         "output_price_usd_per_million",
+        "expected_ttft_ms",
+        "expected_tokens_per_s",
         "enabled",
     },
 }
@@ -174,6 +197,9 @@ def load_catalog(session: Session, path: Path, allow_empty: bool = False) -> Loa
         offering_row.provider_model_id = spec["provider_model_id"]
         offering_row.input_price_micros_per_m = _price(spec["input_price_usd_per_million"], where)
         offering_row.output_price_micros_per_m = _price(spec["output_price_usd_per_million"], where)
+        offering_row.expected_ttft_ms, offering_row.expected_tokens_per_s = _speed_priors(
+            spec, where
+        )
         offering_row.enabled = bool(spec.get("enabled", True))
         session.add(offering_row)
         session.flush()
@@ -216,6 +242,9 @@ class RouteOption:
     provider_model_id: str
     input_price_micros_per_m: int
     output_price_micros_per_m: int
+    # The catalog's speed priors (None: the conservative default, app/providers/speed.py).
+    expected_ttft_ms: int | None = None
+    expected_tokens_per_s: float | None = None
 
     def as_message(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -293,6 +322,10 @@ def find_model(session: Session, alias: str) -> ModelEntry | None:
             provider_model_id=off.provider_model_id,
             input_price_micros_per_m=off.input_price_micros_per_m,
             output_price_micros_per_m=off.output_price_micros_per_m,
+            expected_ttft_ms=off.expected_ttft_ms,
+            expected_tokens_per_s=(
+                None if off.expected_tokens_per_s is None else float(off.expected_tokens_per_s)
+            ),
         )
         for _, off, prov in rows
         if off is not None and prov is not None

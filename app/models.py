@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, ClassVar
 
 from sqlalchemy import (
@@ -19,6 +20,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    Numeric,
     String,
     Table,
     Text,
@@ -168,6 +170,10 @@ class Offering(Base):
     input_price_micros_per_m: Mapped[int] = mapped_column(BigInteger)
     output_price_micros_per_m: Mapped[int] = mapped_column(BigInteger)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Optional speed priors from the catalog: what routing assumes until it has measured the
+    # offering (app/providers/speed.py).
+    expected_ttft_ms: Mapped[int | None] = mapped_column(Integer)
+    expected_tokens_per_s: Mapped[Decimal | None] = mapped_column(Numeric(10, 2))
 
 
 class Job(Base):

@@ -143,6 +143,10 @@ def _catalog_toml(urls: dict[str, str]) -> str:
                 f'provider_model_id = "{model_id}"',
                 f'input_price_usd_per_million = "{price_in}"',
                 f'output_price_usd_per_million = "{price_out}"',
+                # The sandbox's latency before its instant answer: what routing assumes until
+                # it has measured the offering.
+                f"expected_ttft_ms = {PROVIDERS[provider]['latency_ms']}",
+                "expected_tokens_per_s = 100000",
                 "",
             ]
     return "\n".join(lines)
@@ -410,7 +414,7 @@ def pipeline(
         for name, provider in sandboxes.items():
             provider.reset()
             provider.configure(latency_ms=PROVIDERS[name]["latency_ms"])
-        for pattern in ("flopex:health:*", "flopex:breaker:*", "flopex:probe:*"):
+        for pattern in ("flopex:health:*", "flopex:breaker:*", "flopex:board:*", "flopex:speed:*"):
             for key in redis_client.scan_iter(pattern):
                 redis_client.delete(key)
 

@@ -144,7 +144,9 @@ def test_find_model_returns_enabled_offerings_sorted_by_provider(db_session, tmp
         + provider_toml(off_offering, "http://d/v1")
         + model_toml(alias, 512, 2048)
         + offering_toml(alias, on_b, '"0.2"', '"0.3"')
-        + offering_toml(alias, on_a, '"0.1"', '"0.4"')
+        + offering_toml(
+            alias, on_a, '"0.1"', '"0.4"', expected_ttft_ms="120", expected_tokens_per_s="85.5"
+        )
         + offering_toml(alias, off_provider, '"0.01"', '"0.01"')
         + offering_toml(alias, off_offering, '"0.01"', '"0.01"', enabled="false"),
     )
@@ -165,7 +167,35 @@ def test_find_model_returns_enabled_offerings_sorted_by_provider(db_session, tmp
         "provider_model_id": f"{on_a}/{alias}",
         "input_price_micros_per_m": 100_000,
         "output_price_micros_per_m": 400_000,
+        "expected_ttft_ms": 120,
+        "expected_tokens_per_s": 85.5,
     }
+    # Without priors: the conservative default applies (app/providers/speed.py).
+    b = entry.options[1]
+    assert (b.expected_ttft_ms, b.expected_tokens_per_s) == (None, None)
+
+
+@pytest.mark.parametrize(
+    "priors",
+    [
+        {"expected_ttft_ms": "-1"},
+        {"expected_ttft_ms": "1.5"},
+        {"expected_ttft_ms": "true"},
+        {"expected_tokens_per_s": "0"},
+        {"expected_tokens_per_s": '"fast"'},
+        {"expected_tokens_per_s": "nan"},
+    ],
+)
+def test_speed_priors_out_of_range_are_refused(db_session, tmp_path, tag, priors):
+    alias = f"m-{tag}"
+    path = write(
+        tmp_path,
+        provider_toml(f"p-{tag}", "http://p/v1")
+        + model_toml(alias, 512, 2048)
+        + offering_toml(alias, f"p-{tag}", '"0.1"', '"0.1"', **priors),
+    )
+    with pytest.raises(ValueError, match="expected_"):
+        load_catalog(db_session, path)
 
 
 def test_find_model_unknown_or_disabled_alias_is_none(db_session, tmp_path, tag):

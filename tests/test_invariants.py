@@ -38,6 +38,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.exc import StaleDataError
 
 from app import accounts, wallet
+from app.celery_app import make_celery
 from app.db import session_factory, session_scope
 from app.exceptions import FlopexError
 from app.jobs import rows, states
@@ -122,6 +123,7 @@ class WalletMachine(RuleBasedStateMachine):
         super().__init__()
         self.settings = get_settings()
         self.redis = get_redis()
+        self.celery = make_celery(self.settings)
         self.jobs: dict[uuid.UUID, JobModel] = {}
         self.balance = 0
         self.principal: accounts.Principal | None = None
@@ -281,7 +283,9 @@ class WalletMachine(RuleBasedStateMachine):
         """Settlement from the recorded answer: capture + release + success in one commit."""
         session = session_factory()()
         try:
-            outcome = RouteAndExecute(session, self.redis, self.settings).resume(job_id)
+            outcome = RouteAndExecute(session, self.redis, self.settings, self.celery).resume(
+                job_id
+            )
         finally:
             session.close()
         assert outcome is not None and outcome.status == states.SUCCESS
@@ -382,7 +386,10 @@ class WalletMachine(RuleBasedStateMachine):
                 wallet.settle(session, self.wallet_id, job_id, model.hold, model.charge)
                 session.flush()
             session.rollback()
-            assert RouteAndExecute(session, self.redis, self.settings).resume(job_id) is None
+            assert (
+                RouteAndExecute(session, self.redis, self.settings, self.celery).resume(job_id)
+                is None
+            )
         finally:
             session.close()
         assert self.snapshot() == before
@@ -495,7 +502,7 @@ class WalletMachine(RuleBasedStateMachine):
             try:
                 job = session.get(Job, job_id)
                 if job.status == states.SETTLING:
-                    RouteAndExecute(session, self.redis, self.settings).resume(job_id)
+                    RouteAndExecute(session, self.redis, self.settings, self.celery).resume(job_id)
                     self.balance -= model.charge
                 elif job.status in states.CANCELLABLE:
                     cancel(session, job)

@@ -102,7 +102,7 @@ class Providers(MethodView):
         success rate, and its circuit breaker."""
         settings = get_settings()
         client = get_redis()
-        breaker = Breaker(client, settings.breaker)
+        breaker = Breaker.from_settings(client, settings)
         rows = (
             db()
             .execute(

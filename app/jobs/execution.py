@@ -20,16 +20,17 @@ from decimal import Decimal
 from typing import Any
 
 import redis
-from celery import current_app as current_celery
+from celery import Celery
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app import wallet, webhooks
 from app.catalog import ModelCache, ModelEntry
 from app.db import autocommit, defer_durability, make_durable
-from app.failpoints import failpoint
+from app.failpoints import failpoint, failpoint_raise
 from app.jobs import rows, states
 from app.jobs.notify import queue_signal
-from app.jobs.quoting import collect_quotes, discard_quotes
+from app.jobs.quoting import quote_job
 from app.metrics import (
     PROVIDER_ERRORS,
     PROVIDER_LATENCY,
@@ -39,7 +40,7 @@ from app.metrics import (
 )
 from app.models import Job, utcnow
 from app.money import ceil_micros, customer_charge, display_usd, provider_cost
-from app.providers import health
+from app.providers import board, health, speed
 from app.providers.breaker import Breaker
 from app.providers.openai_compat import Completion, ProviderFailure, complete, resolve_api_key
 from app.routing import Decision, Quote, select
@@ -77,11 +78,14 @@ def failure_code(attempts: list[dict[str, Any]]) -> str:
 
 
 class RouteAndExecute:
-    def __init__(self, session: Session, client: redis.Redis, settings: Settings) -> None:
+    def __init__(
+        self, session: Session, client: redis.Redis, settings: Settings, celery: Celery
+    ) -> None:
         self.session = session
         self.redis = client
         self.settings = settings
-        self.breaker = Breaker(client, settings.breaker)
+        self.celery = celery
+        self.breaker = Breaker.from_settings(client, settings)
 
     # -- entry points ---------------------------------------------------------------------
 
@@ -108,10 +112,15 @@ class RouteAndExecute:
         failpoint("after_claim")
         offered, withdrawn = self._still_offered(job, job.quotes or [])
         options = {o["provider"]: o for o in offered}
-        quotes = collect_quotes(
-            self.redis, str(job.id), list(options.values()), self.settings.health_window_s
+        quotes = quote_job(
+            self.redis,
+            self.breaker,
+            list(options.values()),
+            self.settings.profiles[job.performance_profile],
+            job.max_output_tokens,
+            self.settings.health_window_s,
         )
-        decision = self._decide(job, quotes)
+        decision = self._decide(job, quotes, explore=self._explores(job))
         decision.dropped[:0] = [{"provider": p, "reason": "provider_disabled"} for p in withdrawn]
         route: dict[str, Any] = {
             # Keep each option's endpoint with its quote: resume() needs it after a crash.
@@ -150,7 +159,7 @@ class RouteAndExecute:
             self.session.rollback()
             return None
         if job.status == states.SETTLING:
-            return self._settle(job)
+            return self._settle_answered(job)
         # The in-flight attempt's outcome is unknown: the provider may have run it, so it is
         # never sent again; the job continues with the providers it has not tried.
         attempts = [dict(a) for a in job.attempts or []]
@@ -158,7 +167,11 @@ class RouteAndExecute:
             if "outcome" not in attempt and "failure" not in attempt:
                 attempt["failure"] = "interrupted"
         offered, _ = self._still_offered(job, job.quotes or [])
-        decision = self._decide(job, [Quote.from_dict(q) for q in offered])
+        decision = self._decide(
+            job,
+            [Quote.from_dict(q) for q in offered],
+            explore=bool((job.routing or {}).get("explored")),
+        )
         return self._execute(job, decision, attempts, offered, {"attempts": attempts})
 
     # -- steps ----------------------------------------------------------------------------
@@ -185,7 +198,12 @@ class RouteAndExecute:
         withdrawn = [item["provider"] for item in entries if item.get("offering_id") not in current]
         return offered, withdrawn
 
-    def _decide(self, job: Job, quotes: list[Quote]) -> Decision:
+    def _explores(self, job: Job) -> bool:
+        """Whether this job may explore (docs/routing.md): decided from its id, so the same
+        job always decides the same way; the decision stores the provider it explored."""
+        return int(job.id.hex[:8], 16) % 10_000 < self.settings.explore_rate * 10_000
+
+    def _decide(self, job: Job, quotes: list[Quote], explore: bool = False) -> Decision:
         return select(
             quotes,
             profile=job.performance_profile,
@@ -197,7 +215,15 @@ class RouteAndExecute:
             # Exact cost comparisons (docs/routing.md): the quotes' prices times these.
             estimated_input_tokens=job.estimated_input_tokens,
             max_output_tokens=job.max_output_tokens,
+            explore=explore,
         )
+
+    def _deadline(self, job: Job) -> float:
+        """The job's one deadline (Unix time), shared by every attempt: created_at plus
+        FLOPEX_JOB_DEADLINE_S, so that with every provider hanging the job still fails before
+        a synchronous caller stops waiting."""
+        created = job.created_at if job.created_at.tzinfo else job.created_at.replace(tzinfo=UTC)
+        return created.timestamp() + self.settings.job_deadline_s
 
     def _execute(
         self,
@@ -207,80 +233,113 @@ class RouteAndExecute:
         quotes: list[dict[str, Any]],
         pending: dict[str, Any],
     ) -> Outcome:
-        """Try the ranked quotes in order. ``pending`` holds what the caller decided and has not
-        written yet: it goes into the first write of the job."""
+        """Try the ranked quotes in order, within the job's deadline. ``pending`` holds what
+        the caller decided and has not written yet: it goes into the first write of the job."""
         tried = {a["provider"] for a in attempts}
         endpoints = {q["provider"]: q for q in quotes}
+        deadline = self._deadline(job)
+        out_of_time = False
         for ranked in decision.ranked:
             quote = ranked.quote
             if quote.provider in tried:
                 continue
-            attempt: dict[str, Any] = {
-                "provider": quote.provider,
-                "started_at": utcnow().isoformat(),
-            }
-            attempts.append(attempt)
-            # Recovery point: the attempt is durable before the provider is called. One
-            # statement, its own transaction where the session has none open.
-            autocommit(self.session)
-            rows.write(
-                self.session,
-                job,
-                **{**pending, "status": states.EXECUTING, "attempts": [dict(a) for a in attempts]},
+            if deadline - time.time() <= 0.001:
+                out_of_time = True
+                break
+            answer = self._attempt(
+                job, quote, endpoints[quote.provider], attempts, pending, deadline
             )
             pending = {}
-            self.session.commit()
-            failpoint("before_provider_call")
+            if answer is not None:
+                result, elapsed_ms = answer
+                self._record_result(job, quote, result, attempts)
+                failpoint("after_result_recorded")
+                return self._settle_answered(
+                    job,
+                    served_by=quote.provider,
+                    sample=_Sample(quote, result.output_tokens, elapsed_ms),
+                )
 
-            endpoint = endpoints[quote.provider]
-            started = time.perf_counter()
-            try:
-                result = complete(
-                    endpoint["base_url"],
-                    resolve_api_key(endpoint["api_key_env"]),
-                    quote.provider_model_id,
-                    job.request["input"],
-                    job.max_output_tokens,
-                    connect_timeout_s=self.settings.provider_connect_timeout_s,
-                    read_timeout_s=self.settings.provider_read_timeout_s,
-                    retries=self.settings.provider_retries,
-                    messages=job.messages,
-                    params=job.provider_params,
-                )
-            except ProviderFailure as exc:
-                elapsed = time.perf_counter() - started
-                attempt.update(
-                    failure=exc.kind,
-                    status=exc.status,
-                    error=str(exc),
-                    latency_ms=int(elapsed * 1000),
-                )
-                PROVIDER_LATENCY.labels(quote.provider, exc.kind).observe(elapsed)
-                PROVIDER_ERRORS.labels(quote.provider, exc.kind).inc()
-                # A failed execution counts toward the breaker like a failed probe: a provider
-                # whose /models answers but whose completions fail is routed around too.
-                if exc.provider_at_fault:
-                    self.breaker.record_failure(quote.provider)
-                health.record_outcome(
-                    self.redis, quote.provider, False, self.settings.health_window_s
-                )
-                log.warning("provider %s failed for job %s: %s", quote.provider, job.id, exc)
-                continue
-            failpoint("after_provider_answer")
-            attempt.update(
-                outcome="success", latency_ms=int((time.perf_counter() - started) * 1000)
-            )
-            PROVIDER_LATENCY.labels(quote.provider, "success").observe(
-                time.perf_counter() - started
-            )
-            self._record_result(job, quote, result, attempts)
-            failpoint("after_result_recorded")
-            # The provider's success reaches its health window and breaker with the completion
-            # signal, in the same Redis round trip.
-            return self._settle(job, served_by=quote.provider)
-
-        code = failure_code(attempts)
+        code = "timeout" if out_of_time and not _any_answer(attempts) else failure_code(attempts)
         return self._fail(job, code, _FAILURE_MESSAGES[code], **{**pending, "attempts": attempts})
+
+    def _attempt(
+        self,
+        job: Job,
+        quote: Quote,
+        endpoint: dict[str, Any],
+        attempts: list[dict[str, Any]],
+        pending: dict[str, Any],
+        deadline: float,
+    ) -> tuple[Completion, float] | None:
+        """One provider's attempt: recorded durably, then executed (the step that streaming
+        will replace). Returns the answer and its time in ms, or None when it failed (the
+        failure is recorded on the attempt, the provider's health, breaker and board entry)."""
+        attempt: dict[str, Any] = {"provider": quote.provider, "started_at": utcnow().isoformat()}
+        attempts.append(attempt)
+        # Recovery point: the attempt is durable before the provider is called. One
+        # statement, its own transaction where the session has none open.
+        autocommit(self.session)
+        rows.write(
+            self.session,
+            job,
+            **{**pending, "status": states.EXECUTING, "attempts": [dict(a) for a in attempts]},
+        )
+        self.session.commit()
+        failpoint("before_provider_call")
+
+        window = self.settings.health_window_s
+
+        def failed_try(failure: ProviderFailure) -> None:
+            # A retried try counts against the provider as much as a final failure.
+            health.record_outcome(self.redis, quote.provider, False, window)
+
+        started = time.perf_counter()
+        try:
+            result = complete(
+                endpoint["base_url"],
+                resolve_api_key(endpoint["api_key_env"]),
+                quote.provider_model_id,
+                job.request["input"],
+                job.max_output_tokens,
+                connect_timeout_s=self.settings.provider_connect_timeout_s,
+                read_timeout_s=self.settings.provider_read_timeout_s,
+                retries=self.settings.provider_retries,
+                messages=job.messages,
+                params=job.provider_params,
+                budget_s=deadline - time.time(),
+                on_failed_try=failed_try,
+            )
+        except ProviderFailure as exc:
+            elapsed = time.perf_counter() - started
+            attempt.update(
+                failure=exc.kind, status=exc.status, error=str(exc), latency_ms=int(elapsed * 1000)
+            )
+            PROVIDER_LATENCY.labels(quote.provider, exc.kind).observe(elapsed)
+            PROVIDER_ERRORS.labels(quote.provider, exc.kind).inc()
+            # A failed execution counts toward the breaker like a failed check: a provider
+            # whose /models answers but whose completions fail is routed around too.
+            if exc.provider_at_fault:
+                self.breaker.record_failure(quote.provider)
+            pipe = self.redis.pipeline(transaction=False)
+            health.queue_outcome(pipe, quote.provider, False, window)
+            if exc.provider_at_fault:
+                # Not live until its next good check (after its Retry-After, for a 429).
+                board.queue_execution_outcome(
+                    pipe,
+                    quote.provider,
+                    False,
+                    error="rate_limited" if exc.status == 429 else exc.kind,
+                    hold_s=exc.retry_after_s if exc.status == 429 else None,
+                )
+            pipe.execute()
+            log.warning("provider %s failed for job %s: %s", quote.provider, job.id, exc)
+            return None
+        failpoint("after_provider_answer")
+        elapsed = time.perf_counter() - started
+        attempt.update(outcome="success", latency_ms=int(elapsed * 1000))
+        PROVIDER_LATENCY.labels(quote.provider, "success").observe(elapsed)
+        return result, elapsed * 1000
 
     def _record_result(
         self, job: Job, quote: Quote, result: Completion, attempts: list[dict[str, Any]]
@@ -330,11 +389,14 @@ class RouteAndExecute:
         )
         self.session.commit()
 
-    def _settle(self, job: Job, served_by: str | None = None) -> Outcome:
-        # The settlement is one statement and its own transaction (solo): the wallet row, which
-        # every request of the account needs, is locked only while the server runs it, and its
-        # commit does not wait for the fsync; it is made durable before anyone is told
-        # (_commit_and_signal).
+    def _settle_answered(
+        self, job: Job, served_by: str | None = None, sample: _Sample | None = None
+    ) -> Outcome:
+        """Settles a job whose provider answered: capture the charge, release the rest, mark it
+        ``success``. One statement and its own transaction (solo): the wallet row, which every
+        request of the account needs, is locked only while the server runs it, and its commit
+        does not wait for the fsync; it is made durable before anyone is told
+        (_commit_and_signal)."""
         now = utcnow()
         settle(
             self.session,
@@ -343,7 +405,7 @@ class RouteAndExecute:
             {"settled_at": now, **finish_values(job, states.SUCCESS, now)},
             solo=True,
         )
-        return self._commit_and_signal(job, served_by)
+        return self._commit_and_signal(job, served_by, sample)
 
     def _fail(
         self, job: Job, code: str, message: str, param: str | None = None, **pending: Any
@@ -352,31 +414,83 @@ class RouteAndExecute:
         close_failed(self.session, job, code, message, param, **pending)
         return self._commit_and_signal(job)
 
-    def _commit_and_signal(self, job: Job, served_by: str | None = None) -> Outcome:
+    def _commit_and_signal(
+        self, job: Job, served_by: str | None = None, sample: _Sample | None = None
+    ) -> Outcome:
         """Makes the outcome durable, then tells the waiters; ``served_by``: the provider whose
-        success is recorded (its health window and breaker) in the same round trip."""
+        success is recorded (its health window, breaker and board entry) in the same round
+        trip; ``sample``: its execution, learned from once the waiters are told.
+
+        The waiters are woken whatever happens once the outcome has committed: if the
+        durability barrier fails (the database connection died), it is tried once more on a
+        new connection, and the signal is sent either way (a waiter reads the row, which is
+        the truth). Only the webhook waits for durability (the sweeper sends it otherwise)."""
         self.session.commit()
-        make_durable(self.session)
-        job_finished(job.status, job.error_code)
-        if job.status == states.SUCCESS and job.charge_micros:
-            WALLET_CAPTURES.inc()
-            WALLET_CAPTURED_MICROS.inc(job.charge_micros)
-        log.info(
-            "job %s %s via %s",
-            job.id,
-            job.status,
-            job.provider_name or "-",
-            extra={"status": job.status, "provider": job.provider_name},
-        )
-        pipe = self.redis.pipeline(transaction=False)
-        if served_by is not None:
-            health.queue_outcome(pipe, served_by, True, self.settings.health_window_s)
-            self.breaker.record_success(served_by, pipe)
-        discard_quotes(pipe, str(job.id))
-        queue_signal(pipe, job.id)
-        pipe.execute()
-        webhooks.send(current_celery, job)
+        durable = self._make_durable()
+        try:
+            job_finished(job.status, job.error_code)
+            if job.status == states.SUCCESS and job.charge_micros:
+                WALLET_CAPTURES.inc()
+                WALLET_CAPTURED_MICROS.inc(job.charge_micros)
+            log.info(
+                "job %s %s via %s",
+                job.id,
+                job.status,
+                job.provider_name or "-",
+                extra={"status": job.status, "provider": job.provider_name},
+            )
+        finally:
+            pipe = self.redis.pipeline(transaction=False)
+            queue_signal(pipe, job.id)
+            if served_by is not None:
+                health.queue_outcome(pipe, served_by, True, self.settings.health_window_s)
+                self.breaker.record_success(served_by, pipe)
+                board.queue_execution_outcome(pipe, served_by, True)
+            pipe.execute()
+        if durable:
+            webhooks.send(self.celery, job)
+        if sample is not None:
+            self._learn(sample)
         return Outcome(job.id, job.status, job.error_code)
+
+    def _make_durable(self) -> bool:
+        for attempt in range(2):
+            try:
+                failpoint_raise("durability_barrier")
+                make_durable(self.session)
+                return True
+            except SQLAlchemyError:
+                log.exception("durability barrier failed (attempt %d)", attempt + 1)
+                self.session.rollback()
+                self.session.close()  # the next try checks out another connection
+        return False
+
+    def _learn(self, sample: _Sample) -> None:
+        """The execution's speed sample (app/providers/speed.py): its time less the board's
+        round trip to the provider, for its output tokens. Best effort: a lost sample only
+        delays learning."""
+        quote = sample.quote
+        try:
+            speed.record(
+                self.redis,
+                quote.offering_id,
+                sample.output_tokens,
+                sample.elapsed_ms - (quote.rtt_ms or 0),
+                speed.Prior(None, quote.tokens_per_s),
+            )
+        except redis.RedisError:
+            log.warning("speed sample of %s lost", quote.provider, exc_info=True)
+
+
+@dataclass(frozen=True)
+class _Sample:
+    quote: Quote
+    output_tokens: int
+    elapsed_ms: float
+
+
+def _any_answer(attempts: list[dict[str, Any]]) -> bool:
+    return any(a.get("outcome") == "success" for a in attempts)
 
 
 _models: ModelCache | None = None

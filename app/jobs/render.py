@@ -3,6 +3,7 @@ are the extra keys the contract allows."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -94,21 +95,38 @@ def _story(
     return f"{decision}; " + "; ".join(steps)
 
 
+def _quote(q: dict[str, Any]) -> dict[str, Any]:
+    """One quote as the trace shows it: with the estimate's components and the age of the
+    board entry it came from (rows routed before the quote board have neither)."""
+    shown: dict[str, Any] = {
+        "provider": q.get("provider"),
+        "live": q.get("live"),
+        "estimated_latency_ms": q.get("estimated_latency_ms"),
+        "estimated_charge_usd": micros_to_usd(q["estimated_charge_micros"]),
+        # A number, as in GET /v1/providers (the job stores the decimal as a string).
+        "success_rate": _decimal(q.get("success_rate")),
+    }
+    if q.get("speed_source") is not None:
+        shown["estimated_latency"] = {
+            "rtt_ms": q.get("rtt_ms"),
+            "ttft_ms": q.get("ttft_ms"),
+            "tokens_per_s": q.get("tokens_per_s"),
+            "output_tokens": q.get("output_tokens"),
+            "speed_source": q.get("speed_source"),
+            "samples": q.get("samples"),
+        }
+    if q.get("checked_at") is not None:
+        shown["checked_at"] = iso_utc(datetime.fromtimestamp(q["checked_at"], UTC))
+        shown["age_ms"] = q.get("age_ms")
+    if not q.get("live") and q.get("error"):
+        shown["not_live_reason"] = q["error"]
+    return shown
+
+
 def routing_summary(job: Job) -> dict[str, Any]:
     """Why this route: the ranking, every quote considered and dropped, and what each attempt
     did; enough to replay the decision (docs/routing.md)."""
-    quotes = [
-        {
-            "provider": q.get("provider"),
-            "live": q.get("live"),
-            "estimated_latency_ms": q.get("estimated_latency_ms"),
-            "estimated_charge_usd": micros_to_usd(q["estimated_charge_micros"]),
-            # A number, as in GET /v1/providers (the job stores the decimal as a string).
-            "success_rate": _decimal(q.get("success_rate")),
-        }
-        for q in (job.quotes or [])
-        if "live" in q
-    ]
+    quotes = [_quote(q) for q in (job.quotes or []) if "live" in q]
     routing = job.routing or {}
     order = [
         {"provider": r.get("provider"), **({"score": _decimal(r["score"])} if "score" in r else {})}

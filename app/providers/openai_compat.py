@@ -11,12 +11,15 @@ still be generating (and billing) that request; the caller falls back to the nex
 
 from __future__ import annotations
 
+import email.utils
 import functools
 import json
+import math
 import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -24,9 +27,11 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 from tenacity import (
+    RetryCallState,
     retry,
     retry_if_exception,
     stop_after_attempt,
+    stop_before_delay,
     wait_random_exponential,
 )
 
@@ -54,10 +59,18 @@ class ProviderFailure(Exception):
     """An execution that produced no billable result. ``kind`` is one of: connect (never
     reached the provider), disconnect (lost before an answer), timeout, http, malformed."""
 
-    def __init__(self, kind: str, message: str, status: int | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.status = status
+        # A 429's Retry-After: the provider asks not to be sent anything before then.
+        self.retry_after_s = retry_after_s
 
     @property
     def provider_at_fault(self) -> bool:
@@ -223,6 +236,23 @@ def _tool_calls(message: Any) -> list[dict[str, Any]] | None:
     return kept
 
 
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header's delay in seconds (RFC 9110: a number of seconds or an HTTP
+    date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
 def complete(
     base_url: str,
     api_key: str | None,
@@ -235,9 +265,19 @@ def complete(
     retries: int,
     messages: list[dict[str, Any]] | None = None,
     params: dict[str, Any] | None = None,
+    budget_s: float | None = None,
+    on_failed_try: Callable[[ProviderFailure], None] | None = None,
 ) -> Completion:
-    """``messages`` and ``params`` (sampling and tool parameters, sent unchanged): a chat
-    completion's request; without them, ``prompt`` is the one user message."""
+    """One completion, with retries where the provider cannot have done the work (a refused
+    or timed-out connection, a 5xx). A 429 is not retried: the provider asked us to wait
+    (``retry_after_s`` on the failure), so the job falls through to its next provider at once.
+
+    ``messages`` and ``params`` (sampling and tool parameters, sent unchanged): a chat
+    completion's request; without them, ``prompt`` is the one user message.
+    ``budget_s``: what is left of the job's deadline; no try outlasts it (each try's timeouts
+    are cut to it, and no retry starts past it). ``on_failed_try``: called for each failed try
+    that is retried, so a provider's success rate counts every failure, not only the last."""
+    deadline = time.monotonic() + (budget_s if budget_s is not None else math.inf)
     body = json.dumps(
         {
             "model": model,
@@ -252,15 +292,29 @@ def complete(
         "Accept-Encoding": "gzip, deflate",
         **_auth_headers(api_key),
     }
-    timeout = urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s)
+
+    def report(state: RetryCallState) -> None:
+        # Called before the sleep that precedes a retry: the failed try is over.
+        if on_failed_try is not None and state.outcome is not None:
+            failure = state.outcome.exception()
+            if isinstance(failure, ProviderFailure):
+                on_failed_try(failure)
 
     @retry(
         retry=retry_if_exception(lambda e: isinstance(e, _Retryable)),
-        stop=stop_after_attempt(retries + 1),
+        stop=stop_after_attempt(retries + 1)
+        | stop_before_delay(budget_s if budget_s is not None else math.inf),
         wait=wait_random_exponential(multiplier=0.05, max=1.0),
+        before_sleep=report,
         reraise=True,
     )
     def call() -> Completion:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0.001:
+            raise ProviderFailure("timeout", "the job's deadline passed")
+        timeout = urllib3.Timeout(
+            connect=min(connect_timeout_s, remaining), read=min(read_timeout_s, remaining)
+        )
         try:
             resp = _send("POST", f"{base_url}/chat/completions", headers, timeout, body)
         # Never connected, so the provider cannot have run it: safe to send again. (A refused
@@ -276,7 +330,14 @@ def complete(
             raise ProviderFailure("disconnect", "connection lost before an answer") from exc
         except (urllib3.exceptions.HTTPError, requests.RequestException, ValueError) as exc:
             raise ProviderFailure("connect", f"request failed: {type(exc).__name__}") from exc
-        if resp.status == 429 or resp.status >= 500:
+        if resp.status == 429:
+            raise ProviderFailure(
+                "http",
+                "provider answered 429",
+                429,
+                retry_after_s=retry_after_seconds(resp.headers.get("Retry-After")),
+            )
+        if resp.status >= 500:
             raise _Retryable("http", f"provider answered {resp.status}", resp.status)
         if resp.status != 200:
             raise ProviderFailure("http", f"provider answered {resp.status}", resp.status)
