@@ -3,13 +3,15 @@ submit command as POST /v1/inference (same jobs, wallet, routing, idempotency an
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
-from flask import request
+from flask import current_app, request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
+from app.api import sse
 from app.api.auth import authenticate_and_limit, require_principal
 from app.api.chat_schemas import ChatCompletionRequestSchema, ChatCompletionSchema
 from app.api.inference import (
@@ -29,7 +31,7 @@ from app.api.parser import FlopexParser
 from app.api.schemas import NO_QUERY
 from app.exceptions import FlopexError
 from app.jobs import states
-from app.jobs.chat import chat_request, render_chat_completion
+from app.jobs.chat import chat_request, include_usage, render_chat_completion
 from app.models import Job
 from config.settings import get_settings
 
@@ -86,6 +88,23 @@ class ChatCompletions(MethodView):
             renderer=ChatRenderer(),
             profile=args["performance_profile"],
         )
+        if answer.stream:
+            assert answer.job_id is not None
+            frames = sse.ChatFrames(
+                answer.job_id, request_.model, int(time.time()), include_usage(args)
+            )
+            return sse.relay(
+                answer.job_id,
+                frames,
+                # Only the request that submitted the job stops it by leaving, not a replay.
+                stop_on_disconnect=not answer.replayed,
+                early_error=True,
+                celery=current_app.extensions["celery"],
+                headers={
+                    "X-Flopex-Job-Id": str(answer.job_id),
+                    **({"Idempotent-Replayed": "true"} if answer.replayed else {}),
+                },
+            )
         if answer.status == 202 and not answer.respond_async and prefer.wait_s is None:
             # The wait ran out (or the broker was away) and the client did not ask for the
             # exchange's 202: an OpenAI client would read the job object as an empty completion.

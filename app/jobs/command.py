@@ -79,6 +79,8 @@ class Answer:
     waited: bool = False
     key_in_use: bool = False
     after_response: Callable[[], None] | None = None
+    # `stream: true`, synchronous: relay the job's events (app/jobs/events.py), not ``body``.
+    stream: bool = False
 
 
 class ServiceUnavailable(FlopexError):
@@ -253,6 +255,8 @@ class RunInference:
             log.exception("broker unreachable; job %s left for the sweeper", job.id)
             make_durable(session)
             return Answer(202, self.renderer.job(job), job.id)
+        if self.request.stream:
+            return Answer(200, "", job.id, stream=True)
         return self._await_outcome(job.id, record_id)
 
     def _duplicate(self, claim: idempotency.Claim) -> Answer:
@@ -262,6 +266,9 @@ class RunInference:
                 "This Idempotency-Key was used with a different request; use a new key.",
                 "Idempotency-Key",
             )
+        if self.request.stream and not self.respond_async and claim.job_id is not None:
+            # Never a second execution: the first request's stream, from its first event.
+            return Answer(200, "", claim.job_id, replayed=True, stream=True)
         if claim.state == "replay":
             assert claim.status is not None and claim.body is not None
             # Only an async submission's acceptance is stored as a 202. A stored outcome is

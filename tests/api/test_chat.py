@@ -365,7 +365,11 @@ def test_models_list_and_retrieve_parse_with_our_fields(sdk):
             "image_url",
         ),
         ({"n": 2}, "n", "n must be 1"),
-        ({"stream": True}, "stream", "not supported yet"),
+        (
+            {"stream_options": {"include_usage": True}},
+            "stream_options",
+            "only allowed when stream is true",
+        ),
         ({"logprobs": True}, "logprobs", "not supported"),
         ({"extra_body": {"temperature_x": 1}}, "temperature_x", "Unrecognized"),
         ({"temperature": 3}, "temperature", "between"),
