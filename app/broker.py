@@ -55,7 +55,7 @@ class Channel(kombu_redis.Channel):
             raise redis.exceptions.ConnectionError(
                 "the broker connection was closed; this channel is no longer usable"
             )
-        return super()._connparams(asynchronous=asynchronous)
+        return super()._connparams(asynchronous=asynchronous)  # type: ignore[misc]
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:

@@ -137,17 +137,20 @@ def make_submitted_job(
     ).run()
 
 
-def route_option(provider: str) -> dict[str, Any]:
-    """One offering as a job stores it at submission (a catalog option, priced)."""
+def route_option(provider: str, base_url: str = "", offering_id: int = 1) -> dict[str, Any]:
+    """One offering as a job stores it for the route step (a catalog option, speed priors
+    included)."""
     return {
-        "offering_id": 1,
+        "offering_id": offering_id,
         "provider": provider,
-        "base_url": f"http://{provider}.invalid/v1",
+        "base_url": base_url or f"http://{provider}.invalid/v1",
         "api_key_env": None,
         "provider_model_id": "m",
         "input_price_micros_per_m": 50_000,
         "output_price_micros_per_m": 80_000,
         "estimated_charge_micros": 12,
+        "expected_ttft_ms": 30,
+        "expected_tokens_per_s": 100.0,
     }
 
 
@@ -221,8 +224,8 @@ def footprint(owner: Owner | TestAccount) -> tuple[int, int]:
 
 
 def make_probe_results(redis_client: Any, now: float | None = None) -> Any:
-    """Every catalog provider checked once (as the quote board's refresh does): each gets a
-    board entry (checks do not count in the success rate: executions do)."""
+    """Every catalog provider probed once (the beat's health probe): each gets a probe result,
+    and so a success rate."""
     settings = get_settings()
     with session_scope() as session:
         return probe_all(

@@ -18,7 +18,7 @@ from app.api.schemas import (
 from app.jobs.chat import REFUSED_UNLESS_DEFAULT
 
 
-class PlainNumber(fields.Field):
+class PlainNumber(fields.Field[Any]):
     """A JSON number (not a boolean, not a string), kept exactly as sent: it goes to the
     provider unchanged."""
 
@@ -35,7 +35,7 @@ class PlainNumber(fields.Field):
         return value
 
 
-class Stop(fields.Field):
+class Stop(fields.Field[Any]):
     """A string, or an array of up to 4 strings."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
@@ -50,7 +50,7 @@ class Stop(fields.Field):
         raise ValidationError("Must be a string or an array of 1 to 4 strings.")
 
 
-class ToolChoice(fields.Field):
+class ToolChoice(fields.Field[Any]):
     """none, auto, required, or {"type": "function", "function": {"name": ...}}."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:

@@ -302,10 +302,10 @@ class RouteAndExecute:
                 connect_timeout_s=self.settings.provider_connect_timeout_s,
                 read_timeout_s=self.settings.provider_read_timeout_s,
                 retries=self.settings.provider_retries,
-                budget_s=deadline - time.time(),
-                on_failed_try=failed_try,
                 messages=job.messages,
                 params=job.provider_params,
+                budget_s=deadline - time.time(),
+                on_failed_try=failed_try,
             )
         except ProviderFailure as exc:
             elapsed = time.perf_counter() - started
