@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wallet", action="store_true", help="also run the hot-wallet benchmark")
     p.add_argument("--db-name", default=None, help="bench/run.py's --db-name (a machine shared")
     p.add_argument("--redis-url", default=None, help="with other benchmarks needs its own)")
+    p.add_argument(
+        "--wait-idle",
+        default=None,
+        help="bench/run.py's --wait-idle (60: how long to wait for quiet)",
+    )
     args = p.parse_args(argv)
 
     commit = _git("rev-parse", "--short", args.ref)
@@ -96,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                     extra = [
                         *(["--db-name", args.db_name] if args.db_name else []),
                         *(["--redis-url", args.redis_url] if args.redis_url else []),
+                        *(["--wait-idle", args.wait_idle] if args.wait_idle else []),
                     ]
                     result = _run(tree, out, args.duration, args.wallet, extra)
                     rows.append((name, _row(result)))
