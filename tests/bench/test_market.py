@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import requests
 
-from app.catalog import _check_shape, _expand
+from app.catalog import _check_shape, _expand, _speed_priors
 from bench.market import (
     MARKET_FILE,
     Market,
@@ -70,6 +70,10 @@ def test_the_checked_in_catalog_is_the_generated_one() -> None:
     market = load_market(150.0, 0.0, MARKET_FILE)
     assert shipped == catalog_toml(market)
     _check_shape(_expand(tomllib.loads(shipped)))
+    with_priors = tomllib.loads(catalog_toml(market, priors=True))
+    _check_shape(_expand(with_priors))
+    first = with_priors["offerings"][0]
+    assert _speed_priors(first, "m01") == (300, Decimal("40.00"))
 
 
 def test_catalog_follows_scheduled_prices() -> None:
