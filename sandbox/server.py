@@ -434,25 +434,9 @@ def _content_deltas(text: str) -> list[str]:
     return _DELTA_RE.findall(text)
 
 
-def _stream_deltas(message: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The first delta (the role) and one delta per token of the message, as OpenAI streams
-    them: content pieces, or for tool calls the call's id and name, then its arguments piece by
-    piece (``tool_calls[].index`` says which call)."""
-    calls = message.get("tool_calls")
-    if not isinstance(calls, list) or not calls:
-        pieces = _content_deltas(message.get("content") or "")
-        return {"role": "assistant", "content": ""}, [{"content": piece} for piece in pieces]
-    deltas: list[dict[str, Any]] = []
-    for index, call in enumerate(calls):
-        function = call.get("function") or {}
-        head = {"index": index, "id": call.get("id"), "type": call.get("type", "function")}
-        head["function"] = {"name": function.get("name"), "arguments": ""}
-        deltas.append({"tool_calls": [head]})
-        deltas.extend(
-            {"tool_calls": [{"index": index, "function": {"arguments": piece}}]}
-            for piece in _content_deltas(function.get("arguments") or "")
-        )
-    return {"role": "assistant", "content": None}, deltas
+def _completion_tokens(completion: dict[str, Any]) -> int:
+    content = completion["choices"][0]["message"].get("content")
+    return count_tokens(content) if isinstance(content, str) else 0
 
 
 def _chunk(
@@ -872,8 +856,6 @@ class _Handler(BaseHTTPRequestHandler):
             return
         assert admission.chat is not None
         completion = _build_completion(admission.config, admission.chat)
-        # Generation time follows the tokens generated, whatever a usage fault reports.
-        tokens = completion["usage"]["completion_tokens"]
         if admission.fault == "bad_usage":
             usage = completion["usage"]
             usage["completion_tokens"] = -5
@@ -882,7 +864,7 @@ class _Handler(BaseHTTPRequestHandler):
             del completion["usage"]
         if _wants_stream(admission.chat):
             self._stream(admission, completion)
-        elif self._wait_generation(admission, tokens):
+        elif self._wait_generation(admission, _completion_tokens(completion)):
             self._send_json(200, completion)
 
     # -- control API ------------------------------------------------------
@@ -949,7 +931,7 @@ class _Handler(BaseHTTPRequestHandler):
         config = admission.config
         usage_wanted = _include_usage(admission.chat)
         choice = completion["choices"][0]
-        role, deltas = _stream_deltas(choice["message"])
+        deltas = _content_deltas(choice["message"].get("content") or "")
         per_token = 1 / config.tokens_per_s if config.tokens_per_s > 0 else 0.0
         fault, fault_at = admission.stream_fault, config.stream_fault_after_tokens
         record: dict[str, Any] = {"id": completion["id"], "tokens_sent": 0, "outcome": "completed"}
@@ -961,19 +943,20 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_sandbox_headers()
             self.end_headers()
             started = time.perf_counter() + config.ttft_ms / 1000
+            role = {"role": "assistant", "content": ""}
             if not self._wait_until(admission, started):
                 record["outcome"] = "stopped"
                 return
             if not self._write_chunk(_sse(_chunk(completion, role, None, usage_wanted))):
                 record["outcome"] = "client_disconnected"
                 return
-            for index, delta in enumerate(deltas):
+            for index, text in enumerate(deltas):
                 if fault is not None and index == fault_at:
                     break
                 if not self._wait_until(admission, started + index * per_token):
                     record["outcome"] = "stopped"
                     return
-                event = _sse(_chunk(completion, delta, None, usage_wanted))
+                event = _sse(_chunk(completion, {"content": text}, None, usage_wanted))
                 if not self._write_chunk(event):
                     record["outcome"] = "client_disconnected"
                     return

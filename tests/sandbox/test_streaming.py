@@ -264,39 +264,6 @@ def test_stop_ends_a_slow_stream_promptly() -> None:
     assert provider.streams_log()[0]["outcome"] == "stopped"
 
 
-def test_tool_calls_stream_as_deltas(provider: SandboxProvider, session: requests.Session) -> None:
-    tool = {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-            },
-        },
-    }
-    body = _body(tools=[tool])
-    plain = session.post(f"{provider.base_url}/chat/completions", json=body, timeout=TIMEOUT)
-    [expected] = plain.json()["choices"][0]["message"]["tool_calls"]
-    stream = _read_stream(session, provider, {**body, "stream": True})
-    assert stream.events[0]["choices"][0]["delta"] == {"role": "assistant", "content": None}
-    calls = [
-        call for event in stream.events[1:-2] for call in event["choices"][0]["delta"]["tool_calls"]
-    ]
-    head, *pieces = calls
-    assert {call["index"] for call in calls} == {0}
-    assert (head["id"], head["type"], head["function"]["name"]) == (
-        expected["id"],
-        "function",
-        "get_weather",
-    )
-    arguments = "".join(call["function"]["arguments"] for call in pieces)
-    assert arguments == expected["function"]["arguments"]
-    assert json.loads(arguments).keys() == {"city", "days"}
-    assert stream.events[-2]["choices"][0]["finish_reason"] == "tool_calls"
-    assert stream.events[-1] == "[DONE]"
-
-
 def test_response_format_streams_its_json(
     provider: SandboxProvider, session: requests.Session
 ) -> None:
