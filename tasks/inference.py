@@ -7,10 +7,12 @@ import logging
 import uuid
 from typing import Any
 
+import redis
 from celery import shared_task
 from sqlalchemy.orm.exc import StaleDataError
 
 from app.db import session_factory
+from app.jobs import liveness
 from app.jobs.execution import Outcome, RouteAndExecute
 from app.jobs.quoting import make_quote, store_quote
 from app.jobs.recovery import RESUME_VERSION_HEADER
@@ -32,6 +34,7 @@ def quote(job_id: str, option: dict[str, Any], deadline_at: float, expected: int
 
 
 def _run(job_id: str, resume: bool, version: int | None = None) -> str | None:
+    _hold(job_id)
     session = session_factory()()
     try:
         service = RouteAndExecute(session, get_redis(), get_settings())
@@ -46,6 +49,16 @@ def _run(job_id: str, resume: bool, version: int | None = None) -> str | None:
         return None
     finally:
         session.close()
+
+
+def _hold(job_id: str) -> None:
+    # This process holds the job from here: if it dies, the sweeper sees its heartbeat stop
+    # and resumes the job at once (app/jobs/liveness.py). Only a speed-up: a Redis fault here
+    # leaves the job to the sweeper's age thresholds.
+    try:
+        liveness.hold(get_redis(), job_id)
+    except redis.RedisError as exc:
+        log.warning("job %s: holder not recorded: %s", job_id, exc)
 
 
 @shared_task(name="flopex.route")
