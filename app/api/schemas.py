@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 from datetime import UTC
 from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from app.jobs import states
+from app.money import JSON_NUMBER
 from app.routing import PROFILES, STRATEGIES
 from app.webhooks import names_private_host, valid_url
 from config.settings import get_settings
@@ -27,7 +27,7 @@ class StrictInteger(fields.Integer):
 
 
 # JSON's number grammar: what a string may hold where a number is expected.
-_JSON_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+_JSON_NUMBER = JSON_NUMBER
 
 
 class ExactDecimal(fields.Decimal):
@@ -67,6 +67,10 @@ MAX_PRICE_USD = 1_000_000
 MAX_METADATA_DEPTH = 32
 
 
+# Empty, or holding a character that is not whitespace (JSON Schema patterns are unanchored).
+PROMPT_PATTERN = r"^$|\S"
+
+
 def _text_problem(value: Any, depth: int = 0) -> str | None:
     """Why a string, or any key or string inside a JSON value, cannot be stored as text: a NUL
     (PostgreSQL text cannot hold one), a lone UTF-16 surrogate (no UTF-8 encoding), or nesting
@@ -100,15 +104,26 @@ class InferenceRequestSchema(Schema):
         validate=validate.Length(min=1, max=128),
         metadata={"description": "Model alias, e.g. llama-3.1-8b.", "example": "llama-3.1-8b"},
     )
+    # The OpenAPI document says what is enforced: at least one of the two is a string (the
+    # schema's anyOf, app/api/__init__.py), and neither is only whitespace (the pattern: empty,
+    # or some text).
     input = fields.String(
         load_default=None,
         allow_none=True,
-        metadata={"description": "Primary prompt text. Required unless legacy `prompt` is set."},
+        metadata={
+            "description": "Primary prompt text. Required unless legacy `prompt` is set; not "
+            "only whitespace.",
+            "pattern": PROMPT_PATTERN,
+        },
     )
     prompt = fields.String(
         load_default=None,
         allow_none=True,
-        metadata={"description": "Legacy prompt, used when `input` is empty.", "deprecated": True},
+        metadata={
+            "description": "Legacy prompt, used when `input` is empty; not only whitespace.",
+            "deprecated": True,
+            "pattern": PROMPT_PATTERN,
+        },
     )
     max_output_tokens = StrictInteger(
         required=True,
@@ -152,6 +167,11 @@ class InferenceRequestSchema(Schema):
             problem = _text_problem(data.get(name))
             if problem:
                 raise ValidationError(problem, name)
+        for name in ("input", "prompt"):
+            value = data.get(name)
+            if value and not value.strip():
+                # Whitespace is not a prompt: it would be charged for an answer to nothing.
+                raise ValidationError("Must contain text, not only whitespace.", name)
         text_input, prompt = data.get("input") or "", data.get("prompt") or ""
         if not text_input and not prompt:
             raise ValidationError("Provide input (or the legacy prompt).", "input")
@@ -369,9 +389,10 @@ class JobListQuerySchema(Schema):
     status = fields.String(validate=validate.OneOf(list(states.INTERNAL)))
     customer_ref = fields.String(
         # PostgreSQL text cannot hold NUL: without this, a NUL in the filter was a 500.
+        # A pattern, not ContainsNoneOf: the OpenAPI document then states the rule.
         validate=[
             validate.Length(min=1, max=255),
-            validate.ContainsNoneOf("\x00", error="Must not contain NUL characters."),
+            validate.Regexp(r"^[^\x00]*$", error="Must not contain NUL characters."),
         ]
     )
     created_after = UtcDateTime(
