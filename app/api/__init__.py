@@ -49,13 +49,13 @@ def register_api(app: Flask) -> Api:
 
 def _state_the_prompt_rule(api: Api) -> None:
     """The OpenAPI document says what the server enforces of `input` and `prompt`, which no one
-    field can: at least one of them is a string, and not both are non-empty (docs/api.md: two
+    field can: at least one of them is a non-empty string, and not both are (docs/api.md: two
     different prompts are refused; the same text twice is accepted)."""
     schema = api.spec.components.schemas.get("InferenceRequest")
     if schema is None:
         return
     schema["anyOf"] = [
-        {"required": [name], "properties": {name: {"type": "string"}}}
+        {"required": [name], "properties": {name: {"type": "string", "minLength": 1}}}
         for name in ("input", "prompt")
     ]
     schema["not"] = {

@@ -66,9 +66,9 @@ _IDEMPOTENCY_DOC = {
     "name": "Idempotency-Key",
     "in": "header",
     "required": False,
-    "schema": {"type": "string", "maxLength": 255},
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7e]+$"},
     "description": "Same key + same body returns the first outcome (header `Idempotent-Replayed: true`) "
-    "without executing or charging again. Scoped to your account; kept 24 hours.",
+    "without executing or charging again. Scoped to your account; kept 24 hours. Printable ASCII.",
 }
 
 
@@ -122,9 +122,9 @@ def _idempotency_key() -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    if not 1 <= len(key) <= idempotency.MAX_KEY_LENGTH or not key.isprintable():
+    if not 1 <= len(key) <= idempotency.MAX_KEY_LENGTH or not (key.isascii() and key.isprintable()):
         raise InvalidRequest(
-            f"Idempotency-Key must be 1 to {idempotency.MAX_KEY_LENGTH} printable characters.",
+            f"Idempotency-Key must be 1 to {idempotency.MAX_KEY_LENGTH} printable ASCII characters.",
             "Idempotency-Key",
         )
     return key

@@ -5,6 +5,7 @@ undocumented status, header or content type)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,8 @@ def test_schemathesis_all_checks_pass_against_the_spec(
     out = subprocess.run(
         [
             str(cli),
+            "--config-file",
+            str(Path(__file__).with_name("schemathesis.toml")),
             "run",
             f"{web_server.base_url}/openapi.json",
             "--checks",
@@ -37,5 +40,7 @@ def test_schemathesis_all_checks_pass_against_the_spec(
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.api.schemathesis_hooks"},
     )
     assert out.returncode == 0, out.stdout[-20000:] + out.stderr[-2000:]
