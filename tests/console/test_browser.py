@@ -244,6 +244,22 @@ def test_the_console_end_to_end(
     )
     shot(driver, "wallet")
 
+    # The board is checked every second in production; here, once more now (the failed
+    # executions above marked bravo and charlie down until their next good check).
+    with session_scope() as session:
+        probe_all(session, redis_client, Breaker.from_settings(redis_client, settings), timeout_s=2)
+    # And the last 40 minutes as a running exchange would have checked them (the checks above
+    # are all in this minute): a history to draw, with two minutes where charlie was down.
+    from app.providers import history
+
+    base_rtt = {"alpha": 200, "bravo": 4, "charlie": 20}
+    for minutes_ago in range(40, 0, -1):
+        at = time.time() - 60 * minutes_ago
+        for name, rtt in base_rtt.items():
+            down = name == "charlie" and minutes_ago in (12, 13)
+            history.record(
+                redis_client, name, at, not down, None if down else rtt + minutes_ago % 7
+            )
     driver.get(f"{base}/console/market")
     assert {
         r.find_element("css selector", "th").text for r in css(driver, "#providers tbody tr")
@@ -253,6 +269,9 @@ def test_the_console_end_to_end(
         "charlie",
     }
     assert "no history" not in driver.page_source
+    for cell in css(driver, "#providers td.spark"):  # each provider's last hour is drawn
+        assert cell.find_elements("css selector", "svg polyline, svg circle")
+    assert "down" not in by_id(driver, "providers").text
     # alpha's llama input price, 0.05 USD/M, with the 15 % margin the tests run with.
     assert "$0.057500 / $0.092000" in driver.page_source
     shot(driver, "market")
