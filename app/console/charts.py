@@ -202,7 +202,11 @@ def scatter_chart(
                 f'<path d="M{x - 6:.1f},{y - 6:.1f}L{x + 6:.1f},{y + 6:.1f}M{x + 6:.1f},'
                 f'{y - 6:.1f}L{x - 6:.1f},{y + 6:.1f}" stroke="{RED}" stroke-width="2"/>'
             )
-        parts.append(_text(x + 14, y - 10, p.label, "start", "label"))
+        # Labels right of their point, or left of it near the right edge (never clipped).
+        if x > _LEFT + plot_w * 0.7:
+            parts.append(_text(x - 14, y - 10, p.label, "end", "label"))
+        else:
+            parts.append(_text(x + 14, y - 10, p.label, "start", "label"))
     return _svg(title, desc, "".join(parts))
 
 
