@@ -38,6 +38,7 @@ def register_api(app: Flask) -> Api:
     document_streaming(api.spec)
     api.register_blueprint(wallet_blp)
     api.register_blueprint(catalog_blp)
+    document_streaming(api.spec)
     init_session(app)
     init_observability(app)
     errors.register(app)
