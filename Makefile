@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck format install bench bench-streaming clean
+.PHONY: run test lint typecheck format install bench bench-routing bench-streaming clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench: $(STAMP)
 # Streaming alone: TTFT and pacing added by the exchange, concurrent-stream capacity.
 bench-streaming: $(STAMP)
 	$(BIN)/python bench/streaming.py
+
+# Routing quality in the simulated market (bench/market.toml): regret, errors, shares.
+bench-routing: $(STAMP)
+	$(BIN)/python bench/routing.py
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache

@@ -224,7 +224,11 @@ def submit(
 
 
 def submit_responses(
-    bp: Blueprint, *, bad_request: str, extra_headers: dict[str, Any] | None = None
+    bp: Blueprint,
+    *,
+    bad_request: str,
+    extra_headers: dict[str, Any] | None = None,
+    timeout: str = "timeout",
 ) -> Callable[[Any], Any]:
     """The answers every submit endpoint documents beside its 200 (``extra_headers``: the
     front door's own headers on its 202 and 503)."""
@@ -263,7 +267,7 @@ def submit_responses(
             "job was accepted)",
             {**RETRY_AFTER, **more},
         ),
-        (504, "timeout", None),
+        (504, timeout, None),
     ]
 
     def document(view: Any) -> Any:

@@ -250,6 +250,13 @@ class InferenceResponseSchema(Schema):
     created_at = fields.String()
     finished_at = fields.String(metadata={"description": "When the job ended; RFC 3339"})
     provider = fields.String(metadata={"description": "The provider that served the job."})
+    tool_calls = fields.List(
+        fields.Dict(),
+        metadata={
+            "description": "Only for a chat completion that answered with tool calls: the "
+            "calls, as in its `choices[0].message.tool_calls`"
+        },
+    )
     routing = fields.Dict(
         metadata={
             "description": "The route: `winner` (the provider that served, as `provider`; null "

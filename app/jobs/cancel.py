@@ -11,7 +11,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from app.exceptions import FlopexError
 from app.jobs import states
-from app.jobs.execution import close_unserved
+from app.jobs.settlement import close_unserved
 from app.metrics import job_finished_on_commit
 from app.models import Job
 

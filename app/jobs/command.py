@@ -87,7 +87,7 @@ class ServiceUnavailable(FlopexError):
     """503 service_unavailable with Retry-After; ``job_id`` (body and X-Flopex-Job-Id) when a
     job was accepted before the fault."""
 
-    def __init__(self, job_id: uuid.UUID | None) -> None:
+    def __init__(self, job_id: uuid.UUID | None, keyed: bool = False) -> None:
         if job_id is None:
             message = "The service is briefly unavailable; nothing was charged. Retry shortly."
         else:
@@ -98,7 +98,13 @@ class ServiceUnavailable(FlopexError):
             )
         super().__init__("service_unavailable", message, job_id=job_id)
         self.retry_after_s = RETRY_AFTER_S
-        self.headers = {"X-Flopex-Job-Id": str(job_id)} if job_id is not None else {}
+        self.headers = {}
+        if job_id is not None:
+            self.headers["X-Flopex-Job-Id"] = str(job_id)
+            if not keyed:
+                # The job may run and be charged: a blind resubmission without a key would run
+                # a second one. The OpenAI SDKs retry every 5xx unless told not to.
+                self.headers["X-Should-Retry"] = "false"
 
 
 def validate_idempotency_key(key: str | None) -> str | None:
@@ -164,7 +170,7 @@ class RunInference:
             raise
         except INFRASTRUCTURE_ERRORS as exc:
             log.warning("infrastructure fault while submitting: %r", exc)
-            raise ServiceUnavailable(self._known_job()) from exc
+            raise ServiceUnavailable(self._known_job(), keyed=self.key is not None) from exc
 
     def _known_job(self) -> uuid.UUID | None:
         """The job to name in a 503: none before its row was written; the job once its commit

@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from decimal import Decimal
 from typing import Any
 
@@ -24,15 +24,16 @@ from celery import Celery
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from app import wallet, webhooks
+from app import webhooks
 from app.catalog import ModelCache, ModelEntry
-from app.db import autocommit, defer_durability, make_durable
+from app.db import Commit, defer_durability, make_durable
 from app.failpoints import failpoint, failpoint_raise
 from app.jobs import events, rows, states
 from app.jobs.events import EventWriter, queue_append
 from app.jobs.notify import queue_signal
 from app.jobs.quoting import quote_job
 from app.jobs.render import terminal_event
+from app.jobs.settlement import close_failed, close_unserved, finish_values, settle_job
 from app.jobs.streaming import (
     StopRequested,
     StreamCut,
@@ -106,12 +107,11 @@ class RouteAndExecute:
         # no row lock is held while the job is routed, and a claim lost with a crash leaves the
         # job `routing`, which the sweeper sends back to quoting (no provider was called yet).
         # The attempt's durable commit, before any provider call, flushes it too.
-        solo = autocommit(self.session)
         job = rows.claim(
             self.session,
             job_id,
             states.QUOTING,
-            no_flush=solo,
+            commit=Commit.ALONE_DEFERRED,
             status=states.ROUTING,
             updated_at=now,
             started_at=now,
@@ -229,6 +229,7 @@ class RouteAndExecute:
             estimated_input_tokens=job.estimated_input_tokens,
             max_output_tokens=job.max_output_tokens,
             explore=explore,
+            explore_below=speed.MIN_SAMPLES,
         )
 
     def _deadline(self, job: Job) -> float:
@@ -304,10 +305,10 @@ class RouteAndExecute:
         attempts.append(attempt)
         # Recovery point: the attempt is durable before the provider is called. One
         # statement, its own transaction where the session has none open.
-        autocommit(self.session)
         rows.write(
             self.session,
             job,
+            commit=Commit.ALONE,
             **{**pending, "status": states.EXECUTING, "attempts": [dict(a) for a in attempts]},
         )
         self.session.commit()
@@ -378,7 +379,7 @@ class RouteAndExecute:
     ) -> None:
         """Recovery point: the provider's answer is committed before any money moves, so a
         worker that dies after this is settled from the row and the provider is never asked
-        again. Its commit does not wait for the WAL flush (no_flush): the settlement follows at
+        again. Its commit does not wait for the WAL flush (ALONE_DEFERRED): the settlement follows at
         once, and _commit_and_signal's barrier makes both durable before anyone is told. Only a
         crash of PostgreSQL itself in that millisecond would lose it, with the settlement; the
         attempt, durable since before the provider call, then counts as interrupted
@@ -391,13 +392,10 @@ class RouteAndExecute:
             Decimal(job.markup),
         )
         # One statement, its own transaction; inside a caller's transaction, deferred with it.
-        solo = autocommit(self.session)
-        if not solo:
-            defer_durability(self.session)
         rows.write(
             self.session,
             job,
-            no_flush=solo,
+            commit=Commit.ALONE_DEFERRED,
             status=states.SETTLING,
             attempts=attempts,
             provider_name=quote.provider,
@@ -450,7 +448,7 @@ class RouteAndExecute:
             )
             log.warning("provider %s cut job %s mid-stream: %s", quote.provider, job.id, failure)
         now = utcnow()
-        settle(
+        settle_job(
             self.session,
             job,
             billed.charge_micros,
@@ -469,7 +467,7 @@ class RouteAndExecute:
                 "provider_cost_micros": billed.provider_cost_micros,
                 **finish_values(job, status, now),
             },
-            solo=True,
+            commit=Commit.ALONE_DEFERRED,
         )
         return self._commit_and_signal(job)
 
@@ -515,12 +513,12 @@ class RouteAndExecute:
         does not wait for the fsync; it is made durable before anyone is told
         (_commit_and_signal)."""
         now = utcnow()
-        settle(
+        settle_job(
             self.session,
             job,
             job.charge_micros or 0,
             {"settled_at": now, **finish_values(job, states.SUCCESS, now)},
-            solo=True,
+            commit=Commit.ALONE_DEFERRED,
         )
         return self._commit_and_signal(job, served_by, sample)
 
@@ -625,61 +623,6 @@ def _catalog(settings: Settings) -> ModelCache:
     if _models is None or _models.ttl_s != settings.catalog_cache_s:
         _models = ModelCache(settings.catalog_cache_s)
     return _models
-
-
-def finish_values(job: Job, status: str, now: datetime | None = None) -> dict[str, Any]:
-    now = now or utcnow()
-    created = job.created_at if job.created_at.tzinfo else job.created_at.replace(tzinfo=UTC)
-    return {
-        "status": status,
-        "finished_at": now,
-        "updated_at": now,
-        "latency_ms": int((now - created).total_seconds() * 1000),
-    }
-
-
-def settle(
-    session: Session, job: Job, charge_micros: int, values: dict[str, Any], solo: bool = False
-) -> None:
-    """Capture ``charge_micros`` of the job's hold, release the rest, and write ``values`` to the
-    job with its ``balance_after_micros``: one fenced write, one statement on PostgreSQL
-    (``solo``: see ``wallet.settle``)."""
-    state = wallet.settle(
-        session,
-        job.wallet_id,
-        job.id,
-        job.hold_micros,
-        charge_micros,
-        job=(job.version, rows.columns(values)),
-        solo=solo,
-    )
-    rows.mirror(job, {**values, "balance_after_micros": state.balance_micros})
-
-
-def close_unserved(session: Session, job: Job, status: str, **pending: Any) -> None:
-    """The job ends without a provider's answer: release the whole hold, charge nothing, in
-    one fenced write of the job (caller commits, and counts the job in
-    ``flopex_jobs_finished_total``: RouteAndExecute after its commit, cancel() on commit)."""
-    now = utcnow()
-    values = {"settled_at": now, **pending, **finish_values(job, status, now)}
-    if job.hold_micros:
-        settle(session, job, 0, values)
-    else:
-        rows.write(session, job, **values)
-
-
-def close_failed(
-    session: Session, job: Job, code: str, message: str, param: str | None = None, **pending: Any
-) -> None:
-    close_unserved(
-        session,
-        job,
-        states.FAILED,
-        error_code=code,
-        error_message=message,
-        error_param=param,
-        **pending,
-    )
 
 
 def _no_route_message(decision: Decision, job: Job) -> str:

@@ -52,6 +52,8 @@ def render_success(job: Job) -> dict[str, Any]:
         "finished_at": iso_utc(job.finished_at),
         "provider": job.provider_name,
         "routing": routing_summary(job),
+        # A chat completion answered with tool calls: what a poll of its job must show too.
+        **({"tool_calls": job.tool_calls} if job.tool_calls else {}),
     }
 
 

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from app import wallet
 from app.accounts import Principal
 from app.catalog import ModelCache, RouteOption, find_model
+from app.db import Commit
 from app.exceptions import FlopexError
 from app.jobs import states
 from app.models import Job, utcnow
@@ -206,8 +207,7 @@ class SubmitInference:
             job["id"],
             self._hold_choices,
             new_job=job,
-            solo=True,
-            defer=self.defer,
+            commit=Commit.ALONE_DEFERRED if self.defer else Commit.ALONE,
         )
         if placed is not None:
             return placed[0]

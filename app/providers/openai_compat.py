@@ -3,10 +3,12 @@
 One pooled ``requests.Session`` per process keeps connections to providers warm; both calls are
 sent straight on its urllib3 pool for the provider (the same warm connections and TLS settings)
 without requests' per-call machinery (cookies, hooks, environment, redirects, response wrapping),
-which cost ~0.3 ms of CPU per call. Redirects are not followed. Retries (tenacity,
-jittered exponential backoff) cover only failures where the provider did not do the work: a
-refused connection, 429 and 5xx answers. A read timeout is not retried, since the provider may
-still be generating (and billing) that request; the caller falls back to the next quote instead.
+whose CPU cost per call is measured in docs/performance.md. Redirects are not followed. Retries
+(tenacity, jittered exponential backoff) cover only failures where the provider did not do the
+work: a refused connection and 5xx answers. A 429 is not retried (the provider asked us to wait:
+the job falls through to its next provider). A read timeout is not retried, since the provider
+may still be generating (and billing) that request; the caller falls back to the next quote
+instead.
 """
 
 from __future__ import annotations
@@ -143,9 +145,8 @@ def _send(
 def ping(base_url: str, api_key: str | None, timeout_s: float) -> int:
     """Measured round trip of ``GET /models`` in ms; raises ProviderFailure when not live.
 
-    A quote is a ping, and a job pings every provider, so this is most of a quote task's own
-    CPU (0.43-0.65 -> 0.27 ms per ping without requests' machinery, docs/performance.md). A
-    ping that is redirected is not a live endpoint."""
+    The quote board's check (app/providers/board.py). A ping that is redirected is not a live
+    endpoint."""
     headers = {"Accept": "application/json", **_auth_headers(api_key)}
     start = time.perf_counter()
     try:
@@ -213,6 +214,23 @@ def _parse(body: Any) -> Completion:
     )
 
 
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header's delay in seconds (RFC 9110: a number of seconds or an HTTP
+    date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
 def _tool_calls(message: Any) -> list[dict[str, Any]] | None:
     """The message's tool calls when they have the shape a client can act on (an id, and a
     function's name with its arguments as a string); a malformed one fails the provider."""
@@ -242,23 +260,6 @@ def _tool_calls(message: Any) -> list[dict[str, Any]] | None:
     return kept
 
 
-def retry_after_seconds(value: str | None) -> float | None:
-    """A Retry-After header's delay in seconds (RFC 9110: a number of seconds or an HTTP
-    date); None when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 def complete(
     base_url: str,
     api_key: str | None,
@@ -269,20 +270,20 @@ def complete(
     connect_timeout_s: float,
     read_timeout_s: float,
     retries: int,
-    messages: list[dict[str, Any]] | None = None,
-    params: dict[str, Any] | None = None,
     budget_s: float | None = None,
     on_failed_try: Callable[[ProviderFailure], None] | None = None,
+    messages: list[dict[str, Any]] | None = None,
+    params: dict[str, Any] | None = None,
 ) -> Completion:
     """One completion, with retries where the provider cannot have done the work (a refused
     or timed-out connection, a 5xx). A 429 is not retried: the provider asked us to wait
     (``retry_after_s`` on the failure), so the job falls through to its next provider at once.
 
-    ``messages`` and ``params`` (sampling and tool parameters, sent unchanged): a chat
-    completion's request; without them, ``prompt`` is the one user message.
     ``budget_s``: what is left of the job's deadline; no try outlasts it (each try's timeouts
     are cut to it, and no retry starts past it). ``on_failed_try``: called for each failed try
-    that is retried, so a provider's success rate counts every failure, not only the last."""
+    that is retried, so a provider's success rate counts every failure, not only the last.
+    ``messages`` and ``params`` (sampling and tool parameters, sent unchanged): a chat
+    completion's request; without them, ``prompt`` is the one user message."""
     deadline = time.monotonic() + (budget_s if budget_s is not None else math.inf)
     body = json.dumps(
         {
