@@ -109,6 +109,17 @@ def document_streaming(spec: Any) -> None:
         ". With `stream: true`: Server-Sent Events (`routing`, `delta`, then `completed` or "
         "`failed`; docs/api.md, Streaming) and the `X-Flopex-Job-Id` header."
     )
+    chat = spec._paths.get("/v1/chat/completions", {}).get("post", {}).get("responses", {})
+    if "200" in chat:
+        chat["200"].setdefault("content", {})["text/event-stream"] = {
+            "schema": {
+                "type": "string",
+                "description": "With `stream: true`: `data: {chat.completion.chunk}` lines "
+                "(role, content and tool_calls deltas, finish_reason; a usage chunk with "
+                "`stream_options.include_usage`), then `data: [DONE]` (docs/api.md, Chat "
+                "Completions streaming).",
+            }
+        }
 
 
 # Authentication and the rate limit come before validation, as with Stripe: an unauthenticated
