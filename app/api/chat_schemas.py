@@ -75,6 +75,7 @@ class ChatCompletionRequestSchema(Schema):
     messages = fields.List(
         fields.Dict(),
         required=True,
+        validate=validate.Length(min=1),
         metadata={
             "description": "system, developer (sent as system), user, assistant (with "
             "tool_calls) and tool messages; content a string or an array of text parts. "

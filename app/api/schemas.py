@@ -584,9 +584,10 @@ class StreamEventSchema(Schema):
         validate=validate.OneOf(("routing", "delta", "completed", "failed")),
         metadata={"description": "The event's name."},
     )
-    data = fields.Dict(
+    data = fields.String(
         metadata={
-            "description": "routing: `id`, `provider` (about to be asked), `winner`, `order`, "
+            "description": "A JSON object, as text (SSE data is text). "
+            "routing: `id`, `provider` (about to be asked), `winner`, `order`, "
             "`dropped`, `reason`. delta: `text`, and `tool_calls` fragments when the provider "
             "sent them. completed: the job as GET /v1/inference/{id} returns it, plus "
             "`finish_reason`. failed: `error` (the one error shape, with `job_id`), `status` "
