@@ -119,6 +119,8 @@ class LedgerEntry(Base):
             sqlite_where=text("kind = 'release'"),
         ),
         Index("ix_ledger_wallet_id_id", "wallet_id", "id"),
+        # A job's entries (the console's job page; migration 0007).
+        Index("ix_ledger_job_id", "job_id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

@@ -28,10 +28,20 @@ from app import webhooks
 from app.catalog import ModelCache, ModelEntry
 from app.db import Commit, autocommit, defer_durability, make_durable
 from app.failpoints import failpoint, failpoint_raise
-from app.jobs import rows, states
+from app.jobs import events, rows, states
+from app.jobs.events import EventWriter, queue_append
 from app.jobs.notify import queue_signal
 from app.jobs.quoting import quote_job
-from app.jobs.settlement import close_failed, finish_values, settle_job
+from app.jobs.render import terminal_event
+from app.jobs.settlement import close_failed, close_unserved, finish_values, settle_job
+from app.jobs.streaming import (
+    StopRequested,
+    StreamCut,
+    announce_route,
+    cut_charge,
+    is_streaming,
+    stream_completion,
+)
 from app.metrics import (
     PROVIDER_ERRORS,
     PROVIDER_LATENCY,
@@ -162,6 +172,9 @@ class RouteAndExecute:
         for attempt in attempts:
             if "outcome" not in attempt and "failure" not in attempt:
                 attempt["failure"] = "interrupted"
+        cut = self._interrupted_stream(job, attempts)
+        if cut is not None:
+            return cut
         offered, _ = self._still_offered(job, job.quotes or [])
         decision = self._decide(
             job,
@@ -236,6 +249,8 @@ class RouteAndExecute:
         endpoints = {q["provider"]: q for q in quotes}
         deadline = self._deadline(job)
         out_of_time = False
+        # A streaming job's answer goes to its events as it comes (app/jobs/streaming.py).
+        writer = EventWriter(self.redis, job.id, self.settings) if is_streaming(job) else None
         for ranked in decision.ranked:
             quote = ranked.quote
             if quote.provider in tried:
@@ -243,9 +258,17 @@ class RouteAndExecute:
             if deadline - time.time() <= 0.001:
                 out_of_time = True
                 break
-            answer = self._attempt(
-                job, quote, endpoints[quote.provider], attempts, pending, deadline
-            )
+            if writer is not None:
+                try:
+                    announce_route(writer, job, decision, quote)
+                except StopRequested:
+                    return self._stopped(job, {**pending, "attempts": attempts})
+            try:
+                answer = self._attempt(
+                    job, quote, endpoints[quote.provider], attempts, pending, deadline, writer
+                )
+            except StreamCut as cut:
+                return self._close_cut(job, quote, cut, attempts)
             pending = {}
             if answer is not None:
                 result, elapsed_ms = answer
@@ -268,10 +291,12 @@ class RouteAndExecute:
         attempts: list[dict[str, Any]],
         pending: dict[str, Any],
         deadline: float,
+        writer: EventWriter | None = None,
     ) -> tuple[Completion, float] | None:
-        """One provider's attempt: recorded durably, then executed (the step that streaming
-        will replace). Returns the answer and its time in ms, or None when it failed (the
-        failure is recorded on the attempt, the provider's health, breaker and board entry)."""
+        """One provider's attempt: recorded durably, then executed. Returns the answer and its
+        time in ms, or None when it failed (the failure is recorded on the attempt, the
+        provider's health, breaker and board entry). With a ``writer`` the provider's answer is
+        streamed into the job's events; a stream cut after its first delta raises StreamCut."""
         attempt: dict[str, Any] = {"provider": quote.provider, "started_at": utcnow().isoformat()}
         attempts.append(attempt)
         # Recovery point: the attempt is durable before the provider is called. One
@@ -293,20 +318,27 @@ class RouteAndExecute:
 
         started = time.perf_counter()
         try:
-            result = complete(
-                endpoint["base_url"],
-                resolve_api_key(endpoint["api_key_env"]),
-                quote.provider_model_id,
-                job.request["input"],
-                job.max_output_tokens,
-                connect_timeout_s=self.settings.provider_connect_timeout_s,
-                read_timeout_s=self.settings.provider_read_timeout_s,
-                retries=self.settings.provider_retries,
-                messages=job.messages,
-                params=job.provider_params,
-                budget_s=deadline - time.time(),
-                on_failed_try=failed_try,
-            )
+            if writer is not None:
+                try:
+                    result = stream_completion(writer, job, quote, endpoint, self.settings)
+                except StreamCut:
+                    attempt["latency_ms"] = int((time.perf_counter() - started) * 1000)
+                    raise
+            else:
+                result = complete(
+                    endpoint["base_url"],
+                    resolve_api_key(endpoint["api_key_env"]),
+                    quote.provider_model_id,
+                    job.request["input"],
+                    job.max_output_tokens,
+                    connect_timeout_s=self.settings.provider_connect_timeout_s,
+                    read_timeout_s=self.settings.provider_read_timeout_s,
+                    retries=self.settings.provider_retries,
+                    messages=job.messages,
+                    params=job.provider_params,
+                    budget_s=deadline - time.time(),
+                    on_failed_try=failed_try,
+                )
         except ProviderFailure as exc:
             elapsed = time.perf_counter() - started
             attempt.update(
@@ -383,6 +415,91 @@ class RouteAndExecute:
         )
         self.session.commit()
 
+    def _close_cut(
+        self, job: Job, quote: Quote, cut: StreamCut, attempts: list[dict[str, Any]]
+    ) -> Outcome:
+        """A stream cut after its first delta: no fallback (the client has part of an answer);
+        the job ends ``failed`` (the provider broke) or ``cancelled`` (the client left) and is
+        charged for what was generated (docs/billing.md), in one settlement."""
+        billed = cut_charge(job, quote, cut.usage, cut.delivered)
+        attempt = attempts[-1]
+        if cut.failure is None:
+            attempt["failure"] = "stopped"
+            status, code = states.CANCELLED, "job_cancelled"
+            message = (
+                f"The client disconnected; generation was stopped after {billed.output_tokens} "
+                "output tokens, which were charged."
+            )
+        else:
+            failure = cut.failure
+            attempt.update(failure=failure.kind, status=failure.status, error=str(failure))
+            PROVIDER_ERRORS.labels(quote.provider, failure.kind).inc()
+            if failure.provider_at_fault:
+                self.breaker.record_failure(quote.provider)
+            health.record_outcome(self.redis, quote.provider, False, self.settings.health_window_s)
+            status, code = states.FAILED, "provider_error"
+            message = (
+                f"The provider's stream broke ({failure.kind}) after {cut.delivered} deltas; "
+                f"the {billed.output_tokens} output tokens generated were charged."
+            )
+            log.warning("provider %s cut job %s mid-stream: %s", quote.provider, job.id, failure)
+        now = utcnow()
+        settle_job(
+            self.session,
+            job,
+            billed.charge_micros,
+            {
+                "settled_at": now,
+                "attempts": attempts,
+                "error_code": code,
+                "error_message": message,
+                "provider_name": quote.provider,
+                "provider_model_id": quote.provider_model_id,
+                "output_text": cut.text,
+                "finish_reason": cut.finish_reason,
+                "input_tokens": billed.input_tokens,
+                "output_tokens": billed.output_tokens,
+                "charge_micros": billed.charge_micros,
+                "provider_cost_micros": billed.provider_cost_micros,
+                **finish_values(job, status, now),
+            },
+            commit=Commit.ALONE_DEFERRED,
+        )
+        return self._commit_and_signal(job)
+
+    def _interrupted_stream(self, job: Job, attempts: list[dict[str, Any]]) -> Outcome | None:
+        """A streaming job whose worker died after its client received deltas cannot fall back
+        (the next provider's answer would not continue the text): it is settled as a cut
+        stream, for what its events show was delivered."""
+        if not is_streaming(job) or not attempts:
+            return None
+        got = events.delivered(self.redis, job.id)
+        if got is None or got[1] == 0:
+            return None
+        text, count = got
+        last = attempts[-1]
+        quote = next(
+            (Quote.from_dict(q) for q in job.quotes or [] if q.get("provider") == last["provider"]),
+            None,
+        )
+        if quote is None:
+            return None
+        failure = ProviderFailure("interrupted", "the worker streaming this job stopped")
+        return self._close_cut(job, quote, StreamCut(text, count, None, None, failure), attempts)
+
+    def _stopped(self, job: Job, pending: dict[str, Any]) -> Outcome:
+        """The client of a streaming job left before any provider was called."""
+        defer_durability(self.session)
+        close_unserved(
+            self.session,
+            job,
+            states.CANCELLED,
+            error_code="job_cancelled",
+            error_message="The client disconnected before generation started; nothing was charged.",
+            **pending,
+        )
+        return self._commit_and_signal(job)
+
     def _settle_answered(
         self, job: Job, served_by: str | None = None, sample: _Sample | None = None
     ) -> Outcome:
@@ -435,6 +552,11 @@ class RouteAndExecute:
             )
         finally:
             pipe = self.redis.pipeline(transaction=False)
+            # The job's last event, for readers of its stream (one that did not stream keeps it
+            # only a minute: long enough to wake a reader attached to it).
+            name, data = terminal_event(job)
+            ttl_s = None if is_streaming(job) else min(60, self.settings.stream_events_ttl_s)
+            queue_append(pipe, job.id, name, data, self.settings, ttl_s=ttl_s)
             queue_signal(pipe, job.id)
             if served_by is not None:
                 health.queue_outcome(pipe, served_by, True, self.settings.health_window_s)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVarTuple
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import Select, select, tuple_
 from sqlalchemy.orm import Session
 
 from app.exceptions import FlopexError
 from app.jobs import states
 from app.models import Job
+
+_Ts = TypeVarTuple("_Ts")
 
 
 def own_job(session: Session, account_id: uuid.UUID, job_id: str, param: str = "job_id") -> Job:
@@ -36,6 +39,7 @@ class JobFilter:
 
     status: str | None = None
     customer_ref: str | None = None
+    model: str | None = None  # the console's filter (the API has no such parameter yet)
     created_after: datetime | None = None
     created_before: datetime | None = None
     starting_after: uuid.UUID | None = None
@@ -51,9 +55,12 @@ class JobPage:
         return str(self.jobs[-1].id) if self.has_more else None
 
 
-def list_jobs(session: Session, account_id: uuid.UUID, where: JobFilter, limit: int) -> JobPage:
-    """The account's jobs, newest first (created_at, then id, so the order is total)."""
-    stmt = select(Job).where(Job.account_id == account_id)
+def filter_jobs(stmt: Select[*_Ts], account_id: uuid.UUID, where: JobFilter) -> Select[*_Ts]:
+    """The filters of ``where`` but its cursor, on a select of the account's jobs (the list's,
+    and the console's CSV export)."""
+    stmt = stmt.where(Job.account_id == account_id)
+    if where.model is not None:
+        stmt = stmt.where(Job.model == where.model)
     if where.status is not None:
         stmt = stmt.where(Job.status.in_(states.INTERNAL[where.status]))
     if where.customer_ref is not None:
@@ -62,6 +69,12 @@ def list_jobs(session: Session, account_id: uuid.UUID, where: JobFilter, limit: 
         stmt = stmt.where(Job.created_at > where.created_after)
     if where.created_before is not None:
         stmt = stmt.where(Job.created_at < where.created_before)
+    return stmt
+
+
+def list_jobs(session: Session, account_id: uuid.UUID, where: JobFilter, limit: int) -> JobPage:
+    """The account's jobs, newest first (created_at, then id, so the order is total)."""
+    stmt = filter_jobs(select(Job), account_id, where)
     if where.starting_after is not None:
         cursor = own_job(session, account_id, str(where.starting_after), "starting_after")
         stmt = stmt.where(tuple_(Job.created_at, Job.id) < tuple_(cursor.created_at, cursor.id))

@@ -45,10 +45,12 @@ class InferenceRequest:
     messages: list[dict[str, Any]] | None = None
     provider_params: dict[str, Any] | None = None
     user: str | None = None
+    stream: bool = False
 
     def canonical(self) -> dict[str, Any]:
         """JSON-safe form stored on the job (and, later, fingerprinted for idempotency)."""
-        return {
+        # `stream` only when set: the worker streams the provider's answer into the job's events.
+        return ({"stream": True} if self.stream else {}) | {
             "model": self.model,
             "input": self.prompt,
             "max_output_tokens": self.max_output_tokens,

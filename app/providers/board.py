@@ -28,6 +28,7 @@ from redis.client import Pipeline
 from redis.typing import EncodableT
 
 from app.metrics import QUOTE_LATENCY
+from app.providers import history
 from app.providers.breaker import Breaker
 from app.providers.openai_compat import ProviderFailure, ping, resolve_api_key
 
@@ -178,7 +179,10 @@ def check(
         entry.error,
         breaker=breaker.state(target.provider, measured),
     )
-    write(client, entry)
+    pipe = client.pipeline(transaction=False)
+    write(pipe, entry)
+    history.queue_record(pipe, entry.provider, measured, entry.live, entry.rtt_ms)
+    pipe.execute()
     return entry
 
 
