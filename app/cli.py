@@ -35,7 +35,7 @@ from app import accounts, wallet
 from app.catalog import load_catalog
 from app.db import session_scope
 from app.models import Account, ApiKey, Job, LedgerEntry, Wallet
-from app.money import micros_to_usd, usd_to_micros
+from app.money import JSON_NUMBER, micros_to_usd, usd_to_micros
 from config.settings import get_settings
 
 
@@ -78,13 +78,14 @@ def cmd_catalog_load(args: argparse.Namespace) -> None:
 _MAX_CREDIT_USD = Decimal(1_000_000_000)
 
 
-# Plain decimal notation only: `1e3` is a valid Decimal but not how anyone writes $1,000.
-_AMOUNT = re.compile(r"^[+-]?\d+(\.\d+)?$")
+# The API's number grammar (JSON's: an exponent is allowed, as in max_price_usd) with an
+# optional leading +: the admin CLI and the API read amounts alike.
+_AMOUNT = re.compile(rf"\+?{JSON_NUMBER.pattern}")
 
 
 def _micros(amount: str) -> int:
-    if not _AMOUNT.match(amount.strip()):
-        raise ValueError(f"an amount is written in USD like 10 or 0.25, not {amount!r}")
+    if not _AMOUNT.fullmatch(amount.strip()):
+        raise ValueError(f"an amount is written in USD like 10, 0.25 or 2.5e-1, not {amount!r}")
     micros = usd_to_micros(amount.strip())
     if abs(micros) > usd_to_micros(_MAX_CREDIT_USD):
         raise ValueError(f"an amount above ${_MAX_CREDIT_USD:,} is refused: {amount}")

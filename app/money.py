@@ -9,11 +9,17 @@ smaller than the charge it covers, and no usage is ever billed as zero.
 
 from __future__ import annotations
 
+import re
 from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation, localcontext
 from fractions import Fraction
 
 MICROS_PER_USD = 1_000_000
 _SIX_PLACES = Decimal("0.000001")
+
+
+# JSON's number grammar: how an amount may be written, to the API (a JSON number, or a string
+# holding one) and to the admin CLI alike.
+JSON_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 
 
 def _exact(value: Decimal):  # type: ignore[no-untyped-def]

@@ -7,11 +7,13 @@ import logging
 import uuid
 from typing import Any
 
+import redis
 from celery import Task, shared_task
 from sqlalchemy.orm.exc import StaleDataError
 
 from app import task_names
 from app.db import session_factory
+from app.jobs import liveness
 from app.jobs.execution import Outcome, RouteAndExecute
 from app.jobs.recovery import RESUME_VERSION_HEADER
 from app.redis_client import get_redis
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def _run(task: Task[Any, Any], job_id: str, resume: bool, version: int | None = None) -> str | None:
+    _hold(job_id)
     session = session_factory()()
     try:
         service = RouteAndExecute(session, get_redis(), get_settings(), task.app)
@@ -35,6 +38,16 @@ def _run(task: Task[Any, Any], job_id: str, resume: bool, version: int | None = 
         return None
     finally:
         session.close()
+
+
+def _hold(job_id: str) -> None:
+    # This process holds the job from here: if it dies, the sweeper sees its heartbeat stop
+    # and resumes the job at once (app/jobs/liveness.py). Only a speed-up: a Redis fault here
+    # leaves the job to the sweeper's age thresholds.
+    try:
+        liveness.hold(get_redis(), job_id)
+    except redis.RedisError as exc:
+        log.warning("job %s: holder not recorded: %s", job_id, exc)
 
 
 @shared_task(name=task_names.ROUTE, bind=True)

@@ -366,12 +366,12 @@ def stop_web(server: WebServer) -> None:
         server.proc.wait()
 
 
-@pytest.fixture(scope="session")
-def web_server(database: str, redis_client: Any) -> Iterator[WebServer]:
-    """The real web server, with short slow-client bounds (2 s) so tests can cross them."""
-    (_TMP / "web").mkdir(exist_ok=True)
+@pytest.fixture(scope="module")
+def web_server(database: str, redis_client: Any, tmp_path_factory: Any) -> Iterator[WebServer]:
+    """The real web server, with short slow-client bounds (2 s) so tests can cross them; one
+    per test module, so its database connections are not held for the rest of the run."""
     server = start_web(
-        _TMP / "web" / "gunicorn.log",
+        tmp_path_factory.mktemp("web") / "gunicorn.log",
         {"WEB_HEADER_TIMEOUT_S": "2", "WEB_BODY_TIMEOUT_S": "2"},
     )
     try:

@@ -217,15 +217,14 @@ def test_wallet_refund_pays_back_part_then_the_rest_and_no_more(database, capsys
     [
         ["wallet", "refund", "JOB", "--amount", "0.05", "--memo", "more than charged"],
         ["wallet", "refund", "JOB", "--amount", "-0.01", "--memo", "negative"],
-        ["wallet", "refund", "JOB", "--amount", "1e-2", "--memo", "exponent"],
         ["wallet", "refund", "JOB", "--memo", " "],
         ["wallet", "refund", str(uuid.uuid4()), "--memo", "no such job"],
         ["wallet", "adjust", "ACCOUNT", "-1.01", "--memo", "more than available"],
         ["wallet", "adjust", "ACCOUNT", "0", "--memo", "zero"],
         ["wallet", "adjust", "ACCOUNT", "5", "--memo", ""],
-        ["wallet", "top-up", "ACCOUNT", "1e3"],
+        ["wallet", "top-up", "ACCOUNT", "010"],
     ],
-    ids=["over", "negative", "exponent", "no-memo", "no-job", "overdraw", "zero", "memo", "1e3"],
+    ids=["over", "negative", "no-memo", "no-job", "overdraw", "zero", "memo", "leading-zero"],
 )
 def test_bad_refunds_and_adjustments_exit_2_and_write_nothing(database, capsys, argv):
     account_id = run(capsys, "account", "create", unique("Bad"), "--top-up", "1")["account_id"]
@@ -235,6 +234,19 @@ def test_bad_refunds_and_adjustments_exit_2_and_write_nothing(database, capsys, 
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith("flopex: ")
     assert ledger(account_id) == before
+
+
+def test_amounts_with_an_exponent_read_as_the_api_reads_them(database, capsys):
+    """The API takes max_price_usd as any JSON number (1e-2 included): so does the CLI."""
+    account_id = run(capsys, "account", "create", unique("Exponent"))["account_id"]
+    run(capsys, "wallet", "top-up", account_id, "1e1")
+    job_id = _charged_job(account_id, 30_000)
+    refund = run(capsys, "wallet", "refund", job_id, "--amount", "1e-2", "--memo", "exponent")
+    assert refund["refunded_usd"] == "0.010000"
+    run(capsys, "wallet", "adjust", account_id, "2.5E-1", "--memo", "exponent")
+    kinds = [(kind, amount) for kind, amount, _ in ledger(account_id)]
+    assert ("topup", 10_000_000) in kinds
+    assert ("refund", 10_000) in kinds and ("adjustment", 250_000) in kinds
 
 
 def test_wallet_adjust_corrects_the_balance_both_ways(database, capsys):

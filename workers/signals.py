@@ -20,15 +20,37 @@ from celery.signals import (
 )
 
 from app.db import dispose_engine
+from app.jobs.liveness import Heartbeat
 from app.logs import HEADER_JOB_ID, HEADER_REQUEST_ID, configure_logging, job_id_var, request_id_var
 from app.metrics import mark_process_dead, serve_worker_metrics
-from app.redis_client import reset_redis
+from app.redis_client import get_redis, reset_redis
 from config.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 # The metrics listener of this process, by pid: started at most once per process.
 _metrics_servers: dict[int, WSGIServer] = {}
+# This process's liveness heartbeat (app/jobs/liveness.py), by pid: one per process.
+_heartbeats: dict[int, Heartbeat] = {}
+
+
+def start_heartbeat() -> Heartbeat:
+    pid = os.getpid()
+    if pid not in _heartbeats:
+        _heartbeats[pid] = Heartbeat(get_redis).start()
+    return _heartbeats[pid]
+
+
+@worker_ready.connect
+def _heartbeat_main(**_: Any) -> None:
+    # The process whose pool threads run the tasks (--pool threads, the Procfile's).
+    start_heartbeat()
+
+
+@worker_process_init.connect
+def _heartbeat_child(**_: Any) -> None:
+    # A prefork pool child runs tasks itself: it beats for itself.
+    start_heartbeat()
 
 
 @setup_logging.connect

@@ -38,7 +38,7 @@ def register_api(app: Flask) -> Api:
     document_streaming(api.spec)
     api.register_blueprint(wallet_blp)
     api.register_blueprint(catalog_blp)
-    document_streaming(api.spec)
+    _state_the_prompt_rule(api)
     init_session(app)
     init_observability(app)
     errors.register(app)
@@ -49,3 +49,23 @@ def register_api(app: Flask) -> Api:
         settings.auth_cache_s, settings.auth_failures_per_min
     )
     return api
+
+
+def _state_the_prompt_rule(api: Api) -> None:
+    """The OpenAPI document says what the server enforces of `input` and `prompt`, which no one
+    field can: at least one of them is a non-empty string, and not both are (docs/api.md: two
+    different prompts are refused; the same text twice is accepted)."""
+    schema = api.spec.components.schemas.get("InferenceRequest")
+    if schema is None:
+        return
+    schema["anyOf"] = [
+        {"required": [name], "properties": {name: {"type": "string", "minLength": 1}}}
+        for name in ("input", "prompt")
+    ]
+    schema["not"] = {
+        "required": ["input", "prompt"],
+        "properties": {
+            "input": {"type": "string", "minLength": 1},
+            "prompt": {"type": "string", "minLength": 1},
+        },
+    }

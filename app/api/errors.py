@@ -125,7 +125,11 @@ def register(app: Flask) -> None:
                 413,
             )
         code = _HTTP_CODES.get(status, "internal_error" if status >= 500 else "invalid_request")
-        response = error_response(code, err.description or err.name, None, status)
+        message = err.description or err.name
+        if status == 404 and request.url_rule is None:
+            # No route matched (not a missing resource behind a real route).
+            message = _unknown_route(app, request.method, request.path)
+        response = error_response(code, message, None, status)
         if status == 405:
             # RFC 9110 §15.5.6: a 405 lists the methods the resource supports. Werkzeug knows
             # them (its own page carries them); the JSON envelope must not lose them.
@@ -140,6 +144,21 @@ def register(app: Flask) -> None:
             return service_unavailable(err)
         log.exception("unhandled error")
         return error_response("internal_error", "An internal error occurred.", None, 500)
+
+
+def _unknown_route(app: Flask, method: str, path: str) -> str:
+    routes = sorted(
+        {
+            rule.rule.replace("<", "{").replace(">", "}")
+            for rule in app.url_map.iter_rules()
+            if rule.rule.startswith("/v1/")
+        }
+    )
+    shown = path if len(path) <= 100 else path[:100] + "..."
+    return (
+        f"No route {method} {shown}. The API's routes: {', '.join(routes)}; "
+        "every operation is documented at /docs (OpenAPI: /openapi.json)."
+    )
 
 
 def service_unavailable(err: BaseException) -> Any:

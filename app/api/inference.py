@@ -63,9 +63,9 @@ IDEMPOTENCY_DOC = {
     "name": "Idempotency-Key",
     "in": "header",
     "required": False,
-    "schema": {"type": "string", "maxLength": 255},
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7e]+$"},
     "description": "Same key + same body returns the first outcome (header `Idempotent-Replayed: true`) "
-    "without executing or charging again. Scoped to your account; kept 24 hours.",
+    "without executing or charging again. Scoped to your account; kept 24 hours. Printable ASCII.",
 }
 
 

@@ -12,7 +12,6 @@ import math
 import typing
 
 import flask
-from webargs import core
 from webargs.flaskparser import FlaskParser
 
 from app.exceptions import FlopexError, InvalidRequest
@@ -135,8 +134,17 @@ class FlopexParser(FlaskParser):
             )
         data = req.get_data(cache=True)
         if not data:
-            return core.missing
+            # docs/api.md: a body that is not JSON, an empty one included, says so.
+            raise InvalidRequest("The request body is not valid JSON: it is empty.")
         return load_json(data)
+
+    def load_querystring(self, req: flask.Request, schema: typing.Any) -> typing.Any:
+        # A parameter given twice (?limit=1&limit=2) is refused, not read first-wins: which one
+        # the client meant is a guess. No query parameter of the API takes a list.
+        for name, values in req.args.lists():
+            if len(values) > 1:
+                raise InvalidRequest(f"The query parameter {name} is given more than once.", name)
+        return super().load_querystring(req, schema)
 
     def _handle_invalid_json_error(
         self, error: Exception, req: flask.Request, *a: typing.Any, **k: typing.Any

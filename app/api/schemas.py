@@ -10,6 +10,7 @@ from typing import Any
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from app.jobs import states
+from app.money import JSON_NUMBER
 from app.routing import PROFILES, STRATEGIES
 from app.webhooks import names_private_host, valid_url
 from config.settings import get_settings
@@ -36,7 +37,7 @@ class StrictBoolean(fields.Boolean):
 
 
 # JSON's number grammar: what a string may hold where a number is expected.
-_JSON_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+_JSON_NUMBER = JSON_NUMBER
 
 
 class ExactDecimal(fields.Decimal):
@@ -45,9 +46,14 @@ class ExactDecimal(fields.Decimal):
     number's text (app/api/parser.py), so 0.0000249999999999999999 is not rounded to the float
     2.5e-05 on its way in. Not a boolean, no spaces or signs around the digits."""
 
+    def __init__(self, *args: Any, string_pattern: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # What a string may hold; the OpenAPI document states it (number_or_string_property).
+        self.string_pattern = re.compile(string_pattern or _JSON_NUMBER.pattern)
+
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
         if isinstance(value, str):
-            if not _JSON_NUMBER.fullmatch(value):
+            if not self.string_pattern.fullmatch(value):
                 raise ValidationError("Must be a number.")
         elif isinstance(value, bool) or not isinstance(value, int | float):
             raise ValidationError("Must be a number.")
@@ -66,7 +72,7 @@ def number_or_string_property(
     return {
         "anyOf": [
             {"type": "number"},
-            {"type": "string", "pattern": f"^{_JSON_NUMBER.pattern}$"},
+            {"type": "string", "pattern": f"^({field.string_pattern.pattern})$"},
         ]
     }
 
@@ -74,6 +80,20 @@ def number_or_string_property(
 # Far above any charge one request can reach, far below what a BIGINT of micro-USD can hold.
 MAX_PRICE_USD = 1_000_000
 MAX_METADATA_DEPTH = 32
+
+
+# What valid_url (app/webhooks.py) accepts, stated in the OpenAPI document: an absolute http(s)
+# URL with a host and a port in range, no spaces or control characters.
+_PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
+CALLBACK_URL_PATTERN = (
+    r"^[hH][tT][tT][pP][sS]?://([^\x00-\x20\x7f/?#@]*@)?[^\x00-\x20\x7f/?#@:\[\]]+"
+    rf"(:{_PORT}?)?([/?#][^\x00-\x20\x7f]*)?$"
+)
+
+# Empty, or holding a character that is not whitespace; no NUL.
+PROMPT_PATTERN = r"^([^\x00]*[^\x00\s][^\x00]*)?$"
+# No NUL (PostgreSQL text cannot hold one: _text_problem).
+NO_NUL_PATTERN = r"^[^\x00]*$"
 
 
 def _text_problem(value: Any, depth: int = 0) -> str | None:
@@ -107,17 +127,32 @@ class InferenceRequestSchema(Schema):
     model = fields.String(
         required=True,
         validate=validate.Length(min=1, max=128),
-        metadata={"description": "Model alias, e.g. llama-3.1-8b.", "example": "llama-3.1-8b"},
+        metadata={
+            "description": "Model alias, e.g. llama-3.1-8b.",
+            "example": "llama-3.1-8b",
+            "pattern": NO_NUL_PATTERN,
+        },
     )
+    # The OpenAPI document says what is enforced: at least one of the two is a string (the
+    # schema's anyOf, app/api/__init__.py), and neither is only whitespace (the pattern: empty,
+    # or some text).
     input = fields.String(
         load_default=None,
         allow_none=True,
-        metadata={"description": "Primary prompt text. Required unless legacy `prompt` is set."},
+        metadata={
+            "description": "Primary prompt text. Required unless legacy `prompt` is set; not "
+            "only whitespace.",
+            "pattern": PROMPT_PATTERN,
+        },
     )
     prompt = fields.String(
         load_default=None,
         allow_none=True,
-        metadata={"description": "Legacy prompt, used when `input` is empty.", "deprecated": True},
+        metadata={
+            "description": "Legacy prompt, used when `input` is empty; not only whitespace.",
+            "deprecated": True,
+            "pattern": PROMPT_PATTERN,
+        },
     )
     max_output_tokens = StrictInteger(
         required=True,
@@ -128,11 +163,20 @@ class InferenceRequestSchema(Schema):
     routing_strategy = fields.String(
         load_default="lowest_cost", validate=validate.OneOf(STRATEGIES)
     )
-    customer_ref = fields.String(load_default=None, allow_none=True)
+    customer_ref = fields.String(
+        load_default=None,
+        allow_none=True,
+        # The length rule is checked in _bounds against FLOPEX_MAX_CUSTOMER_REF_LEN (255).
+        metadata={"minLength": 1, "maxLength": 255, "pattern": NO_NUL_PATTERN},
+    )
     max_price_usd = ExactDecimal(
         load_default=None,
         allow_none=True,
         validate=validate.Range(min=0, max=MAX_PRICE_USD),
+        # As a string: a number within the range, as a pattern can state it (a JSON number's
+        # range is stated by minimum and maximum; they do not apply to strings): no sign, at
+        # most six integer digits or 1000000, an exponent only below zero (1E-400).
+        string_pattern=r"(0|[1-9][0-9]{0,5})(\.[0-9]+)?([eE]-[0-9]+)?|1000000(\.0+)?",
         as_string=False,
         metadata={
             "description": "Reject if the estimated charge (markup included) exceeds this. A "
@@ -150,7 +194,8 @@ class InferenceRequestSchema(Schema):
         validate=validate.Length(max=2048),
         metadata={
             "description": "Flopex POSTs the finished job here, signed (Flopex-Signature; see "
-            "GET /v1/webhook_secret). An extension of the API document."
+            "GET /v1/webhook_secret). An extension of the API document.",
+            "pattern": CALLBACK_URL_PATTERN,
         },
     )
     stream = StrictBoolean(
@@ -169,6 +214,11 @@ class InferenceRequestSchema(Schema):
             problem = _text_problem(data.get(name))
             if problem:
                 raise ValidationError(problem, name)
+        for name in ("input", "prompt"):
+            value = data.get(name)
+            if value and not value.strip():
+                # Whitespace is not a prompt: it would be charged for an answer to nothing.
+                raise ValidationError("Must contain text, not only whitespace.", name)
         text_input, prompt = data.get("input") or "", data.get("prompt") or ""
         if not text_input and not prompt:
             raise ValidationError("Provide input (or the legacy prompt).", "input")
@@ -404,9 +454,10 @@ class JobListQuerySchema(Schema):
     status = fields.String(validate=validate.OneOf(list(states.INTERNAL)))
     customer_ref = fields.String(
         # PostgreSQL text cannot hold NUL: without this, a NUL in the filter was a 500.
+        # A pattern, not ContainsNoneOf: the OpenAPI document then states the rule.
         validate=[
             validate.Length(min=1, max=255),
-            validate.ContainsNoneOf("\x00", error="Must not contain NUL characters."),
+            validate.Regexp(r"^[^\x00]*$", error="Must not contain NUL characters."),
         ]
     )
     created_after = UtcDateTime(

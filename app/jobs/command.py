@@ -109,10 +109,10 @@ class ServiceUnavailable(FlopexError):
 
 def validate_idempotency_key(key: str | None) -> str | None:
     if key is not None and (
-        not 1 <= len(key) <= idempotency.MAX_KEY_LENGTH or not key.isprintable()
+        not 1 <= len(key) <= idempotency.MAX_KEY_LENGTH or not (key.isascii() and key.isprintable())
     ):
         raise InvalidRequest(
-            f"Idempotency-Key must be 1 to {idempotency.MAX_KEY_LENGTH} printable characters.",
+            f"Idempotency-Key must be 1 to {idempotency.MAX_KEY_LENGTH} printable ASCII characters.",
             "Idempotency-Key",
         )
     return key

@@ -16,6 +16,9 @@ its current step can take:
 Resuming an executing job abandons its in-flight attempt (the provider may have run it, so it is
 never re-sent) and goes on with the candidates not yet tried.
 
+A routing, executing or settling job whose worker's heartbeat has stopped is stuck at once,
+whatever its age (app/jobs/liveness.py); the thresholds above are for when that is not known.
+
 Each action bumps the job's version first, so a worker that was merely slow finds its claim gone
 at its next write and stops: one job ends once, charged once.
 """
@@ -33,7 +36,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from app import task_names, webhooks
-from app.jobs import states
+from app.jobs import liveness, states
 from app.jobs.dispatch import send_route
 from app.logs import task_headers
 from app.models import Job
@@ -108,7 +111,12 @@ def _requote_due(job: Job, now: datetime, deadline_s: float, grace_s: float) -> 
 
 
 def stuck_jobs(
-    session: Session, settings: Settings, now: datetime, grace_s: float, limit: int = 100
+    session: Session,
+    settings: Settings,
+    now: datetime,
+    grace_s: float,
+    limit: int = 100,
+    client: redis.Redis | None = None,
 ) -> list[Job]:
     longest_deadline_s = max(p.quote_deadline_ms for p in settings.profiles.values()) / 1000
     cutoff = {
@@ -140,7 +148,41 @@ def stuck_jobs(
         for job in stuck([states.QUOTING])
         if _requote_due(job, now, longest_deadline_s, quoting_grace_s)
     ]
-    return stuck([states.ROUTING, states.EXECUTING, states.SETTLING]) + due
+    held = stuck(_HELD)
+    if client is not None:
+        held += _held_by_the_dead(session, client, {job.id for job in held}, limit)
+    return held + due
+
+
+_HELD = [states.ROUTING, states.EXECUTING, states.SETTLING]
+
+
+def _held_by_the_dead(
+    session: Session, client: redis.Redis, seen: set[uuid.UUID], limit: int
+) -> list[Job]:
+    """Jobs in a worker's hands whose worker has no heartbeat (app/jobs/liveness.py): stuck
+    now, whatever their age. A Redis fault here leaves them to the age thresholds."""
+    candidates = [
+        job_id
+        for job_id in session.scalars(
+            select(Job.id).where(Job.status.in_(_HELD)).order_by(Job.updated_at).limit(limit * 5)
+        )
+        if job_id not in seen
+    ]
+    try:
+        dead = liveness.held_by_the_dead(client, candidates)
+    except redis.RedisError as exc:
+        log.warning("sweeper: worker liveness unreadable: %s", exc)
+        return []
+    if not dead:
+        return []
+    return list(
+        session.scalars(
+            select(Job)
+            .where(Job.id.in_(dead[:limit]), Job.status.in_(_HELD))
+            .with_for_update(skip_locked=True)
+        )
+    )
 
 
 def sweep(
@@ -155,7 +197,7 @@ def sweep(
     report = SweepReport()
     now = now or datetime.now(UTC)
     grace = settings.sweep_grace_s if grace_s is None else grace_s
-    jobs = stuck_jobs(session, settings, now, grace)
+    jobs = stuck_jobs(session, settings, now, grace, client=client)
     hooks = owed_webhooks(session, now)
     to_quote: list[Job] = []
     to_resume: list[Job] = []
@@ -171,6 +213,12 @@ def sweep(
     versions = {job.id: job.version for job in to_resume}
     request_ids = {job.id: job.request_id for job in jobs}
     session.commit()
+    if jobs:
+        # Their former holders no longer speak for them: the next worker records itself.
+        try:
+            liveness.forget(client, [job.id for job in jobs])
+        except redis.RedisError as exc:
+            log.warning("sweeper: holders not cleared: %s", exc)
     for job in to_quote:
         # Routed again from the quote board, as any job is (its one task, re-sent).
         send_route(celery, job, settings.profiles[job.performance_profile].queue)

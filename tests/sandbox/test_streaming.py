@@ -264,6 +264,16 @@ def test_stop_ends_a_slow_stream_promptly() -> None:
     assert provider.streams_log()[0]["outcome"] == "stopped"
 
 
+def test_response_format_streams_its_json(
+    provider: SandboxProvider, session: requests.Session
+) -> None:
+    body = _body(response_format={"type": "json_object"})
+    plain = session.post(f"{provider.base_url}/chat/completions", json=body, timeout=TIMEOUT)
+    stream = _read_stream(session, provider, {**body, "stream": True})
+    assert stream.text == plain.json()["choices"][0]["message"]["content"]
+    assert json.loads(stream.text).keys() == {"answer"}
+
+
 def test_tool_calls_stream_as_openai_does(
     provider: SandboxProvider, session: requests.Session
 ) -> None:
