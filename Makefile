@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck format install bench clean
+.PHONY: run test lint typecheck format install bench bench-routing bench-streaming clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,15 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/streaming.py
+
+# Streaming alone: TTFT and pacing added by the exchange, concurrent-stream capacity.
+bench-streaming: $(STAMP)
+	$(BIN)/python bench/streaming.py
+
+# Routing quality in the simulated market (bench/market.toml): regret, errors, shares.
+bench-routing: $(STAMP)
+	$(BIN)/python bench/routing.py
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache

@@ -6,11 +6,13 @@ children never share the parent's sockets.
 
 from __future__ import annotations
 
+import _socket
+import enum
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
-from sqlalchemy import Engine, Update, create_engine, event, func, literal, text
+from sqlalchemy import Engine, Update, create_engine, event, exc, func, literal, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import get_settings
@@ -53,9 +55,11 @@ def build_engine(url: str, pool_size: int = 10) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # No pool_pre_ping: it costs a `SELECT 1` round trip on every checkout (5 of 9 transactions
-    # per request in the benchmark). A connection the server dropped fails its first statement
-    # instead; SQLAlchemy then invalidates the pool, and the request or task is retried by its
-    # caller (clients retry with their Idempotency-Key; Celery tasks are idempotent).
+    # per request in the benchmark). Instead, a connection whose server closed it while it sat
+    # in the pool (a restart, pg_terminate_backend, an idle timeout) is found without a round
+    # trip and replaced before anything is sent on it (_reject_closed). One that dies while in
+    # use fails its statement: the request answers 503 with Retry-After (app/api/errors.py) and
+    # the task is retried (every task is idempotent).
     engine = create_engine(
         url,
         pool_size=pool_size,
@@ -64,7 +68,41 @@ def build_engine(url: str, pool_size: int = 10) -> Engine:
         connect_args=PG_CONNECT_ARGS if url.startswith("postgresql") else {},
     )
     event.listen(engine, "checkin", _end_autocommit)
+    if url.startswith("postgresql"):
+        event.listen(engine, "checkin", _mark_idle)
+        event.listen(engine, "checkout", _reject_closed)
     return engine
+
+
+def _mark_idle(_dbapi_conn, record) -> None:  # type: ignore[no-untyped-def]
+    record.info["flopex_idle"] = True
+
+
+def _reject_closed(dbapi_conn, record, _proxy) -> None:  # type: ignore[no-untyped-def]
+    """Raises DisconnectionError (the pool then discards the connection and checks out another,
+    transparently, once) for a pooled connection its server has closed while it was idle. A
+    connection just opened is not checked: it has just answered.
+
+    A connection at rest in the pool has nothing to read: the server speaks only when asked. If
+    its socket has something (the server's FATAL "terminating connection" message, or the end
+    of the stream), the server is gone from it. One non-blocking peek, no round trip: pre-ping's
+    `SELECT 1` cost 10-30 us per checkout on loopback (docs/performance.md), a network round trip
+    elsewhere. The peek is made on the descriptor through the C-level socket module, which gevent
+    does not patch (its socket would wait instead of answering at once)."""
+    if not record.info.pop("flopex_idle", False):
+        return
+    if getattr(dbapi_conn, "closed", 0):
+        raise exc.DisconnectionError("connection closed")
+    sock = _socket.socket(fileno=dbapi_conn.fileno())
+    try:
+        sock.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return  # nothing to read: alive
+    except OSError as err:
+        raise exc.DisconnectionError(f"connection unusable: {err}") from err
+    finally:
+        sock.detach()  # the descriptor stays psycopg2's
+    raise exc.DisconnectionError("the server closed the connection while it was idle")
 
 
 def _end_autocommit(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -202,6 +240,44 @@ def autocommit(session: Session) -> bool:
     # The pool switches it back on checkin (_end_autocommit).
     dbapi_connection.autocommit = True  # type: ignore[union-attr]
     return True
+
+
+class Commit(enum.Enum):
+    """How a write commits: one explicit choice instead of flags (PostgreSQL; on other
+    databases every choice is JOINED).
+
+    JOINED: in the session's transaction, durable when the caller commits it.
+    JOINED_DEFERRED: in the session's transaction, whose commit will not wait for its WAL flush
+    (``defer_durability``).
+    ALONE: its own transaction (the session in autocommit), committed by the server as the
+    statement ends, so no lock it takes is held across a round trip to this process; JOINED
+    when the session already has a transaction open.
+    ALONE_DEFERRED: ALONE, and its commit does not wait for the WAL flush (the setting travels
+    in the statement, ``without_flush_wait``); JOINED_DEFERRED when a transaction is open.
+
+    After either deferred choice the caller owes a ``make_durable`` before anything outside the
+    database (a response, a signal, a provider call) acts on the write."""
+
+    JOINED = "joined"
+    JOINED_DEFERRED = "joined_deferred"
+    ALONE = "alone"
+    ALONE_DEFERRED = "alone_deferred"
+
+
+def begin(session: Session, commit: Commit) -> bool:
+    """Prepares the session for a write committed as ``commit``; True when the statement itself
+    must carry ``without_flush_wait`` (it is its own, deferred, transaction)."""
+    if commit is Commit.JOINED:
+        return False
+    if commit is Commit.JOINED_DEFERRED:
+        defer_durability(session)
+        return False
+    alone = autocommit(session)
+    if commit is Commit.ALONE_DEFERRED:
+        if alone:
+            return True
+        defer_durability(session)
+    return False
 
 
 def without_flush_wait(stmt: _U) -> _U:

@@ -12,7 +12,6 @@ from fractions import Fraction
 from typing import Any
 
 from app.money import provider_cost
-from app.providers.speed import MIN_SAMPLES
 
 PROFILES = ("economy", "balanced", "fast")
 STRATEGIES = ("lowest_cost", "prefer_live")
@@ -158,13 +157,15 @@ def select(
     estimated_input_tokens: int | None = None,
     max_output_tokens: int | None = None,
     explore: bool = False,
+    explore_below: int = 0,
 ) -> Decision:
     """``estimated_input_tokens`` and ``max_output_tokens`` (the job's) make cost comparisons
     exact (``_exact_cost``); every filter still uses the stored, rounded estimates.
 
     ``explore`` (decided per job from its id, and stored in its routing as ``explored``): for
     ``fast`` and ``balanced``, the live eligible quote whose speed has the fewest measurements,
-    when it has fewer than ``MIN_SAMPLES``, is ranked first, so that every offering gets
+    when it has fewer than ``explore_below`` (app/providers/speed.py's MIN_SAMPLES), is ranked
+    first, so that every offering gets
     measured (docs/routing.md, "Exploration")."""
     decision = Decision()
     if not quotes:
@@ -271,7 +272,7 @@ def select(
     ordered = sorted(eligible, key=key)
     if explore and profile in ("fast", "balanced"):
         unmeasured = [
-            q for q in ordered if q.live and q.samples is not None and q.samples < MIN_SAMPLES
+            q for q in ordered if q.live and q.samples is not None and q.samples < explore_below
         ]
         chosen = min(unmeasured, key=lambda q: q.samples or 0) if unmeasured else None
         if chosen is not None and chosen is not ordered[0]:

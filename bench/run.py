@@ -158,6 +158,10 @@ def configure_environment(args: argparse.Namespace, db_url: str, tmp: Path) -> N
         WEB_THREADS=str(args.web_threads),
         WEB_MAX_REQUESTS="0",
         LOG_LEVEL=args.log_level.upper(),
+        # Beat runs (the quote board's refresh, as in production) but not its sweeper: the
+        # hot-wallet benchmark's job rows sit in `quoting` on purpose, and a sweep would take
+        # them over (and the sweep's queries are not the request path being measured).
+        FLOPEX_SWEEP_INTERVAL_S="86400",
         PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
         PYTHONUNBUFFERED="1",
         PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),

@@ -127,8 +127,7 @@ def _buffer_body(req: Any) -> bool:
             size += len(chunk)
         req.body = io.BytesIO(b"".join(chunks))
         return True
-    # gevent.Timeout(..., False) swallows its timeout: the body did not arrive in time.
-    return False  # type: ignore[unreachable]
+    return False
 
 
 def _content_length(req: Any) -> int | None:

@@ -225,6 +225,13 @@ class Settings:
     # webhook secret) and whether it is sent over HTTPS only.
     console_secret: str = ""
     console_cookie_secure: bool = False
+    # Streaming (docs/api.md, "Streaming"): how long a job's events are kept after its last
+    # one, the most a job's event stream holds, the keep-alive interval, and each web
+    # process's Redis connections for relaying streams (one per open stream).
+    stream_events_ttl_s: int = 600
+    stream_max_events: int = 131_072
+    stream_keepalive_s: float = 15.0
+    stream_redis_connections: int = 1024
     profiles: dict[str, ProfilePolicy] = field(default_factory=dict)
 
     @classmethod
@@ -320,6 +327,14 @@ class Settings:
             worker_metrics_host=_env("FLOPEX_WORKER_METRICS_HOST", "127.0.0.1"),
             console_secret=_env("FLOPEX_CONSOLE_SECRET", ""),
             console_cookie_secure=_flag("FLOPEX_CONSOLE_COOKIE_SECURE", False),
+            stream_events_ttl_s=_int(
+                "FLOPEX_STREAM_EVENTS_TTL_S", 600, minimum=1, what="a whole number of seconds"
+            ),
+            stream_max_events=_int(
+                "FLOPEX_STREAM_MAX_EVENTS", 131_072, minimum=16, what="a whole number of events"
+            ),
+            stream_keepalive_s=_seconds("FLOPEX_STREAM_KEEPALIVE_S", 15.0),
+            stream_redis_connections=_int("FLOPEX_STREAM_REDIS_CONNECTIONS", 1024, minimum=1),
             profiles={
                 "fast": ProfilePolicy(
                     _deadline_ms("FAST", 300), "fast", _seconds("FLOPEX_FRESHNESS_S_FAST", 2.0)

@@ -434,6 +434,22 @@ def _content_deltas(text: str) -> list[str]:
     return _DELTA_RE.findall(text)
 
 
+def _tool_call_deltas(calls: Any) -> list[dict[str, Any]]:
+    """A message's tool calls as stream deltas: per call, its id, type and name with empty
+    arguments, then the arguments in three fragments."""
+    parts: list[dict[str, Any]] = []
+    for index, call in enumerate(calls or []):
+        function = call["function"]
+        head = {"name": function["name"], "arguments": ""}
+        parts.append({"index": index, "id": call["id"], "type": "function", "function": head})
+        arguments = function["arguments"]
+        step = max(1, -(-len(arguments) // 3))
+        for start in range(0, len(arguments), step):
+            fragment = arguments[start : start + step]
+            parts.append({"index": index, "function": {"arguments": fragment}})
+    return parts
+
+
 def _completion_tokens(completion: dict[str, Any]) -> int:
     content = completion["choices"][0]["message"].get("content")
     return count_tokens(content) if isinstance(content, str) else 0
@@ -968,7 +984,13 @@ class _Handler(BaseHTTPRequestHandler):
             if not self._wait_until(admission, started + len(deltas) * per_token):
                 record["outcome"] = "stopped"
                 return
-            events = [_sse(_chunk(completion, {}, choice["finish_reason"], usage_wanted))]
+            # Tool calls go out as OpenAI streams them: the id, type and name first, then the
+            # arguments in fragments (they were generated at once, so they are not paced).
+            events = [
+                _sse(_chunk(completion, {"tool_calls": [part]}, None, usage_wanted))
+                for part in _tool_call_deltas(choice["message"].get("tool_calls"))
+            ]
+            events.append(_sse(_chunk(completion, {}, choice["finish_reason"], usage_wanted)))
             if usage_wanted and "usage" in completion:
                 usage_chunk = _chunk(completion, {}, None, False)
                 usage_chunk["choices"] = []

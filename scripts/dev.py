@@ -126,7 +126,11 @@ def free_port(avoid: frozenset[int] = frozenset({6379})) -> int:
 
 
 def port_is_free(port: int) -> bool:
+    """Whether a server could listen on ``port`` now. SO_REUSEADDR, as gunicorn sets it: the
+    connections of a stack that just stopped linger in TIME_WAIT for a minute, and without it
+    they would count as a listener."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -307,10 +311,14 @@ def start_sandboxes(catalog: dict[str, Any]) -> list[SandboxProvider]:
 
 def demo_key(var: Path) -> str:
     """FLOPEX_DEMO_API_KEY, else the key kept in <var>/demo_api_key (created on first run)."""
+    path = var / "demo_api_key"
     configured = os.environ.get("FLOPEX_DEMO_API_KEY")
     if configured:
+        # Kept in the file too: the README's `export FLOPEX_KEY=$(cat var/demo_api_key)` then
+        # works whichever way the key was chosen.
+        path.write_text(configured + "\n")
+        path.chmod(0o600)
         return configured
-    path = var / "demo_api_key"
     if path.exists():
         stored = path.read_text().strip()
         if stored:
@@ -519,17 +527,48 @@ def run(stack: Stack, stop: StopFlag) -> int:
 
     say(banner(base_url, key, redis_url, stack.redis, stack.children, stack.sandboxes))
     say(f"flopex ready on {base_url}")
-    return supervise(children, stop)
+
+    def restart_worker() -> Child:
+        stack.children["worker"] = start_worker(var)
+        return stack.children["worker"]
+
+    return supervise(children, stop, restart={"worker": restart_worker})
 
 
-def supervise(children: list[Child], stop: StopFlag) -> int:
-    """Block until a stop is requested (0) or a child dies (1)."""
+# A worker that dies is started again, as a production supervisor would (docs/operations.md),
+# unless it keeps dying: then the stack stops and says so.
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
+
+
+def supervise(
+    children: list[Child],
+    stop: StopFlag,
+    restart: dict[str, Callable[[], Child]] | None = None,
+) -> int:
+    """Block until a stop is requested (0) or a child dies (1). A child named in ``restart``
+    is started again instead (at most MAX_RESTARTS times in RESTART_WINDOW_S)."""
+    restarts: dict[str, list[float]] = {}
     while not stop.requested:
-        for child in children:
+        for i, child in enumerate(children):
             code = child.exited()
-            if code is not None:
-                say(f"flopex: {child.name} (pid {child.pid}) exited with code {code}; stopping")
-                return 1
+            if code is None:
+                continue
+            now = time.monotonic()
+            recent = [t for t in restarts.get(child.name, []) if t > now - RESTART_WINDOW_S]
+            again = (restart or {}).get(child.name)
+            if again is not None and len(recent) < MAX_RESTARTS:
+                # Its group may hold leftovers (a beat child): end them before the new one.
+                child.signal_group(signal.SIGKILL)
+                children[i] = again()
+                restarts[child.name] = [*recent, now]
+                say(
+                    f"flopex: {child.name} (pid {child.pid}) exited with code {code}; "
+                    f"started it again (pid {children[i].pid})"
+                )
+                continue
+            say(f"flopex: {child.name} (pid {child.pid}) exited with code {code}; stopping")
+            return 1
         time.sleep(POLL_S)
     say(f"flopex: {signal.Signals(stop.signum or signal.SIGINT).name} received; stopping")
     return 0

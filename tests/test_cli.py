@@ -192,7 +192,7 @@ def _charged_job(account_id: str, charge: int) -> str:
     with session_scope() as session:
         job_id = make_job(session, uuid.UUID(account_id), wid)
         wallet.hold(session, wid, job_id, 100_000)
-        wallet.settle(session, wid, job_id, 100_000, charge)
+        wallet.settle_hold(session, wid, job_id, 100_000, charge)
     return str(job_id)
 
 

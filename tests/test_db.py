@@ -95,3 +95,31 @@ def test_pooled_connections_detect_a_vanished_server(database):
         session.close()
     assert dsn["keepalives"] == "1" and dsn["keepalives_idle"] == "30"
     assert dsn["keepalives_count"] == "3" and dsn["tcp_user_timeout"] == "30000"
+
+
+def test_a_pooled_connection_closed_while_idle_is_replaced_transparently(database):
+    """pg_terminate_backend on a connection resting in the pool: the next checkout notices
+    (without a round trip) and hands out a new connection; the statement never fails."""
+    from sqlalchemy import create_engine, text
+
+    from app.db import build_engine
+    from tests.conftest import PG_ADMIN_URL
+
+    engine = build_engine(database, pool_size=1)
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            first = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with admin.connect() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
+            # The server has ended it once it no longer lists it.
+            while conn.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": first}
+            ).scalar_one():
+                pass
+        with engine.connect() as conn:
+            second = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        assert second != first
+    finally:
+        engine.dispose()
+        admin.dispose()

@@ -43,7 +43,8 @@ from app.db import session_factory, session_scope
 from app.exceptions import FlopexError
 from app.jobs import rows, states
 from app.jobs.cancel import cancel
-from app.jobs.execution import RouteAndExecute, close_failed, finish_values
+from app.jobs.execution import RouteAndExecute
+from app.jobs.settlement import close_failed, finish_values
 from app.jobs.submit import InferenceRequest, SubmitInference
 from app.models import Job, LedgerEntry, utcnow
 from app.pricing import estimate_input_tokens
@@ -364,7 +365,7 @@ class WalletMachine(RuleBasedStateMachine):
         try:
             job = session.get(Job, job_id)
             charge = data.draw(st.integers(0, job.hold_micros), "charge")
-            wallet.settle(session, job.wallet_id, job.id, job.hold_micros, charge)
+            wallet.settle_hold(session, job.wallet_id, job.id, job.hold_micros, charge)
             if flush:
                 rows.write(session, job, charge_micros=charge, **finish_values(job, states.SUCCESS))
             session.rollback()
@@ -383,7 +384,7 @@ class WalletMachine(RuleBasedStateMachine):
         session = session_factory()()
         try:
             with pytest.raises(IntegrityError):
-                wallet.settle(session, self.wallet_id, job_id, model.hold, model.charge)
+                wallet.settle_hold(session, self.wallet_id, job_id, model.hold, model.charge)
                 session.flush()
             session.rollback()
             assert (
@@ -410,7 +411,7 @@ class WalletMachine(RuleBasedStateMachine):
             # The late settlement fails somewhere: the wallet UPDATE (held would go negative),
             # the unique capture/release index, or the job's version check at commit.
             with pytest.raises((StaleDataError, IntegrityError)):
-                wallet.settle(stale, job.wallet_id, job.id, job.hold_micros, charge)
+                wallet.settle_hold(stale, job.wallet_id, job.id, job.hold_micros, charge)
                 rows.write(
                     stale,
                     job,

@@ -120,7 +120,18 @@ class ChatCompletionRequestSchema(Schema):
     )
     n = StrictInteger(allow_none=True, metadata={"description": "Only 1: more choices are a 400."})
     stream = fields.Boolean(
-        allow_none=True, metadata={"description": "Not yet supported: true is a 400."}
+        allow_none=True,
+        metadata={
+            "description": "true: Server-Sent Events of chat.completion.chunk, then "
+            "`data: [DONE]` (docs/api.md, Chat Completions streaming)."
+        },
+    )
+    stream_options = fields.Dict(
+        allow_none=True,
+        metadata={
+            "description": "With stream: true only. `include_usage: true`: a last chunk with "
+            "empty choices and `usage`."
+        },
     )
     # The exchange's controls, as the OpenAI SDKs send them with extra_body.
     performance_profile = _controls["performance_profile"]

@@ -6,10 +6,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import psycopg2
+import redis
 from flask import Flask, jsonify, request
+from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException
 
+from app.broker import PUBLISH_ERRORS
 from app.exceptions import FlopexError, error_body
+from app.logs import job_id_var
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +32,32 @@ _HTTP_CODES = {
 # valid is an invalid_token; a request without one gets the bare challenge.
 _CHALLENGE = 'Bearer realm="flopex"'
 _CHALLENGE_INVALID = 'Bearer realm="flopex", error="invalid_token"'
+
+
+# Faults of the infrastructure, not of the request: a database or Redis connection that failed,
+# a pool with no connection to lend in time, a broker that refused a message. They are answered
+# 503 service_unavailable with Retry-After, never 500: the client may retry (with its
+# Idempotency-Key) and, when a job was already accepted, the answer names it. Errors that mean
+# a bug (IntegrityError, ProgrammingError, DataError: the other DBAPIErrors) stay 500.
+INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,
+    sa_exc.DisconnectionError,
+    psycopg2.OperationalError,
+    psycopg2.InterfaceError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    *PUBLISH_ERRORS,
+)
+RETRY_AFTER_S = 1
+
+
+def is_infrastructure_fault(err: BaseException) -> bool:
+    if isinstance(err, INFRASTRUCTURE_ERRORS):
+        return True
+    # Any other DBAPI error raised on a connection that was lost at the same time.
+    return isinstance(err, sa_exc.DBAPIError) and bool(err.connection_invalidated)
 
 
 def error_response(
@@ -105,5 +136,21 @@ def register(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(err: Exception) -> Any:
+        if is_infrastructure_fault(err):
+            return service_unavailable(err)
         log.exception("unhandled error")
         return error_response("internal_error", "An internal error occurred.", None, 500)
+
+
+def service_unavailable(err: BaseException) -> Any:
+    # Logged without the traceback at warning: an outage answers many requests this way.
+    log.warning("infrastructure fault: %s: %s", type(err).__name__, err)
+    job_id = job_id_var.get()
+    message = "A service the exchange depends on is briefly unavailable; retry"
+    if job_id is not None:
+        message += f" (your job {job_id} was accepted: GET /v1/inference/{job_id} shows it)"
+    else:
+        message += " (with the same Idempotency-Key, nothing is done twice)"
+    response = error_response("service_unavailable", message + ".", None, 503, job_id)
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 
 from app.accounts import Principal
+from app.api import sse
 from app.api.auth import authenticate_and_limit, require_principal
 from app.api.parser import FlopexParser
 from app.api.prefer import Preferences, parse_prefer
@@ -23,10 +25,11 @@ from app.api.schemas import (
     JobListQuerySchema,
     JobListSchema,
     JobObjectSchema,
+    StreamEventSchema,
 )
 from app.api.session import db
-from app.exceptions import FlopexError
-from app.jobs import states
+from app.exceptions import FlopexError, InvalidRequest
+from app.jobs import events, states
 from app.jobs.cancel import announce_cancelled, cancel
 from app.jobs.command import Answer, Renderer, RunInference, validate_idempotency_key
 from app.jobs.notify import wait_done
@@ -94,6 +97,20 @@ APPLIED = {
 CHALLENGE = {"WWW-Authenticate": header_doc("RFC 6750 challenge", 'Bearer realm="flopex"')}
 
 
+def document_streaming(spec: Any) -> None:
+    """`stream: true` answers the same 200 as Server-Sent Events: the submit's 200 gets the
+    `text/event-stream` form beside its JSON one (flask-smorest declares one content type per
+    status). Called once the blueprint is registered."""
+    response = spec._paths["/v1/inference"]["post"]["responses"]["200"]
+    response["content"]["text/event-stream"] = {
+        "schema": {"$ref": "#/components/schemas/StreamEvent"}
+    }
+    response["description"] = response["description"].rstrip(".") + (
+        ". With `stream: true`: Server-Sent Events (`routing`, `delta`, then `completed` or "
+        "`failed`; docs/api.md, Streaming) and the `X-Flopex-Job-Id` header."
+    )
+
+
 # Authentication and the rate limit come before validation, as with Stripe: an unauthenticated
 # caller learns nothing about the request format, and a throttled one costs nothing.
 blp.before_request(authenticate_and_limit)
@@ -105,6 +122,7 @@ def _to_request(args: dict[str, Any]) -> InferenceRequest:
         prompt=args.get("input") or args.get("prompt") or "",
         max_output_tokens=args["max_output_tokens"],
         **exchange_controls(args),
+        stream=args.get("stream", False),
     )
 
 
@@ -195,7 +213,11 @@ def submit(
 
 
 def submit_responses(
-    bp: Blueprint, *, bad_request: str, extra_headers: dict[str, Any] | None = None
+    bp: Blueprint,
+    *,
+    bad_request: str,
+    extra_headers: dict[str, Any] | None = None,
+    timeout: str = "timeout",
 ) -> Callable[[Any], Any]:
     """The answers every submit endpoint documents beside its 200 (``extra_headers``: the
     front door's own headers on its 202 and 503)."""
@@ -234,7 +256,7 @@ def submit_responses(
             "job was accepted)",
             {**RETRY_AFTER, **more},
         ),
-        (504, "timeout", None),
+        (504, timeout, None),
     ]
 
     def document(view: Any) -> Any:
@@ -273,6 +295,12 @@ class InferenceCollection(MethodView):
             renderer=NativeRenderer(),
             profile=args["performance_profile"],
         )
+        if answer.stream:
+            assert answer.job_id is not None
+            # Only the request that submitted the job stops it by leaving, not a replay.
+            return _stream(
+                answer.job_id, replayed=answer.replayed, stop_on_disconnect=not answer.replayed
+            )
         return answer_response(answer, prefer)
 
     @blp.arguments(JobListQuerySchema(), location="query")
@@ -326,6 +354,68 @@ class InferenceItem(MethodView):
             session.expire_all()
             job = own_job(session, principal.account_id, job_id)
         return _json_response(job_text(job), 200)
+
+
+def _stream(job_id: uuid.UUID, *, replayed: bool = False, stop_on_disconnect: bool = False) -> Any:
+    """A synchronous `stream: true` answer: the job's events as they come (app/api/sse.py)."""
+    headers = {"X-Flopex-Job-Id": str(job_id)}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    db().rollback()  # hold no connection while streaming
+    return sse.relay(
+        job_id,
+        sse.native_frames,
+        stop_on_disconnect=stop_on_disconnect,
+        early_error=True,
+        celery=current_app.extensions["celery"],
+        headers=headers,
+    )
+
+
+_LAST_EVENT_ID_DOC = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "pattern": "^[0-9]+-[0-9]+$"},
+    "description": "The `id` of the last event received: the stream resumes after it, nothing "
+    "missing or repeated. Absent: from the first event.",
+}
+
+
+@blp.route("/inference/<job_id>/events")
+class InferenceEvents(MethodView):
+    @blp.arguments(NO_QUERY, location="query", as_kwargs=True)
+    @blp.response(
+        200,
+        schema=StreamEventSchema,
+        description="`text/event-stream`: `routing`, `delta`..., then `completed` or `failed` "
+        "(docs/api.md, Streaming), a keep-alive comment line every FLOPEX_STREAM_KEEPALIVE_S "
+        "without an event. Each event's `id` resumes the stream in Last-Event-ID.",
+        content_type="text/event-stream",
+        headers=REQUEST_ID,
+    )
+    @blp.alt_response(400, schema=ApiErrorSchema, description="invalid_request (Last-Event-ID)")
+    @blp.alt_response(404, schema=ApiErrorSchema, description="job_not_found (param job_id)")
+    @blp.doc(security=[{"bearerAuth": []}], parameters=[_LAST_EVENT_ID_DOC])
+    def get(self, job_id: str) -> Any:
+        """A job's events, from the start or after Last-Event-ID, for as long as they are kept
+        (FLOPEX_STREAM_EVENTS_TTL_S after the last one); after that, the finished job as one
+        `completed` (or `failed`) event. Reading never stops the job."""
+        principal = require_principal()
+        job = own_job(db(), principal.account_id, job_id)
+        after = request.headers.get("Last-Event-ID")
+        if after is not None and not events.EVENT_ID.fullmatch(after.strip()):
+            raise InvalidRequest(
+                "Last-Event-ID must be an event id (digits-digits).", "Last-Event-ID"
+            )
+        found = job.id
+        db().rollback()  # hold no connection while streaming
+        return sse.relay(
+            found,
+            sse.native_frames,
+            after=after.strip() if after else None,
+            headers={"X-Flopex-Job-Id": str(found)},
+        )
 
 
 @blp.route("/inference/<job_id>/cancel")

@@ -26,6 +26,15 @@ class StrictInteger(fields.Integer):
         return value
 
 
+class StrictBoolean(fields.Boolean):
+    """A JSON true or false and nothing else: no 1, no "true"."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValidationError("Must be a boolean.")
+        return value
+
+
 # JSON's number grammar: what a string may hold where a number is expected.
 _JSON_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 
@@ -144,6 +153,14 @@ class InferenceRequestSchema(Schema):
             "GET /v1/webhook_secret). An extension of the API document."
         },
     )
+    stream = StrictBoolean(
+        load_default=False,
+        metadata={
+            "description": "Answer as Server-Sent Events (`text/event-stream`): `routing`, "
+            "`delta`, then `completed` or `failed` (docs/api.md, Streaming). With "
+            "`Prefer: respond-async`, 202 with the job; attach at GET /v1/inference/{id}/events."
+        },
+    )
 
     @validates_schema
     def _bounds(self, data: dict[str, Any], **_: Any) -> None:
@@ -233,6 +250,13 @@ class InferenceResponseSchema(Schema):
     created_at = fields.String()
     finished_at = fields.String(metadata={"description": "When the job ended; RFC 3339"})
     provider = fields.String(metadata={"description": "The provider that served the job."})
+    tool_calls = fields.List(
+        fields.Dict(),
+        metadata={
+            "description": "Only for a chat completion that answered with tool calls: the "
+            "calls, as in its `choices[0].message.tool_calls`"
+        },
+    )
     routing = fields.Dict(
         metadata={
             "description": "The route: `winner` (the provider that served, as `provider`; null "
@@ -498,3 +522,31 @@ class ReadySchema(Schema):
 class WebhookSecretSchema(Schema):
     object = fields.String(metadata={"example": "webhook_secret"})
     secret = fields.String(metadata={"description": "HMAC-SHA256 key of Flopex-Signature"})
+
+
+class StreamEventSchema(Schema):
+    """One Server-Sent Event of a job's stream (docs/api.md, Streaming), as sent on the wire:
+    `id: <id>`, `event: <event>`, `data: <JSON>`, then a blank line."""
+
+    id = fields.String(
+        metadata={
+            "description": "Increasing `<digits>-<digits>`; send the last one received as "
+            "Last-Event-ID to resume. Absent on the single event answering a job whose events "
+            "are no longer kept.",
+            "example": "1733325000000-0",
+        }
+    )
+    event = fields.String(
+        validate=validate.OneOf(("routing", "delta", "completed", "failed")),
+        metadata={"description": "The event's name."},
+    )
+    data = fields.Dict(
+        metadata={
+            "description": "routing: `id`, `provider` (about to be asked), `winner`, `order`, "
+            "`dropped`, `reason`. delta: `text`, and `tool_calls` fragments when the provider "
+            "sent them. completed: the job as GET /v1/inference/{id} returns it, plus "
+            "`finish_reason`. failed: `error` (the one error shape, with `job_id`), `status` "
+            "(failed or cancelled) and, for a stream cut after its first token, `output_text`, "
+            "`usage`, `billing`, `provider`."
+        }
+    )

@@ -35,7 +35,6 @@ PASS_THROUGH = (
 REFUSED_UNLESS_DEFAULT: dict[str, tuple[Any, ...]] = {
     "logprobs": (None, False),
     "top_logprobs": (None,),
-    "stream_options": (None,),
     "store": (None, False),
     "modalities": (None, ["text"]),
     "audio": (None,),
@@ -54,7 +53,6 @@ _REFUSAL_HINTS = {
     "function_call": "use tool_choice",
     "logprobs": "log probabilities are not returned",
     "top_logprobs": "log probabilities are not returned",
-    "stream_options": "it applies to stream: true only",
 }
 _MESSAGE_KEYS = {
     "system": {"role", "content", "name"},
@@ -246,12 +244,8 @@ def check_tools(params: dict[str, Any]) -> str:
 def chat_request(args: dict[str, Any], max_input_chars: int) -> InferenceRequest:
     """A validated Chat Completions body (its fields' types already checked) as the request
     the exchange runs, or the 400 of the first thing it cannot carry."""
-    if args.get("stream"):
-        raise InvalidRequest(
-            "stream: true is not supported yet; send stream: false (or leave it out), or use "
-            "Prefer: respond-async and poll the job.",
-            "stream",
-        )
+    stream = bool(args.get("stream"))
+    include_usage(args)  # stream_options checked before anything is written
     if args.get("n") not in (None, 1):
         raise InvalidRequest("n must be 1: one choice per request.", "n")
     refused = refused_parameter(args)
@@ -272,8 +266,30 @@ def chat_request(args: dict[str, Any], max_input_chars: int) -> InferenceRequest
         messages=messages,
         provider_params=params,
         user=args.get("user"),
+        stream=stream,
         **exchange_controls(args),
     )
+
+
+def include_usage(args: dict[str, Any]) -> bool:
+    """``stream_options.include_usage`` of a valid body: whether the stream ends with a usage
+    chunk. ``stream_options`` is only allowed with ``stream: true`` (as OpenAI answers)."""
+    options = args.get("stream_options")
+    if options is None:
+        return False
+    if not args.get("stream"):
+        raise InvalidRequest(
+            "stream_options is only allowed when stream is true.", "stream_options"
+        )
+    if (
+        not isinstance(options, dict)
+        or set(options) - {"include_usage"}
+        or not isinstance(options.get("include_usage", False), bool)
+    ):
+        raise InvalidRequest(
+            "stream_options must be an object with a boolean include_usage.", "stream_options"
+        )
+    return bool(options.get("include_usage", False))
 
 
 def render_chat_completion(job: Job) -> dict[str, Any]:

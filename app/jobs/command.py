@@ -79,13 +79,15 @@ class Answer:
     waited: bool = False
     key_in_use: bool = False
     after_response: Callable[[], None] | None = None
+    # `stream: true`, synchronous: relay the job's events (app/jobs/events.py), not ``body``.
+    stream: bool = False
 
 
 class ServiceUnavailable(FlopexError):
     """503 service_unavailable with Retry-After; ``job_id`` (body and X-Flopex-Job-Id) when a
     job was accepted before the fault."""
 
-    def __init__(self, job_id: uuid.UUID | None) -> None:
+    def __init__(self, job_id: uuid.UUID | None, keyed: bool = False) -> None:
         if job_id is None:
             message = "The service is briefly unavailable; nothing was charged. Retry shortly."
         else:
@@ -96,7 +98,13 @@ class ServiceUnavailable(FlopexError):
             )
         super().__init__("service_unavailable", message, job_id=job_id)
         self.retry_after_s = RETRY_AFTER_S
-        self.headers = {"X-Flopex-Job-Id": str(job_id)} if job_id is not None else {}
+        self.headers = {}
+        if job_id is not None:
+            self.headers["X-Flopex-Job-Id"] = str(job_id)
+            if not keyed:
+                # The job may run and be charged: a blind resubmission without a key would run
+                # a second one. The OpenAI SDKs retry every 5xx unless told not to.
+                self.headers["X-Should-Retry"] = "false"
 
 
 def validate_idempotency_key(key: str | None) -> str | None:
@@ -162,7 +170,7 @@ class RunInference:
             raise
         except INFRASTRUCTURE_ERRORS as exc:
             log.warning("infrastructure fault while submitting: %r", exc)
-            raise ServiceUnavailable(self._known_job()) from exc
+            raise ServiceUnavailable(self._known_job(), keyed=self.key is not None) from exc
 
     def _known_job(self) -> uuid.UUID | None:
         """The job to name in a 503: none before its row was written; the job once its commit
@@ -247,6 +255,8 @@ class RunInference:
             log.exception("broker unreachable; job %s left for the sweeper", job.id)
             make_durable(session)
             return Answer(202, self.renderer.job(job), job.id)
+        if self.request.stream:
+            return Answer(200, "", job.id, stream=True)
         return self._await_outcome(job.id, record_id)
 
     def _duplicate(self, claim: idempotency.Claim) -> Answer:
@@ -256,6 +266,9 @@ class RunInference:
                 "This Idempotency-Key was used with a different request; use a new key.",
                 "Idempotency-Key",
             )
+        if self.request.stream and not self.respond_async and claim.job_id is not None:
+            # Never a second execution: the first request's stream, from its first event.
+            return Answer(200, "", claim.job_id, replayed=True, stream=True)
         if claim.state == "replay":
             assert claim.status is not None and claim.body is not None
             # Only an async submission's acceptance is stored as a 202. A stored outcome is

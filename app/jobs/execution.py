@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from decimal import Decimal
 from typing import Any
 
@@ -24,13 +24,24 @@ from celery import Celery
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from app import wallet, webhooks
+from app import webhooks
 from app.catalog import ModelCache, ModelEntry
-from app.db import autocommit, defer_durability, make_durable
+from app.db import Commit, defer_durability, make_durable
 from app.failpoints import failpoint, failpoint_raise
-from app.jobs import rows, states
+from app.jobs import events, rows, states
+from app.jobs.events import EventWriter, queue_append
 from app.jobs.notify import queue_signal
 from app.jobs.quoting import quote_job
+from app.jobs.render import terminal_event
+from app.jobs.settlement import close_failed, close_unserved, finish_values, settle_job
+from app.jobs.streaming import (
+    StopRequested,
+    StreamCut,
+    announce_route,
+    cut_charge,
+    is_streaming,
+    stream_completion,
+)
 from app.metrics import (
     PROVIDER_ERRORS,
     PROVIDER_LATENCY,
@@ -96,12 +107,11 @@ class RouteAndExecute:
         # no row lock is held while the job is routed, and a claim lost with a crash leaves the
         # job `routing`, which the sweeper sends back to quoting (no provider was called yet).
         # The attempt's durable commit, before any provider call, flushes it too.
-        solo = autocommit(self.session)
         job = rows.claim(
             self.session,
             job_id,
             states.QUOTING,
-            no_flush=solo,
+            commit=Commit.ALONE_DEFERRED,
             status=states.ROUTING,
             updated_at=now,
             started_at=now,
@@ -166,6 +176,9 @@ class RouteAndExecute:
         for attempt in attempts:
             if "outcome" not in attempt and "failure" not in attempt:
                 attempt["failure"] = "interrupted"
+        cut = self._interrupted_stream(job, attempts)
+        if cut is not None:
+            return cut
         offered, _ = self._still_offered(job, job.quotes or [])
         decision = self._decide(
             job,
@@ -216,6 +229,7 @@ class RouteAndExecute:
             estimated_input_tokens=job.estimated_input_tokens,
             max_output_tokens=job.max_output_tokens,
             explore=explore,
+            explore_below=speed.MIN_SAMPLES,
         )
 
     def _deadline(self, job: Job) -> float:
@@ -239,6 +253,8 @@ class RouteAndExecute:
         endpoints = {q["provider"]: q for q in quotes}
         deadline = self._deadline(job)
         out_of_time = False
+        # A streaming job's answer goes to its events as it comes (app/jobs/streaming.py).
+        writer = EventWriter(self.redis, job.id, self.settings) if is_streaming(job) else None
         for ranked in decision.ranked:
             quote = ranked.quote
             if quote.provider in tried:
@@ -246,9 +262,17 @@ class RouteAndExecute:
             if deadline - time.time() <= 0.001:
                 out_of_time = True
                 break
-            answer = self._attempt(
-                job, quote, endpoints[quote.provider], attempts, pending, deadline
-            )
+            if writer is not None:
+                try:
+                    announce_route(writer, job, decision, quote)
+                except StopRequested:
+                    return self._stopped(job, {**pending, "attempts": attempts})
+            try:
+                answer = self._attempt(
+                    job, quote, endpoints[quote.provider], attempts, pending, deadline, writer
+                )
+            except StreamCut as cut:
+                return self._close_cut(job, quote, cut, attempts)
             pending = {}
             if answer is not None:
                 result, elapsed_ms = answer
@@ -271,18 +295,20 @@ class RouteAndExecute:
         attempts: list[dict[str, Any]],
         pending: dict[str, Any],
         deadline: float,
+        writer: EventWriter | None = None,
     ) -> tuple[Completion, float] | None:
-        """One provider's attempt: recorded durably, then executed (the step that streaming
-        will replace). Returns the answer and its time in ms, or None when it failed (the
-        failure is recorded on the attempt, the provider's health, breaker and board entry)."""
+        """One provider's attempt: recorded durably, then executed. Returns the answer and its
+        time in ms, or None when it failed (the failure is recorded on the attempt, the
+        provider's health, breaker and board entry). With a ``writer`` the provider's answer is
+        streamed into the job's events; a stream cut after its first delta raises StreamCut."""
         attempt: dict[str, Any] = {"provider": quote.provider, "started_at": utcnow().isoformat()}
         attempts.append(attempt)
         # Recovery point: the attempt is durable before the provider is called. One
         # statement, its own transaction where the session has none open.
-        autocommit(self.session)
         rows.write(
             self.session,
             job,
+            commit=Commit.ALONE,
             **{**pending, "status": states.EXECUTING, "attempts": [dict(a) for a in attempts]},
         )
         self.session.commit()
@@ -296,20 +322,27 @@ class RouteAndExecute:
 
         started = time.perf_counter()
         try:
-            result = complete(
-                endpoint["base_url"],
-                resolve_api_key(endpoint["api_key_env"]),
-                quote.provider_model_id,
-                job.request["input"],
-                job.max_output_tokens,
-                connect_timeout_s=self.settings.provider_connect_timeout_s,
-                read_timeout_s=self.settings.provider_read_timeout_s,
-                retries=self.settings.provider_retries,
-                messages=job.messages,
-                params=job.provider_params,
-                budget_s=deadline - time.time(),
-                on_failed_try=failed_try,
-            )
+            if writer is not None:
+                try:
+                    result = stream_completion(writer, job, quote, endpoint, self.settings)
+                except StreamCut:
+                    attempt["latency_ms"] = int((time.perf_counter() - started) * 1000)
+                    raise
+            else:
+                result = complete(
+                    endpoint["base_url"],
+                    resolve_api_key(endpoint["api_key_env"]),
+                    quote.provider_model_id,
+                    job.request["input"],
+                    job.max_output_tokens,
+                    connect_timeout_s=self.settings.provider_connect_timeout_s,
+                    read_timeout_s=self.settings.provider_read_timeout_s,
+                    retries=self.settings.provider_retries,
+                    messages=job.messages,
+                    params=job.provider_params,
+                    budget_s=deadline - time.time(),
+                    on_failed_try=failed_try,
+                )
         except ProviderFailure as exc:
             elapsed = time.perf_counter() - started
             attempt.update(
@@ -346,7 +379,7 @@ class RouteAndExecute:
     ) -> None:
         """Recovery point: the provider's answer is committed before any money moves, so a
         worker that dies after this is settled from the row and the provider is never asked
-        again. Its commit does not wait for the WAL flush (no_flush): the settlement follows at
+        again. Its commit does not wait for the WAL flush (ALONE_DEFERRED): the settlement follows at
         once, and _commit_and_signal's barrier makes both durable before anyone is told. Only a
         crash of PostgreSQL itself in that millisecond would lose it, with the settlement; the
         attempt, durable since before the provider call, then counts as interrupted
@@ -359,13 +392,10 @@ class RouteAndExecute:
             Decimal(job.markup),
         )
         # One statement, its own transaction; inside a caller's transaction, deferred with it.
-        solo = autocommit(self.session)
-        if not solo:
-            defer_durability(self.session)
         rows.write(
             self.session,
             job,
-            no_flush=solo,
+            commit=Commit.ALONE_DEFERRED,
             status=states.SETTLING,
             attempts=attempts,
             provider_name=quote.provider,
@@ -389,6 +419,91 @@ class RouteAndExecute:
         )
         self.session.commit()
 
+    def _close_cut(
+        self, job: Job, quote: Quote, cut: StreamCut, attempts: list[dict[str, Any]]
+    ) -> Outcome:
+        """A stream cut after its first delta: no fallback (the client has part of an answer);
+        the job ends ``failed`` (the provider broke) or ``cancelled`` (the client left) and is
+        charged for what was generated (docs/billing.md), in one settlement."""
+        billed = cut_charge(job, quote, cut.usage, cut.delivered)
+        attempt = attempts[-1]
+        if cut.failure is None:
+            attempt["failure"] = "stopped"
+            status, code = states.CANCELLED, "job_cancelled"
+            message = (
+                f"The client disconnected; generation was stopped after {billed.output_tokens} "
+                "output tokens, which were charged."
+            )
+        else:
+            failure = cut.failure
+            attempt.update(failure=failure.kind, status=failure.status, error=str(failure))
+            PROVIDER_ERRORS.labels(quote.provider, failure.kind).inc()
+            if failure.provider_at_fault:
+                self.breaker.record_failure(quote.provider)
+            health.record_outcome(self.redis, quote.provider, False, self.settings.health_window_s)
+            status, code = states.FAILED, "provider_error"
+            message = (
+                f"The provider's stream broke ({failure.kind}) after {cut.delivered} deltas; "
+                f"the {billed.output_tokens} output tokens generated were charged."
+            )
+            log.warning("provider %s cut job %s mid-stream: %s", quote.provider, job.id, failure)
+        now = utcnow()
+        settle_job(
+            self.session,
+            job,
+            billed.charge_micros,
+            {
+                "settled_at": now,
+                "attempts": attempts,
+                "error_code": code,
+                "error_message": message,
+                "provider_name": quote.provider,
+                "provider_model_id": quote.provider_model_id,
+                "output_text": cut.text,
+                "finish_reason": cut.finish_reason,
+                "input_tokens": billed.input_tokens,
+                "output_tokens": billed.output_tokens,
+                "charge_micros": billed.charge_micros,
+                "provider_cost_micros": billed.provider_cost_micros,
+                **finish_values(job, status, now),
+            },
+            commit=Commit.ALONE_DEFERRED,
+        )
+        return self._commit_and_signal(job)
+
+    def _interrupted_stream(self, job: Job, attempts: list[dict[str, Any]]) -> Outcome | None:
+        """A streaming job whose worker died after its client received deltas cannot fall back
+        (the next provider's answer would not continue the text): it is settled as a cut
+        stream, for what its events show was delivered."""
+        if not is_streaming(job) or not attempts:
+            return None
+        got = events.delivered(self.redis, job.id)
+        if got is None or got[1] == 0:
+            return None
+        text, count = got
+        last = attempts[-1]
+        quote = next(
+            (Quote.from_dict(q) for q in job.quotes or [] if q.get("provider") == last["provider"]),
+            None,
+        )
+        if quote is None:
+            return None
+        failure = ProviderFailure("interrupted", "the worker streaming this job stopped")
+        return self._close_cut(job, quote, StreamCut(text, count, None, None, failure), attempts)
+
+    def _stopped(self, job: Job, pending: dict[str, Any]) -> Outcome:
+        """The client of a streaming job left before any provider was called."""
+        defer_durability(self.session)
+        close_unserved(
+            self.session,
+            job,
+            states.CANCELLED,
+            error_code="job_cancelled",
+            error_message="The client disconnected before generation started; nothing was charged.",
+            **pending,
+        )
+        return self._commit_and_signal(job)
+
     def _settle_answered(
         self, job: Job, served_by: str | None = None, sample: _Sample | None = None
     ) -> Outcome:
@@ -398,12 +513,12 @@ class RouteAndExecute:
         does not wait for the fsync; it is made durable before anyone is told
         (_commit_and_signal)."""
         now = utcnow()
-        settle(
+        settle_job(
             self.session,
             job,
             job.charge_micros or 0,
             {"settled_at": now, **finish_values(job, states.SUCCESS, now)},
-            solo=True,
+            commit=Commit.ALONE_DEFERRED,
         )
         return self._commit_and_signal(job, served_by, sample)
 
@@ -441,6 +556,11 @@ class RouteAndExecute:
             )
         finally:
             pipe = self.redis.pipeline(transaction=False)
+            # The job's last event, for readers of its stream (one that did not stream keeps it
+            # only a minute: long enough to wake a reader attached to it).
+            name, data = terminal_event(job)
+            ttl_s = None if is_streaming(job) else min(60, self.settings.stream_events_ttl_s)
+            queue_append(pipe, job.id, name, data, self.settings, ttl_s=ttl_s)
             queue_signal(pipe, job.id)
             if served_by is not None:
                 health.queue_outcome(pipe, served_by, True, self.settings.health_window_s)
@@ -503,61 +623,6 @@ def _catalog(settings: Settings) -> ModelCache:
     if _models is None or _models.ttl_s != settings.catalog_cache_s:
         _models = ModelCache(settings.catalog_cache_s)
     return _models
-
-
-def finish_values(job: Job, status: str, now: datetime | None = None) -> dict[str, Any]:
-    now = now or utcnow()
-    created = job.created_at if job.created_at.tzinfo else job.created_at.replace(tzinfo=UTC)
-    return {
-        "status": status,
-        "finished_at": now,
-        "updated_at": now,
-        "latency_ms": int((now - created).total_seconds() * 1000),
-    }
-
-
-def settle(
-    session: Session, job: Job, charge_micros: int, values: dict[str, Any], solo: bool = False
-) -> None:
-    """Capture ``charge_micros`` of the job's hold, release the rest, and write ``values`` to the
-    job with its ``balance_after_micros``: one fenced write, one statement on PostgreSQL
-    (``solo``: see ``wallet.settle``)."""
-    state = wallet.settle(
-        session,
-        job.wallet_id,
-        job.id,
-        job.hold_micros,
-        charge_micros,
-        job=(job.version, rows.columns(values)),
-        solo=solo,
-    )
-    rows.mirror(job, {**values, "balance_after_micros": state.balance_micros})
-
-
-def close_unserved(session: Session, job: Job, status: str, **pending: Any) -> None:
-    """The job ends without a provider's answer: release the whole hold, charge nothing, in
-    one fenced write of the job (caller commits, and counts the job in
-    ``flopex_jobs_finished_total``: RouteAndExecute after its commit, cancel() on commit)."""
-    now = utcnow()
-    values = {"settled_at": now, **pending, **finish_values(job, status, now)}
-    if job.hold_micros:
-        settle(session, job, 0, values)
-    else:
-        rows.write(session, job, **values)
-
-
-def close_failed(
-    session: Session, job: Job, code: str, message: str, param: str | None = None, **pending: Any
-) -> None:
-    close_unserved(
-        session,
-        job,
-        states.FAILED,
-        error_code=code,
-        error_message=message,
-        error_param=param,
-        **pending,
-    )
 
 
 def _no_route_message(decision: Decision, job: Job) -> str:

@@ -63,15 +63,8 @@ def quote_job(
         if (e := entries.get(o["provider"])) is None or e.age_s(now) > policy.freshness_s
     ]
     if stale:
-        entries.update(
-            board.refresh(
-                client,
-                breaker,
-                stale,
-                policy.quote_deadline_ms / 1000,
-                fresh_after=now - policy.freshness_s,
-            )
-        )
+        seen = {name: e.measured_at for name, e in entries.items()}
+        entries.update(board.refresh(client, breaker, stale, policy.quote_deadline_ms / 1000, seen))
         now = time.time()
 
     quotes = []

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from app import wallet
 from app.accounts import Principal
 from app.catalog import ModelCache, RouteOption, find_model
+from app.db import Commit
 from app.exceptions import FlopexError
 from app.jobs import states
 from app.models import Job, utcnow
@@ -44,10 +45,12 @@ class InferenceRequest:
     messages: list[dict[str, Any]] | None = None
     provider_params: dict[str, Any] | None = None
     user: str | None = None
+    stream: bool = False
 
     def canonical(self) -> dict[str, Any]:
         """JSON-safe form stored on the job (and, later, fingerprinted for idempotency)."""
-        return {
+        # `stream` only when set: the worker streams the provider's answer into the job's events.
+        return ({"stream": True} if self.stream else {}) | {
             "model": self.model,
             "input": self.prompt,
             "max_output_tokens": self.max_output_tokens,
@@ -204,8 +207,7 @@ class SubmitInference:
             job["id"],
             self._hold_choices,
             new_job=job,
-            solo=True,
-            defer=self.defer,
+            commit=Commit.ALONE_DEFERRED if self.defer else Commit.ALONE,
         )
         if placed is not None:
             return placed[0]

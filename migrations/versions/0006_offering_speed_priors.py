@@ -1,7 +1,7 @@
 """offering speed priors: what the catalog expects of an offering before we have measured it
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 Create Date: 2026-12-04 15:00:00
 """
 

@@ -12,7 +12,7 @@ from typing import Any
 from alembic import op
 
 revision: str = "0007"
-down_revision: str | None = "0006"  # re-chained onto main's head (was "0004")
+down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -156,8 +156,8 @@ WEATHER = {
 }
 
 
-def test_tools_round_trip(sdk, pipeline):
-    api, _ = sdk()
+def test_tools_round_trip(sdk, pipeline, client):
+    api, account = sdk()
     messages: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
     first = api.chat.completions.create(
         model=MODEL, messages=messages, tools=[WEATHER], tool_choice="auto", max_tokens=64
@@ -170,6 +170,10 @@ def test_tools_round_trip(sdk, pipeline):
     arguments = json.loads(call.function.arguments)
     assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("c", "f")
     provider = first.model_extra["flopex"]["provider"]
+    polled = client.get(
+        f"/v1/inference/{first.model_extra['flopex']['job_id']}", headers=account.headers
+    )
+    assert polled.get_json()["tool_calls"] == [call.model_dump()]
     sent = _last_request(pipeline, provider)
     assert sent["tools"] == [WEATHER] and sent["tool_choice"] == "auto"
 
@@ -360,7 +364,11 @@ def test_models_list_and_retrieve_parse_with_our_fields(sdk):
             "image_url",
         ),
         ({"n": 2}, "n", "n must be 1"),
-        ({"stream": True}, "stream", "not supported yet"),
+        (
+            {"stream_options": {"include_usage": True}},
+            "stream_options",
+            "only allowed when stream is true",
+        ),
         ({"logprobs": True}, "logprobs", "not supported"),
         ({"extra_body": {"temperature_x": 1}}, "temperature_x", "Unrecognized"),
         ({"temperature": 3}, "temperature", "between"),
@@ -457,11 +465,14 @@ def test_a_fault_of_ours_is_a_503_naming_the_job(sdk, client, monkeypatch):
     def redis_down(*_args: Any, **_kwargs: Any) -> Any:
         raise redis.ConnectionError("Connection refused.")
 
-    api, account = sdk()
+    # The SDK's own retries on: it is told not to resubmit a job that may be charged.
+    api, account = sdk(max_retries=2)
     monkeypatch.setattr(command, "wait_done", redis_down)
     with pytest.raises(openai.InternalServerError) as unavailable:
         api.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8)
     monkeypatch.undo()
+    assert unavailable.value.response.headers["X-Should-Retry"] == "false"
+    assert len(_ledger(account)) == 2  # topup and one hold: one job, not three
     error = unavailable.value
     assert error.status_code == 503 and error.code == "service_unavailable"
     job_id = error.body["job_id"]  # type: ignore[index]
@@ -470,3 +481,114 @@ def test_a_fault_of_ours_is_a_503_naming_the_job(sdk, client, monkeypatch):
     done = client.get(f"/v1/inference/{job_id}?wait=30", headers=account.headers).get_json()
     assert done["status"] == "success"
     assert [e.kind for e in _ledger(account)].count("capture") == 1
+
+
+def test_a_keyed_request_is_retried_by_the_sdk_through_a_fault_and_charged_once(sdk, monkeypatch):
+    """With an Idempotency-Key the 503 leaves retrying to the SDK (Retry-After: 1): its retry
+    finds the first job and answers its outcome."""
+    import redis
+
+    from app.jobs import command
+
+    real_wait = command.wait_done
+    failures = []
+
+    def redis_down_once(*args: Any, **kwargs: Any) -> Any:
+        if not failures:
+            failures.append(1)
+            raise redis.ConnectionError("Connection refused.")
+        return real_wait(*args, **kwargs)
+
+    api, account = sdk(max_retries=2)
+    monkeypatch.setattr(command, "wait_done", redis_down_once)
+    raw = api.chat.completions.with_raw_response.create(
+        model=MODEL, messages=HELLO, max_tokens=8, extra_headers={"Idempotency-Key": "k-503"}
+    )
+    # At least the one retry (more if the shared database hiccups meanwhile: also a 503).
+    assert failures == [1] and raw.retries_taken >= 1
+    assert raw.headers["Idempotent-Replayed"] == "true"
+    assert raw.parse().choices[0].message.content
+    assert [e.kind for e in _ledger(account)].count("capture") == 1
+    assert [e.kind for e in _ledger(account)].count("hold") == 1
+
+
+def test_a_key_whose_first_request_still_runs_is_a_conflict_naming_its_job(sdk, pipeline):
+    api, _ = sdk()
+    for provider in pipeline.values():
+        provider.configure(latency_ms=1500)  # the first request is still running
+    headers = {"Idempotency-Key": "k-running", "Prefer": "wait=0"}
+    first = api.chat.completions.with_raw_response.create(
+        model=MODEL, messages=HELLO, max_tokens=8, extra_headers=headers
+    )
+    assert first.status_code == 202
+    job_id = first.headers["X-Flopex-Job-Id"]
+    with pytest.raises(openai.ConflictError) as running:
+        api.chat.completions.create(
+            model=MODEL, messages=HELLO, max_tokens=8, extra_headers=headers
+        )
+    assert running.value.code == "idempotency_key_in_use"
+    assert running.value.body["job_id"] == job_id  # type: ignore[index]
+    assert running.value.response.headers["Location"] == f"/v1/inference/{job_id}"
+    assert running.value.response.headers["Retry-After"] == "1"
+    # Left to the SDK's retries, the same key waits for and answers the first job's outcome.
+    patient = api.with_options(max_retries=5)
+    answer = patient.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=8, extra_headers={"Idempotency-Key": "k-running"}
+    )
+    assert answer.model_extra["flopex"]["job_id"] == job_id
+
+
+def test_a_wait_that_runs_out_is_a_504_naming_the_running_job(sdk, pipeline, client, monkeypatch):
+    """An OpenAI client cannot read the exchange's 202: without a Prefer header, a wait that
+    runs out is an error naming the job, which carries on and is charged once."""
+    import dataclasses
+
+    from app.api import inference
+    from config.settings import get_settings
+
+    short = dataclasses.replace(get_settings(), sync_timeout_s=0)
+    monkeypatch.setattr(inference, "get_settings", lambda: short)
+    for provider in pipeline.values():
+        provider.configure(latency_ms=1000)
+    api, account = sdk(max_retries=2)
+    with pytest.raises(openai.InternalServerError) as running:
+        api.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8)
+    error = running.value
+    assert error.status_code == 504 and error.code == "job_still_running"
+    job_id = error.body["job_id"]  # type: ignore[index]
+    assert error.response.headers["X-Flopex-Job-Id"] == job_id
+    assert error.response.headers["X-Should-Retry"] == "false"  # so the SDK did not resubmit
+    done = client.get(f"/v1/inference/{job_id}?wait=30", headers=account.headers).get_json()
+    assert done["status"] == "success"
+    assert [e.kind for e in _ledger(account)].count("hold") == 1
+    # Asked for (Prefer: wait=0), the exchange's 202 with the job.
+    raw = api.chat.completions.with_raw_response.create(
+        model=MODEL, messages=HELLO, max_tokens=8, extra_headers={"Prefer": "wait=0"}
+    )
+    assert raw.status_code == 202 and json.loads(raw.text)["object"] == "inference"
+    client.get(f"/v1/inference/{raw.headers['X-Flopex-Job-Id']}?wait=30", headers=account.headers)
+
+
+def test_a_job_that_found_no_provider_is_a_503_with_retry_after(sdk, flask_app):
+    from app.models import Provider
+
+    api, account = sdk()
+    models = flask_app.extensions["flopex_models"]  # a catalog change is seen after its TTL
+    models.clear()
+    with session_scope() as session:
+        saved = {p.name: p.base_url for p in session.scalars(select(Provider))}
+        for p in session.scalars(select(Provider)):
+            p.base_url = "http://127.0.0.1:9/v1"  # nothing listens on the discard port
+    try:
+        with pytest.raises(openai.InternalServerError) as unserved:
+            api.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8)
+    finally:
+        with session_scope() as session:
+            for p in session.scalars(select(Provider)):
+                p.base_url = saved[p.name]
+        models.clear()
+    error = unserved.value
+    assert error.status_code == 503 and error.code == "no_provider_available"
+    assert int(error.response.headers["Retry-After"]) >= 1
+    assert error.response.headers["X-Flopex-Job-Id"] == error.body["job_id"]  # type: ignore[index]
+    assert [e.kind for e in _ledger(account)] == ["topup", "hold", "release"]

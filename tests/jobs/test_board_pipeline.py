@@ -10,7 +10,7 @@ from typing import Any
 
 from app.db import session_scope
 from app.models import Job
-from app.providers import board, health
+from app.providers import board, health, speed
 from app.providers.breaker import Breaker
 from app.providers.probe import probe_all
 from app.routing import Quote, select
@@ -128,6 +128,7 @@ def test_every_stored_decision_replays_from_the_job_row(client, pipeline, make_a
             estimated_input_tokens=job.estimated_input_tokens,
             max_output_tokens=job.max_output_tokens,
             explore=bool(job.routing.get("explored")),
+            explore_below=speed.MIN_SAMPLES,
         )
         assert replayed.to_dict() == job.routing, job.performance_profile
 

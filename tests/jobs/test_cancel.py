@@ -13,7 +13,7 @@ from app.db import session_factory, session_scope
 from app.exceptions import FlopexError
 from app.jobs import states
 from app.jobs.cancel import cancel
-from app.jobs.execution import close_failed
+from app.jobs.settlement import close_failed
 from app.models import Job
 from tests.factories import books, make_submitted_job
 

@@ -46,7 +46,10 @@ def _unavailable(resp: Any, job_named: bool) -> str | None:
     if not job_named:
         assert "job_id" not in error and "X-Flopex-Job-Id" not in resp.headers
         return None
-    assert resp.headers.get("X-Flopex-Job-Id") == error["job_id"], (resp.headers, error)
+    assert resp.headers["X-Flopex-Job-Id"] == error["job_id"]
+    # Without an Idempotency-Key, a resubmission could run a second job: clients are told so.
+    keyed = "Idempotency-Key" in resp.request.headers
+    assert resp.headers.get("X-Should-Retry") == (None if keyed else "false")
     return str(error["job_id"])
 
 
@@ -175,3 +178,30 @@ def test_an_idempotent_retry_after_a_503_gets_the_first_jobs_outcome(
             .where(LedgerEntry.wallet_id == account.wallet_id, LedgerEntry.kind == "capture")
         )
     assert captures == 1
+
+
+def test_a_connection_terminated_inside_the_submission_keeps_nothing(
+    client, pipeline, make_account, monkeypatch
+):
+    """A real fault, not a raised one: PostgreSQL terminates the request's backend after the
+    claim and the job were written, before their commit. psycopg2 raises, the transaction is
+    gone with the connection: a 503 that names no job, nothing held, and the key is free."""
+    from app.db import get_engine
+
+    account = make_account()
+    real = command.idempotency.attach_job
+
+    def terminated_then_attach(session: Any, record_id: int, job_id: uuid.UUID) -> None:
+        pid = session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        with get_engine().connect() as admin:
+            admin.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+            admin.commit()
+        real(session, record_id, job_id)
+
+    monkeypatch.setattr(command.idempotency, "attach_job", terminated_then_attach)
+    key = {"Idempotency-Key": "k-terminated"}
+    _unavailable(_post(client, account, **key), job_named=False)
+    assert _jobs(account) == [] and ledger_kinds(account) == ["topup"]
+    monkeypatch.undo()
+    retried = _post(client, account, **key)
+    assert retried.status_code == 200 and retried.get_json()["status"] == "success"

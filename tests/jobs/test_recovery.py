@@ -11,15 +11,17 @@ from typing import Any
 
 import pytest
 import redis
+from sqlalchemy import select
 
 from app import accounts, wallet
 from app.celery_app import make_celery
 from app.db import session_scope
+from app.jobs import events
 from app.jobs.dispatch import dispatch_quotes
 from app.jobs.notify import wait_done
 from app.jobs.recovery import sweep
 from app.jobs.submit import InferenceRequest, SubmitInference
-from app.models import Job
+from app.models import Job, LedgerEntry
 from config.settings import get_settings
 from tests.conftest import (
     TEST_REDIS_URL,
@@ -314,6 +316,34 @@ def test_a_job_claimed_by_a_router_that_died_is_quoted_again(
     assert job.status == "success" and sum(chat_calls(pipeline).values()) == 1
     assert ledger_kinds(account).count("capture") == 1
     assert_books_balance(account)
+
+
+def test_a_stream_whose_worker_died_after_a_delta_is_settled_for_it_not_sent_elsewhere(
+    crash_env, make_account, pipeline
+):
+    """The client holds part of the answer: the sweeper's resume settles the job for what its
+    events show was delivered (docs/billing.md, "Cut streams") and asks no other provider."""
+    account = make_account()
+    dying = crash_env["worker"]("after_stream_delta")
+    job_id = submit(account, crash_env["settings"], crash_env["celery"], stream=True)
+    assert dying.proc.wait(timeout=60) == -9
+    delivered = events.delivered(crash_env["client"], job_id)
+    assert delivered is not None and delivered[1] == 1
+
+    crash_env["worker"]()
+    job = recover(crash_env, job_id)
+    assert job.status == "failed" and job.error_code == "provider_error"
+    assert job.output_text == delivered[0] and job.output_tokens == 1
+    assert job.attempts[-1]["failure"] == "interrupted"
+    assert sum(chat_calls(pipeline).values()) == 1  # never sent to another provider
+    assert ledger_kinds(account) == ["topup", "hold", "capture", "release"]
+    with session_scope() as session:
+        captured = -sum(
+            e.amount_micros
+            for e in session.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id))
+            if e.kind == "capture"
+        )
+    assert captured == job.charge_micros > 0
 
 
 def test_a_settled_job_signals_its_waiters_even_when_the_durability_barrier_fails(

@@ -58,6 +58,7 @@ class Launch:
     proc: subprocess.Popen[str]
     lines: list[str] = field(default_factory=list)
     ready: threading.Event = field(default_factory=threading.Event)
+    var: Path | None = None
 
     def pump(self) -> None:
         # Keeps draining the pipe after the banner so the children never block on a full pipe.
@@ -93,9 +94,11 @@ class Launch:
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launch]:
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
+    # Named var/ as in the repository: the README's commands run as written from its parent.
+    var = tmp_path_factory.mktemp("stack") / "var"
     env.update(
         PORT=str(_free_port()),
-        FLOPEX_VAR_DIR=str(tmp_path_factory.mktemp("flopex-var")),
+        FLOPEX_VAR_DIR=str(var),
         FLOPEX_DEMO_API_KEY=DEMO_KEY,
         PYTHONUNBUFFERED="1",
     )
@@ -108,7 +111,7 @@ def launch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launch]:
         text=True,
         start_new_session=True,
     )
-    running = Launch(proc)
+    running = Launch(proc, var=var)
     pump = threading.Thread(target=running.pump, daemon=True)
     pump.start()
     try:
@@ -180,6 +183,51 @@ def test_documented_request_is_served_and_billed(launch: Launch) -> None:
         body["billing"]["balance_remaining_usd"] - after["billing"]["balance_remaining_usd"]
         == after["billing"]["cost_usd"]
     )
+
+
+def _readme_block(heading: str) -> str:
+    """The first ```sh block after ``heading`` in the README."""
+    text = (ROOT / "README.md").read_text()
+    after = text[text.index(heading) :]
+    start = after.index("```sh\n") + len("```sh\n")
+    return after[start : after.index("```", start)]
+
+
+def test_the_readmes_first_request_works_when_pasted(launch: Launch) -> None:
+    block = _readme_block("## Using the API")
+    assert "export FLOPEX_KEY=" in block
+    port = launch.base_url.rsplit(":", 1)[1]
+    assert launch.var is not None
+    env = {k: v for k, v in os.environ.items() if k != "FLOPEX_KEY"}
+    out = subprocess.run(
+        ["bash", "-e", "-c", block.replace("127.0.0.1:8000", f"127.0.0.1:{port}")],
+        cwd=launch.var.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    assert answer["status"] == "success", out.stdout
+
+
+def test_a_worker_that_dies_is_started_again(launch: Launch) -> None:
+    worker = launch.pids["worker"]
+    os.killpg(worker, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not any("started it again" in line for line in launch.lines):
+        assert time.monotonic() < deadline, launch.tail()
+        assert launch.proc.poll() is None, launch.tail()
+        time.sleep(0.1)  # waiting for the supervisor's next round
+    resp = requests.post(
+        f"{launch.base_url}/v1/inference",
+        headers={"Authorization": f"Bearer {DEMO_KEY}"},
+        # No latency limit: a worker that just started may quote slowly on a busy machine.
+        json={"model": "llama-3.1-8b", "input": "Still there?", "max_output_tokens": 16},
+        timeout=90,
+    )
+    assert resp.status_code == 200, resp.text
 
 
 def test_sigint_stops_everything(launch: Launch) -> None:
