@@ -452,6 +452,13 @@ class JobListQuerySchema(Schema):
         unknown = RAISE
 
     status = fields.String(validate=validate.OneOf(list(states.INTERNAL)))
+    model = fields.String(
+        validate=[
+            validate.Length(min=1, max=128),
+            validate.ContainsNoneOf("\x00", error="Must not contain NUL characters."),
+        ],
+        metadata={"description": "Only jobs for this model alias, as requested"},
+    )
     customer_ref = fields.String(
         # PostgreSQL text cannot hold NUL: without this, a NUL in the filter was a 500.
         # A pattern, not ContainsNoneOf: the OpenAPI document then states the rule.
