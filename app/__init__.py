@@ -34,7 +34,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     if overrides:
         app.config.update(overrides)
     if not app.testing:
-        from app.logs import configure_logging
+        from app.infra.logs import configure_logging
 
         configure_logging(settings.log_level)
         # Compared with the effective secret, not the environment: an empty value falls back to

@@ -31,11 +31,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from app import accounts, wallet
-from app.catalog import load_catalog
-from app.db import session_scope
+from app.billing import accounts, wallet
+from app.billing.money import JSON_NUMBER, micros_to_usd, usd_to_micros
+from app.infra.db import session_scope
+from app.market.catalog import load_catalog
 from app.models import Account, ApiKey, Job, LedgerEntry, Wallet
-from app.money import JSON_NUMBER, micros_to_usd, usd_to_micros
 from config.settings import get_settings
 
 
@@ -51,7 +51,7 @@ def _print(data: dict) -> None:  # type: ignore[type-arg]
 
 
 def cmd_db_upgrade(_: argparse.Namespace) -> None:
-    from app.migrate import upgrade
+    from app.infra.migrate import upgrade
 
     upgrade()
     print("database at head")
@@ -300,10 +300,10 @@ def cmd_job_show(args: argparse.Namespace) -> None:
 def cmd_job_cancel(args: argparse.Namespace) -> None:
     """As the customer's POST /v1/inference/<id>/cancel: only before the job starts executing;
     its hold is released, waiters are woken and its webhook is queued."""
-    from app.celery_app import make_celery
     from app.exceptions import FlopexError
+    from app.infra.celery_app import make_celery
+    from app.infra.redis_client import get_redis
     from app.jobs.cancel import announce_cancelled, cancel
-    from app.redis_client import get_redis
 
     with session_scope() as session:
         job = session.get(Job, uuid.UUID(args.job_id))

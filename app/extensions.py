@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import Celery
 from flask import Flask
 
-from app.celery_app import make_celery
+from app.infra.celery_app import make_celery
 
 
 def celery_init_app(app: Flask) -> Celery:

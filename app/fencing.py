@@ -1,5 +1,5 @@
 """The jobs table's fenced UPDATE, as a Core statement: the one piece of the job row that both
-app/jobs/rows.py (every write of a job) and app/wallet.py (a settlement's final write of the job,
+app/jobs/rows.py (every write of a job) and app/billing/wallet.py (a settlement's final write of the job,
 in the same statement as the money) build on. Here, below both, so that the ledger never
 imports the job package.
 

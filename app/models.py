@@ -173,7 +173,7 @@ class Offering(Base):
     output_price_micros_per_m: Mapped[int] = mapped_column(BigInteger)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     # Optional speed priors from the catalog: what routing assumes until it has measured the
-    # offering (app/providers/speed.py).
+    # offering (app/market/providers/speed.py).
     expected_ttft_ms: Mapped[int | None] = mapped_column(Integer)
     expected_tokens_per_s: Mapped[Decimal | None] = mapped_column(Numeric(10, 2))
 

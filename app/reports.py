@@ -1,5 +1,5 @@
 """What the console reads beyond the API's own queries (app/jobs/queries.py,
-app/ledger_queries.py): exports, a job's ledger entries, the overview's aggregates, the keys and
+app/billing/ledger_queries.py): exports, a job's ledger entries, the overview's aggregates, the keys and
 the market. Plain domain queries (a session in, rows out), each scoped to one account by the
 caller's principal."""
 
@@ -19,10 +19,10 @@ from sqlalchemy.orm import Session
 
 from app.jobs import states
 from app.jobs.queries import JobFilter, filter_jobs
+from app.market.providers import health, history
+from app.market.providers.breaker import Breaker
+from app.market.providers.probe import last_probe
 from app.models import ApiKey, Job, LedgerEntry, ModelAlias, Offering, Provider
-from app.providers import health, history
-from app.providers.breaker import Breaker
-from app.providers.probe import last_probe
 from config.settings import Settings
 
 EXPORT_COLUMNS = (

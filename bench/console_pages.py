@@ -70,9 +70,9 @@ def _catalog(path: Path) -> None:
 def seed(jobs: int) -> tuple[str, uuid.UUID]:
     from sqlalchemy import insert, update
 
-    from app import accounts
-    from app.catalog import load_catalog
-    from app.db import session_scope
+    from app.billing import accounts
+    from app.infra.db import session_scope
+    from app.market.catalog import load_catalog
     from app.models import Job, LedgerEntry, Wallet
 
     path = ROOT / "var" / "console-bench-catalog.toml"
@@ -203,13 +203,13 @@ def main() -> None:
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{DB_NAME}"'))
     try:
-        from app.migrate import upgrade
+        from app.infra.migrate import upgrade
 
         upgrade()
         key, job_id = seed(args.jobs)
         run(key, job_id, args.runs, args.jobs)
     finally:
-        from app.db import dispose_engine
+        from app.infra.db import dispose_engine
 
         dispose_engine()
         with admin.connect() as conn:

@@ -177,8 +177,8 @@ def provider_cost_micros(config: SandboxConfig, input_tokens: int, output_tokens
 def worst_case_charge_micros(
     config: SandboxConfig, est_input_tokens: int, max_output_tokens: int, markup: Decimal
 ) -> int:
-    """The exchange's estimated charge for a quote (app/pricing.py), at the provider's price."""
-    from app.pricing import estimated_charge
+    """The exchange's estimated charge for a quote (app/billing/pricing.py), at the provider's price."""
+    from app.billing.pricing import estimated_charge
 
     return estimated_charge(
         est_input_tokens,

@@ -212,8 +212,8 @@ def write_catalog(stack: Stack, market: Market, at: float | None, priors: bool) 
 
 
 def reload_catalog(stack: Stack, market: Market, at: float, priors: bool) -> None:
-    from app.catalog import load_catalog
-    from app.db import session_scope
+    from app.infra.db import session_scope
+    from app.market.catalog import load_catalog
 
     write_catalog(stack, market, at, priors)
     with session_scope() as session:
@@ -247,7 +247,7 @@ def build_request(index: int, seed: int, market: Market, markup: Decimal) -> Sen
     """Request `index` of the run: its scenario (round-robin), size and limits. A limit is set
     from the market at that instant so that it binds: max_latency_ms 1.3-2.5x the quickest
     provider's latency for the request's tokens, max_price_usd the median provider's worst case."""
-    from app.pricing import estimate_input_tokens
+    from app.billing.pricing import estimate_input_tokens
 
     rng = random.Random(seed * 1_000_003 + index)
     profile = PROFILES[index % 3]
@@ -421,7 +421,7 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
 def analyse_one(
     sent: Sent, market: Market, markup: Decimal, weights: tuple[Decimal, Decimal, Decimal]
 ) -> dict[str, Any]:
-    from app.pricing import estimate_input_tokens
+    from app.billing.pricing import estimate_input_tokens
 
     request = Request(
         sent.profile,

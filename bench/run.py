@@ -3,7 +3,7 @@
 What one run does (docs/performance.md explains the method and the numbers):
 
 1. Creates a fresh PostgreSQL database (``flopex_bench``: dropped first, and at the end unless
-   ``--keep-db``), migrated with ``app.migrate.upgrade``, and flushes Redis database 12.
+   ``--keep-db``), migrated with ``app.infra.migrate.upgrade``, and flushes Redis database 12.
 2. Starts one sandbox provider process per catalog provider (``bench/sandbox_node.py``), writes
    a benchmark catalog to a temp file (``llama-3.1-8b`` on 3 providers, ``bench-fanout-<n>`` on
    n), loads it and creates the account that carries the load (a large balance, one hot wallet).
@@ -13,7 +13,7 @@ What one run does (docs/performance.md explains the method and the numbers):
 5. Quote fan-out with 1, 3 and 10 providers; async (``Prefer: respond-async``) submit latency;
    a census of PostgreSQL transactions per request.
 6. Optionally (``--profile``, needs py-spy) samples the web and worker processes at c64.
-7. The hot-wallet benchmark (app.wallet from several processes on one wallet), with the ledger
+7. The hot-wallet benchmark (app.billing.wallet from several processes on one wallet), with the ledger
    invariants; the same invariants on the load account's wallet, end to end.
 8. Prints the tables and the verdict against the targets; writes bench/results/<timestamp>.json.
 
@@ -314,7 +314,7 @@ def census_scenario(stack: Stack, api_key: str, args: argparse.Namespace) -> dic
     connection of ours to the benchmark database, wait for every backend to flush (idle > 10 s),
     read, send `count` sequential requests, wait again, read. Work a job causes after its
     answer (none today) is included."""
-    from app.db import dispose_engine
+    from app.infra.db import dispose_engine
 
     count = 50 if args.quick else 100
     say(f"bench: census, {count} sequential requests between two ~11 s pauses")
@@ -438,8 +438,8 @@ def load_wallet_invariants(wallet_ids: list[uuid.UUID]) -> dict[str, Any]:
     of every scenario; the ledger must still add up."""
     from sqlalchemy import func, select
 
-    from app import wallet
-    from app.db import session_scope
+    from app.billing import wallet
+    from app.infra.db import session_scope
     from app.models import LedgerEntry
 
     checks = {

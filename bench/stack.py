@@ -303,13 +303,13 @@ class LoadAccount:
 def bootstrap_database(
     catalog_path: Path, balance_usd: str, name: str, count: int = 1
 ) -> list[LoadAccount]:
-    """Migrate (app.migrate.upgrade), load the catalog and create the `count` accounts that
+    """Migrate (app.infra.migrate.upgrade), load the catalog and create the `count` accounts that
     carry the load, each with `balance_usd` of credit, in this process (DATABASE_URL is set)."""
-    from app import accounts, wallet
-    from app.catalog import load_catalog
-    from app.db import dispose_engine, session_scope
-    from app.migrate import upgrade
-    from app.money import usd_to_micros
+    from app.billing import accounts, wallet
+    from app.billing.money import usd_to_micros
+    from app.infra.db import dispose_engine, session_scope
+    from app.infra.migrate import upgrade
+    from app.market.catalog import load_catalog
     from config.settings import get_settings
 
     get_settings.cache_clear()
@@ -490,7 +490,7 @@ class Stack:
                 self._redis.flushdb()
                 self._redis.close()
         with contextlib.suppress(Exception):
-            from app.db import dispose_engine
+            from app.infra.db import dispose_engine
 
             dispose_engine()
         if self.db_created and not self.keep_db:
@@ -514,7 +514,7 @@ class Stack:
     def live_jobs(self) -> int:
         from sqlalchemy import func, select
 
-        from app.db import session_scope
+        from app.infra.db import session_scope
         from app.jobs import states
         from app.models import Job
 

@@ -28,7 +28,7 @@ STAGES = ("submit", "quote", "route", "provider", "settle", "respond")
 def job_rows(ids: list[uuid.UUID]) -> dict[uuid.UUID, dict[str, Any]]:
     from sqlalchemy import select
 
-    from app.db import session_scope
+    from app.infra.db import session_scope
     from app.models import Job
 
     rows: dict[uuid.UUID, dict[str, Any]] = {}

@@ -1,6 +1,6 @@
 """The hot-wallet benchmark, at the domain level: many jobs settling on one wallet at once.
 
-It drives ``app.wallet`` as the exchange does, from `procs` processes x `threads` threads, each
+It drives ``app.billing.wallet`` as the exchange does, from `procs` processes x `threads` threads, each
 thread with its own session (and PostgreSQL connection):
 
 1. setup (not timed): an account whose wallet gets a large top-up, and `jobs` job rows;
@@ -10,7 +10,7 @@ thread with its own session (and PostgreSQL connection):
 3. settles: each job's capture and release plus the job's final UPDATE in one statement that is
    its own transaction (``wallet.settle_hold(..., commit=Commit.ALONE_DEFERRED)``, as the
    worker's ``RouteAndExecute._settle_answered`` does), committed without waiting for the fsync, then made durable
-   by ``app.db.make_durable`` as the worker does before it signals the outcome.
+   by ``app.infra.db.make_durable`` as the worker does before it signals the outcome.
 
 Several processes, not just threads: the exchange settles from several processes too (web and
 worker), and one process's GIL would otherwise stretch how long each transaction holds the wallet
@@ -50,8 +50,8 @@ class Plan:
 
 
 def _hold_one(session: Any, plan: Plan, i: int) -> None:
-    from app import wallet
-    from app.db import Commit
+    from app.billing import wallet
+    from app.infra.db import Commit
 
     # As a synchronous submit without an Idempotency-Key: one statement that is its own
     # transaction (solo) and does not wait for its fsync (the worker's settlement makes it
@@ -73,8 +73,8 @@ def _hold_one(session: Any, plan: Plan, i: int) -> None:
 
 
 def _settle_one(session: Any, plan: Plan, i: int) -> None:
-    from app import wallet
-    from app.db import Commit, make_durable
+    from app.billing import wallet
+    from app.infra.db import Commit, make_durable
 
     # As RouteAndExecute._settle_answered: capture, release and the job's final write in one statement
     # that is its own transaction (solo: the wallet row is locked only while the server runs
@@ -118,7 +118,7 @@ def _child(
     from the shared counter until none is left or the time cap passes, report."""
     from sqlalchemy.orm import sessionmaker
 
-    from app.db import build_engine
+    from app.infra.db import build_engine
 
     engine = build_engine(plan.database_url, pool_size=threads)
     factory = sessionmaker(engine, expire_on_commit=False)
@@ -188,7 +188,7 @@ def _setup(
 ) -> tuple[uuid.UUID, Plan, int]:
     from sqlalchemy import insert, select
 
-    from app import accounts, wallet
+    from app.billing import accounts, wallet
     from app.models import Job, Wallet
 
     holds = [rng.randint(2_000, 20_000) for _ in range(jobs)]
@@ -240,8 +240,8 @@ def run_hot_wallet(
     from sqlalchemy import func, select
     from sqlalchemy.orm import sessionmaker
 
-    from app import wallet
-    from app.db import build_engine
+    from app.billing import wallet
+    from app.infra.db import build_engine
     from app.models import LedgerEntry
 
     engine = build_engine(database_url, pool_size=2)

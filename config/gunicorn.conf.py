@@ -49,13 +49,13 @@ def post_fork(server, worker):  # type: ignore[no-untyped-def]
     # gevent patches the worker.
     import sys
 
-    if "app.db" in sys.modules:
-        sys.modules["app.db"].dispose_engine()
-    if "app.redis_client" in sys.modules:
-        sys.modules["app.redis_client"].reset_redis()
+    if "app.infra.db" in sys.modules:
+        sys.modules["app.infra.db"].dispose_engine()
+    if "app.infra.redis_client" in sys.modules:
+        sys.modules["app.infra.redis_client"].reset_redis()
 
 
 def child_exit(server, worker):  # type: ignore[no-untyped-def]
-    from app.metrics import mark_process_dead
+    from app.infra.metrics import mark_process_dead
 
     mark_process_dead(worker.pid)

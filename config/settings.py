@@ -271,7 +271,7 @@ class Settings:
             health_window_s=_int(
                 "FLOPEX_HEALTH_WINDOW_S", 300, minimum=1, what="a whole number of seconds"
             ),
-            # The engine opens this many connections plus as many overflow (app/db.py).
+            # The engine opens this many connections plus as many overflow (app/infra/db.py).
             db_pool_size=_int("FLOPEX_DB_POOL_SIZE", 10, minimum=1),
             # A grace of 0 would count a job as stuck the moment it changed state, and the
             # sweeper would re-drive jobs that are progressing normally.
@@ -286,11 +286,11 @@ class Settings:
             # A cap, not a timeout: 0 makes `Prefer: wait` and `?wait=` answer at once
             # (app/jobs/notify.py never blocks for less than 10 ms, so 0 cannot hang).
             max_wait_s=_seconds("FLOPEX_MAX_WAIT_S", 60.0, zero_means="turns long polls off"),
-            # 0 refuses every request of every account without its own limit (app/ratelimit.py).
+            # 0 refuses every request of every account without its own limit (app/infra/ratelimit.py).
             rate_limit_per_min=_int(
                 "FLOPEX_RATE_LIMIT_PER_MIN", 6000, minimum=0, what="a whole number of requests"
             ),
-            # The limiter treats a burst below 1 as 1 (app/ratelimit.py): refuse the 0 that
+            # The limiter treats a burst below 1 as 1 (app/infra/ratelimit.py): refuse the 0 that
             # looks like "no requests" but is not.
             rate_limit_burst=_int(
                 "FLOPEX_RATE_LIMIT_BURST", 200, minimum=1, what="a whole number of requests"
@@ -355,7 +355,7 @@ class Settings:
 
 def _deadline_ms(profile: str, default: int) -> int:
     # A deadline of 0 has passed before any provider is pinged: every refresh would find the
-    # provider not live (app/providers/board.py).
+    # provider not live (app/market/providers/board.py).
     return _int(
         f"FLOPEX_QUOTE_DEADLINE_MS_{profile}",
         default,

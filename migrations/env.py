@@ -4,7 +4,7 @@ from logging.config import fileConfig
 
 from alembic import context
 
-from app.db import build_engine
+from app.infra.db import build_engine
 from app.models import Base
 from config.settings import get_settings
 

@@ -323,7 +323,7 @@ def demo_key(var: Path) -> str:
         stored = path.read_text().strip()
         if stored:
             return stored
-    from app.accounts import generate_key
+    from app.billing.accounts import generate_key
 
     key = generate_key()
     path.write_text(key + "\n")
@@ -337,10 +337,10 @@ def bootstrap_database(key: str) -> None:
     Imported here, not at the top: settings are cached on first use, so the environment must be
     complete first.
     """
-    from app.catalog import load_catalog
     from app.cli import ensure_demo_account
-    from app.db import dispose_engine, session_scope
-    from app.migrate import upgrade
+    from app.infra.db import dispose_engine, session_scope
+    from app.infra.migrate import upgrade
+    from app.market.catalog import load_catalog
     from config.settings import get_settings
 
     get_settings.cache_clear()

@@ -1,4 +1,4 @@
-"""Thin Celery tasks for the inference pipeline: explicit stable names (app/task_names.py),
+"""Thin Celery tasks for the inference pipeline: explicit stable names (app/infra/task_names.py),
 primitive arguments, all logic in app.jobs."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import redis
 from celery import Task, shared_task
 from sqlalchemy.orm.exc import StaleDataError
 
-from app import task_names
-from app.db import session_factory
+from app.infra import task_names
+from app.infra.db import session_factory
+from app.infra.redis_client import get_redis
 from app.jobs import liveness
 from app.jobs.execution import Outcome, RouteAndExecute
 from app.jobs.recovery import RESUME_VERSION_HEADER
-from app.redis_client import get_redis
 from config.settings import get_settings
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Periodic tasks run by celery beat (schedule in app/celery_app.py)."""
+"""Periodic tasks run by celery beat (schedule in app/infra/celery_app.py)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ from typing import Any
 
 from celery import Task, shared_task
 
-from app import idempotency, task_names
-from app.db import session_scope
+from app.infra import task_names
+from app.infra.db import session_scope
+from app.infra.redis_client import get_redis
+from app.jobs import idempotency
 from app.jobs.recovery import sweep
-from app.providers import board
-from app.providers.breaker import Breaker
-from app.providers.probe import enabled_targets
-from app.redis_client import get_redis
+from app.market.providers import board
+from app.market.providers.breaker import Breaker
+from app.market.providers.probe import enabled_targets
 from config.settings import get_settings
 
 

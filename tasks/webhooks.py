@@ -12,9 +12,9 @@ import urllib3
 from celery import shared_task
 from sqlalchemy import or_, update
 
-from app import task_names, webhooks
-from app.db import session_scope
-from app.jobs import states
+from app.infra import task_names
+from app.infra.db import session_scope
+from app.jobs import states, webhooks
 from app.jobs.render import render_job
 from app.json import dumps_exact
 from app.models import Job

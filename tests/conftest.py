@@ -157,11 +157,11 @@ def database() -> Iterator[str]:
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{_DB_NAME}"'))
-    from app.migrate import upgrade
+    from app.infra.migrate import upgrade
 
     upgrade()
     yield os.environ["DATABASE_URL"]
-    from app.db import dispose_engine
+    from app.infra.db import dispose_engine
 
     dispose_engine()
     with admin.connect() as conn:
@@ -178,7 +178,7 @@ def database() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_client() -> Iterator[Any]:
-    from app.redis_client import get_redis
+    from app.infra.redis_client import get_redis
 
     client = get_redis()
     client.flushdb()
@@ -207,8 +207,8 @@ def sandboxes() -> Iterator[dict[str, Any]]:
 
 @pytest.fixture(scope="session")
 def catalog(database: str, sandboxes: dict[str, Any]) -> Path:
-    from app.catalog import load_catalog
-    from app.db import session_scope
+    from app.infra.db import session_scope
+    from app.market.catalog import load_catalog
 
     CATALOG_PATH.write_text(_catalog_toml({n: p.base_url for n, p in sandboxes.items()}))
     with session_scope() as session:
@@ -282,7 +282,7 @@ def start_worker(
 
 @pytest.fixture(scope="session")
 def celery_app() -> Any:
-    from app.celery_app import make_celery
+    from app.infra.celery_app import make_celery
 
     return make_celery()
 
@@ -426,7 +426,7 @@ def pipeline(
 @pytest.fixture
 def make_account(database: str) -> Any:
     """A committed account with an API key and a topped-up wallet (tests/factories.py)."""
-    from app.db import session_scope
+    from app.infra.db import session_scope
     from tests.factories import TestAccount, make_customer
 
     def make(balance_usd: str = "10.00", name: str = "test") -> TestAccount:
@@ -447,7 +447,7 @@ def no_stuck_jobs_from_other_tests(database: str) -> None:
 
     from sqlalchemy import func, update
 
-    from app.db import session_scope
+    from app.infra.db import session_scope
     from app.jobs import states
     from app.models import Job
 
@@ -462,7 +462,7 @@ def no_stuck_jobs_from_other_tests(database: str) -> None:
 @pytest.fixture
 def db_session(database: str) -> Iterator[Session]:
     """A session inside a transaction that is rolled back after the test."""
-    from app.db import get_engine
+    from app.infra.db import get_engine
 
     connection = get_engine().connect()
     outer = connection.begin()
@@ -488,7 +488,7 @@ def ledger_kinds(account: Any) -> list[str]:
     """The kinds of an account's ledger entries, oldest first."""
     from sqlalchemy import select
 
-    from app.db import session_scope
+    from app.infra.db import session_scope
     from app.models import LedgerEntry
 
     with session_scope() as session:

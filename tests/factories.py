@@ -17,15 +17,15 @@ from typing import Any, NamedTuple
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app import accounts, wallet
-from app.catalog import ModelCache
-from app.db import session_scope
+from app.billing import accounts, wallet
+from app.billing.money import usd_to_micros
+from app.billing.wallet import WalletState
+from app.infra.db import session_scope
 from app.jobs.submit import Accepted, InferenceRequest, SubmitInference
+from app.market.catalog import ModelCache
+from app.market.providers.breaker import Breaker
+from app.market.providers.probe import probe_all
 from app.models import Job, LedgerEntry, Wallet
-from app.money import usd_to_micros
-from app.providers.breaker import Breaker
-from app.providers.probe import probe_all
-from app.wallet import WalletState
 from config.settings import get_settings
 
 USD = 1_000_000

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from app import accounts, wallet
+from app.billing import accounts, wallet
 from app.cli import main
-from app.db import session_scope
+from app.infra.db import session_scope
 from app.models import Account, LedgerEntry, ModelAlias, Offering, Provider, Wallet
 from tests.conftest import CATALOG_PATH
 from tests.factories import make_job
@@ -282,7 +282,7 @@ def test_account_set_limit_and_back_to_the_default(database, capsys):
 def test_an_unreachable_database_is_one_line_not_a_traceback(database, capsys, monkeypatch):
     from sqlalchemy.orm import sessionmaker
 
-    from app import db
+    from app.infra import db
 
     engine = db.build_engine("postgresql+psycopg2://postgres@127.0.0.1:1/nowhere")
     monkeypatch.setattr(db, "_engine", engine)
@@ -380,8 +380,8 @@ def test_a_quoted_enabled_flag_fails_the_load(catalog, capsys, tmp_path):
 
 
 def test_a_provider_key_missing_from_the_environment_is_a_warning(catalog, tmp_path, monkeypatch):
-    from app.catalog import load_catalog
-    from app.db import session_factory
+    from app.infra.db import session_factory
+    from app.market.catalog import load_catalog
 
     monkeypatch.delenv("FLOPEX_TEST_UNSET_KEY", raising=False)
     monkeypatch.setenv("FLOPEX_TEST_SET_KEY", "sk-test")

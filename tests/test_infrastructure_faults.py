@@ -74,7 +74,7 @@ class RedisServer:
 
 @pytest.fixture
 def stack(pipeline: Any, tmp_path: Path) -> Any:
-    from app.celery_app import make_celery
+    from app.infra.celery_app import make_celery
     from config.settings import get_settings
 
     server = RedisServer(tmp_path)
@@ -164,7 +164,7 @@ def finish_all_jobs(account: Any, celery: Any, redis_client: Any) -> None:
     again, a task that failed mid-way is resumed)."""
     from sqlalchemy import select
 
-    from app.db import session_scope
+    from app.infra.db import session_scope
     from app.jobs.recovery import sweep
     from app.models import Job
     from config.settings import get_settings
@@ -186,7 +186,7 @@ def finish_all_jobs(account: Any, celery: Any, redis_client: Any) -> None:
 
 
 def assert_each_job_settled_once(account: Any) -> None:
-    from app.db import session_scope
+    from app.infra.db import session_scope
     from app.models import Job, LedgerEntry, Wallet
 
     with session_scope() as session:

@@ -37,18 +37,18 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.exc import StaleDataError
 
-from app import accounts, wallet
-from app.celery_app import make_celery
-from app.db import session_factory, session_scope
+from app.billing import accounts, wallet
+from app.billing.pricing import estimate_input_tokens
 from app.exceptions import FlopexError
+from app.infra.celery_app import make_celery
+from app.infra.db import session_factory, session_scope
+from app.infra.redis_client import get_redis
 from app.jobs import rows, states
 from app.jobs.cancel import cancel
 from app.jobs.execution import RouteAndExecute
 from app.jobs.settlement import close_failed, finish_values
 from app.jobs.submit import InferenceRequest, SubmitInference
 from app.models import Job, LedgerEntry, utcnow
-from app.pricing import estimate_input_tokens
-from app.redis_client import get_redis
 from config.settings import get_settings
 from tests.conftest import MODEL_IDS, PROVIDERS
 

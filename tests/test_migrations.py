@@ -12,8 +12,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, create_engine, inspect, text
 
-from app.db import get_engine
-from app.migrate import upgrade
+from app.infra.db import get_engine
+from app.infra.migrate import upgrade
 from app.models import Base
 from config.settings import ROOT
 

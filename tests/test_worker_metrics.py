@@ -47,7 +47,7 @@ def test_a_worker_only_host_exports_its_processes_series_on_the_worker_port(
         [
             sys.executable,
             "-c",
-            "from app.metrics import job_finished; job_finished('failed', 'sibling_marker')",
+            "from app.infra.metrics import job_finished; job_finished('failed', 'sibling_marker')",
         ],
         cwd=ROOT,
         env={**os.environ, **host_env},

@@ -19,11 +19,17 @@ from celery.signals import (
     worker_shutdown,
 )
 
-from app.db import dispose_engine
+from app.infra.db import dispose_engine
+from app.infra.logs import (
+    HEADER_JOB_ID,
+    HEADER_REQUEST_ID,
+    configure_logging,
+    job_id_var,
+    request_id_var,
+)
+from app.infra.metrics import mark_process_dead, serve_worker_metrics
+from app.infra.redis_client import get_redis, reset_redis
 from app.jobs.liveness import Heartbeat
-from app.logs import HEADER_JOB_ID, HEADER_REQUEST_ID, configure_logging, job_id_var, request_id_var
-from app.metrics import mark_process_dead, serve_worker_metrics
-from app.redis_client import get_redis, reset_redis
 from config.settings import get_settings
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from app.api.observability import init_observability
 from app.api.schemas import ApiErrorSchema, number_or_string_property
 from app.api.session import init_session
 from app.api.wallet import blp as wallet_blp
-from app.catalog import ModelCache
+from app.market.catalog import ModelCache
 from config.settings import get_settings
 
 

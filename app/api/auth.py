@@ -6,11 +6,11 @@ import time
 
 from flask import current_app, g, request
 
-from app.accounts import Principal, authenticate_digest, hash_key, key_prefix
 from app.api.session import db
+from app.billing.accounts import Principal, authenticate_digest, hash_key, key_prefix
 from app.exceptions import FlopexError
-from app.ratelimit import RateLimiter
-from app.redis_client import get_redis
+from app.infra.ratelimit import RateLimiter
+from app.infra.redis_client import get_redis
 from config.settings import get_settings
 
 

@@ -19,14 +19,14 @@ from app.api.schemas import (
     ProviderListSchema,
 )
 from app.api.session import db
-from app.catalog import ModelListing, list_models
+from app.billing.money import micros_to_usd
 from app.exceptions import FlopexError
+from app.infra.redis_client import get_redis
+from app.market.catalog import ModelListing, list_models
+from app.market.providers import health
+from app.market.providers.breaker import Breaker
+from app.market.providers.probe import last_probe
 from app.models import ModelAlias, Offering, Provider, iso_utc
-from app.money import micros_to_usd
-from app.providers import health
-from app.providers.breaker import Breaker
-from app.providers.probe import last_probe
-from app.redis_client import get_redis
 from config.settings import get_settings
 
 

@@ -12,9 +12,9 @@ from flask import Flask, jsonify, request
 from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException
 
-from app.broker import PUBLISH_ERRORS
 from app.exceptions import FlopexError, error_body
-from app.logs import job_id_var
+from app.infra.broker import PUBLISH_ERRORS
+from app.infra.logs import job_id_var
 
 log = logging.getLogger(__name__)
 

@@ -9,14 +9,14 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 
 from app.api.schemas import HealthSchema, ReadySchema
-from app.db import probe_database
-from app.metrics import render
-from app.redis_client import is_redis_url, probe_client
+from app.infra.db import probe_database
+from app.infra.metrics import render
+from app.infra.redis_client import is_redis_url, probe_client
 from config.settings import get_settings
 
 blp = Blueprint("health", __name__, description="Process health")
 
-# Each check of /readyz gives up after this long (Redis: app.redis_client.probe_client).
+# Each check of /readyz gives up after this long (Redis: app.infra.redis_client.probe_client).
 _PROBE_TIMEOUT_S = 2.0
 
 

@@ -11,7 +11,6 @@ from flask import current_app, g, request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
-from app.accounts import Principal
 from app.api import sse
 from app.api.auth import authenticate_and_limit, require_principal
 from app.api.parser import FlopexParser
@@ -28,7 +27,9 @@ from app.api.schemas import (
     StreamEventSchema,
 )
 from app.api.session import db
+from app.billing.accounts import Principal
 from app.exceptions import FlopexError, InvalidRequest
+from app.infra.redis_client import get_redis
 from app.jobs import events, states
 from app.jobs.cancel import announce_cancelled, cancel
 from app.jobs.command import Answer, Renderer, RunInference, validate_idempotency_key
@@ -37,7 +38,6 @@ from app.jobs.queries import JobFilter, list_jobs, own_job
 from app.jobs.render import render_failure, render_job, render_success
 from app.jobs.submit import InferenceRequest, exchange_controls
 from app.models import Job
-from app.redis_client import get_redis
 from config.settings import get_settings
 
 log = logging.getLogger(__name__)

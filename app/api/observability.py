@@ -9,8 +9,8 @@ from typing import Any
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from app.logs import job_id_var, new_request_id, request_id_var
-from app.metrics import REQUEST_LATENCY
+from app.infra.logs import job_id_var, new_request_id, request_id_var
+from app.infra.metrics import REQUEST_LATENCY
 
 log = logging.getLogger("flopex.access")
 

@@ -9,10 +9,10 @@ from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
+from app.billing.money import JSON_NUMBER
 from app.jobs import states
-from app.money import JSON_NUMBER
-from app.routing import PROFILES, STRATEGIES
-from app.webhooks import names_private_host, valid_url
+from app.jobs.webhooks import names_private_host, valid_url
+from app.market.routing import PROFILES, STRATEGIES
 from config.settings import get_settings
 
 MAX_OUTPUT_TOKENS_LIMIT = 128_000
@@ -82,7 +82,7 @@ MAX_PRICE_USD = 1_000_000
 MAX_METADATA_DEPTH = 32
 
 
-# What valid_url (app/webhooks.py) accepts, stated in the OpenAPI document: an absolute http(s)
+# What valid_url (app/jobs/webhooks.py) accepts, stated in the OpenAPI document: an absolute http(s)
 # URL with a host and a port in range, no spaces or control characters.
 _PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
 CALLBACK_URL_PATTERN = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Flask, g
 from sqlalchemy.orm import Session
 
-from app.db import session_factory
+from app.infra.db import session_factory
 
 
 def db() -> Session:

@@ -17,10 +17,10 @@ from typing import Any
 from flask import Response
 
 from app.exceptions import status_for
+from app.infra.metrics import STREAMS_CLOSED, STREAMS_OPEN
 from app.jobs import events, states
 from app.jobs.events import COMPLETED, DELTA, FAILED, ROUTING, Event
 from app.json import dumps_exact
-from app.metrics import STREAMS_CLOSED, STREAMS_OPEN
 from config.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class ChatFrames:
 
 def _finished(job_id: uuid.UUID) -> Callable[[], Event | None]:
     def read() -> Event | None:
-        from app.db import session_scope
+        from app.infra.db import session_scope
         from app.jobs.render import terminal_event
         from app.models import Job
 
@@ -145,8 +145,8 @@ def _stop(job_id: uuid.UUID, celery: Any) -> None:
     """The client of a synchronous stream left: a job not yet executing is cancelled (nothing
     charged); a running one is told to close the provider's stream (charged for what was
     generated, docs/billing.md)."""
-    from app.db import session_scope
     from app.exceptions import FlopexError
+    from app.infra.db import session_scope
     from app.jobs.cancel import announce_cancelled, cancel
     from app.models import Job
 

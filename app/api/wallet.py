@@ -7,7 +7,6 @@ from typing import Any
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
-from app import wallet
 from app.api.auth import authenticate_and_limit, require_principal
 from app.api.parser import FlopexParser
 from app.api.schemas import (
@@ -19,10 +18,11 @@ from app.api.schemas import (
     WebhookSecretSchema,
 )
 from app.api.session import db
-from app.ledger_queries import ledger_page
+from app.billing import wallet
+from app.billing.ledger_queries import ledger_page
+from app.billing.money import micros_to_usd
+from app.jobs.webhooks import webhook_secret
 from app.models import LedgerEntry, iso_utc
-from app.money import micros_to_usd
-from app.webhooks import webhook_secret
 from config.settings import get_settings
 
 blp = Blueprint("wallet", __name__, url_prefix="/v1", description="Your prepaid wallet")

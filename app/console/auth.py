@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from flask import current_app, g, session
 
-from app.accounts import Principal, hash_key, key_prefix
 from app.api.auth import PrincipalCache
+from app.billing.accounts import Principal, hash_key, key_prefix
 
 SESSION_KEY = "key"
 

@@ -30,23 +30,24 @@ from marshmallow import ValidationError
 from sqlalchemy import select
 from werkzeug.exceptions import HTTPException, NotFound
 
-from app import accounts, reports, wallet
-from app.accounts import Principal
+from app import reports
 from app.api.auth import RateLimited, enforce_rate_limit
 from app.api.inference import ENDPOINT, NativeRenderer, _to_request
 from app.api.schemas import InferenceRequestSchema
 from app.api.session import db
+from app.billing import accounts, wallet
+from app.billing.accounts import Principal
+from app.billing.ledger_queries import ledger_page
+from app.billing.money import display_usd, micros_to_usd
 from app.console import auth, charts, csrf
 from app.exceptions import FlopexError
+from app.infra.redis_client import get_redis
 from app.jobs import states
 from app.jobs.cancel import announce_cancelled, cancel
 from app.jobs.command import Answer, RunInference, validate_idempotency_key
 from app.jobs.queries import JobFilter, list_jobs, own_job
 from app.jobs.render import render_job, routing_summary
-from app.ledger_queries import ledger_page
 from app.models import Job, ModelAlias, iso_utc
-from app.money import display_usd, micros_to_usd
-from app.redis_client import get_redis
 from config.settings import PROFILES, get_settings
 
 log = logging.getLogger(__name__)

@@ -10,9 +10,9 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from app.exceptions import FlopexError
+from app.infra.metrics import job_finished_on_commit
 from app.jobs import states
 from app.jobs.settlement import close_unserved
-from app.metrics import job_finished_on_commit
 from app.models import Job
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,8 @@ def announce_cancelled(job: Job, client: redis.Redis, celery: Any) -> None:
     """After the cancellation has committed: wake whoever waits on the job (a synchronous
     request, a long poll) and queue its webhook. A webhook that cannot be queued now is posted
     later by the outbox sweeper: the cancellation stands either way."""
-    from app import webhooks
-    from app.broker import PUBLISH_ERRORS
+    from app.infra.broker import PUBLISH_ERRORS
+    from app.jobs import webhooks
     from app.jobs.events import queue_append
     from app.jobs.notify import signal_done
     from app.jobs.render import terminal_event

@@ -24,19 +24,18 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import idempotency
-from app.accounts import Principal
-from app.broker import PUBLISH_ERRORS
-from app.catalog import ModelCache
-from app.db import autocommit, make_durable, session_factory
+from app.billing.accounts import Principal
 from app.exceptions import FlopexError, InvalidRequest, error_body
-from app.jobs import states
+from app.infra.broker import PUBLISH_ERRORS
+from app.infra.db import autocommit, make_durable, session_factory
+from app.infra.logs import job_id_var, request_id_var
+from app.infra.redis_client import get_redis
+from app.jobs import idempotency, states
 from app.jobs.dispatch import dispatch_quotes
 from app.jobs.notify import wait_done
 from app.jobs.submit import Accepted, InferenceRequest, SubmitInference
-from app.logs import job_id_var, request_id_var
+from app.market.catalog import ModelCache
 from app.models import Job
-from app.redis_client import get_redis
 from config.settings import Settings
 
 log = logging.getLogger(__name__)

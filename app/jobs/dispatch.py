@@ -6,9 +6,9 @@ from typing import Any
 
 from celery import Celery
 
+from app.infra.logs import task_headers
+from app.infra.task_names import ROUTE
 from app.jobs.submit import Accepted
-from app.logs import task_headers
-from app.task_names import ROUTE
 from config.settings import Settings
 
 

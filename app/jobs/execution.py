@@ -1,6 +1,6 @@
 """Routing, execution and settlement of one job.
 
-The route task claims the job, ranks the quotes (app/routing.py), then tries candidates in order:
+The route task claims the job, ranks the quotes (app/market/routing.py), then tries candidates in order:
 each attempt is committed before the provider is called; a provider's answer is committed
 (``settling``) before the wallet is settled; settlement captures the charge and releases the
 rest of the hold in the transaction that marks the job ``success``. Every write checks the job's
@@ -24,11 +24,17 @@ from celery import Celery
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from app import webhooks
-from app.catalog import ModelCache, ModelEntry
-from app.db import Commit, autocommit, defer_durability, make_durable
-from app.failpoints import failpoint, failpoint_raise
-from app.jobs import events, rows, states
+from app.billing.money import ceil_micros, customer_charge, display_usd, provider_cost
+from app.infra.db import Commit, autocommit, defer_durability, make_durable
+from app.infra.failpoints import failpoint, failpoint_raise
+from app.infra.metrics import (
+    PROVIDER_ERRORS,
+    PROVIDER_LATENCY,
+    WALLET_CAPTURED_MICROS,
+    WALLET_CAPTURES,
+    job_finished,
+)
+from app.jobs import events, rows, states, webhooks
 from app.jobs.events import EventWriter, queue_append
 from app.jobs.notify import queue_signal
 from app.jobs.quoting import quote_job
@@ -42,19 +48,17 @@ from app.jobs.streaming import (
     is_streaming,
     stream_completion,
 )
-from app.metrics import (
-    PROVIDER_ERRORS,
-    PROVIDER_LATENCY,
-    WALLET_CAPTURED_MICROS,
-    WALLET_CAPTURES,
-    job_finished,
+from app.market.catalog import ModelCache, ModelEntry
+from app.market.providers import board, health, speed
+from app.market.providers.breaker import Breaker
+from app.market.providers.openai_compat import (
+    Completion,
+    ProviderFailure,
+    complete,
+    resolve_api_key,
 )
+from app.market.routing import Decision, Quote, select
 from app.models import Job, utcnow
-from app.money import ceil_micros, customer_charge, display_usd, provider_cost
-from app.providers import board, health, speed
-from app.providers.breaker import Breaker
-from app.providers.openai_compat import Completion, ProviderFailure, complete, resolve_api_key
-from app.routing import Decision, Quote, select
 from config.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -582,7 +586,7 @@ class RouteAndExecute:
         return False
 
     def _learn(self, sample: _Sample) -> None:
-        """The execution's speed sample (app/providers/speed.py): its time less the board's
+        """The execution's speed sample (app/market/providers/speed.py): its time less the board's
         round trip to the provider, for its output tokens. Best effort: a lost sample only
         delays learning."""
         quote = sample.quote

@@ -72,7 +72,7 @@ def held_by_the_dead(client: redis.Redis, job_ids: list[uuid.UUID]) -> list[uuid
     if int(client.info("server").get("uptime_in_seconds", 0)) < RESTART_GRACE_S:
         return []
     holders = client.mget([_holder_key(j) for j in job_ids])
-    # The client decodes responses (app/redis_client.py): holders are str.
+    # The client decodes responses (app/infra/redis_client.py): holders are str.
     named = [(j, str(h)) for j, h in zip(job_ids, holders, strict=True) if h]
     if not named:
         return []

@@ -1,5 +1,5 @@
-"""A job's quotes, from the live quote board (app/providers/board.py) and the learned speeds
-(app/providers/speed.py): no provider is pinged for the job unless its board entry is older
+"""A job's quotes, from the live quote board (app/market/providers/board.py) and the learned speeds
+(app/market/providers/speed.py): no provider is pinged for the job unless its board entry is older
 than the profile's freshness bound, and then only under single flight.
 
 A quote's estimated latency is this job's: the provider's round trip, plus its time to first
@@ -14,9 +14,9 @@ from typing import Any
 
 import redis
 
-from app.providers import board, health, speed
-from app.providers.breaker import Breaker
-from app.routing import Quote
+from app.market.providers import board, health, speed
+from app.market.providers.breaker import Breaker
+from app.market.routing import Quote
 from config.settings import ProfilePolicy
 
 NOT_CHECKED = "not_checked"

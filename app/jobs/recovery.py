@@ -35,10 +35,10 @@ from celery import Celery
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from app import task_names, webhooks
-from app.jobs import liveness, states
+from app.infra import task_names
+from app.infra.logs import task_headers
+from app.jobs import liveness, states, webhooks
 from app.jobs.dispatch import send_route
-from app.logs import task_headers
 from app.models import Job
 from config.settings import Settings
 

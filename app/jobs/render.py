@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from app.billing.money import blended_rate_usd_per_million, display_usd, micros_to_usd
 from app.exceptions import error_body, status_for
 from app.jobs import states
 from app.models import Job, iso_utc
-from app.money import blended_rate_usd_per_million, display_usd, micros_to_usd
 
 
 def _usage(job: Job) -> dict[str, Any]:

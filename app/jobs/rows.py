@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
 
-from app.db import Commit, begin, without_flush_wait
 from app.fencing import fenced_update, params
+from app.infra.db import Commit, begin, without_flush_wait
 from app.models import Job, utcnow
 
 _JOBS = Job.__table__
@@ -51,7 +51,7 @@ def mirror(job: Job, values: dict[str, Any]) -> None:
 
 def write(session: Session, job: Job, *, commit: Commit = Commit.JOINED, **values: Any) -> None:
     """UPDATE the job's row with ``values`` (attribute names) if its version is still the one
-    ``job`` holds; the object then mirrors the row. ``commit``: how it commits (app/db.py);
+    ``job`` holds; the object then mirrors the row. ``commit``: how it commits (app/infra/db.py);
     a deferred one owes a ``make_durable`` before anything outside the database acts on it."""
     no_flush = begin(session, commit)
     values.setdefault("updated_at", utcnow())

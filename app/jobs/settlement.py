@@ -1,6 +1,6 @@
 """Settlement: how a job ends with its money. Capture what the provider's answer cost, release
 the rest of the hold, and write the job's final state, all in one fenced statement
-(app/wallet.py's ``settle_hold`` with the job's ``FinalJobWrite``); or, for a job that ends
+(app/billing/wallet.py's ``settle_hold`` with the job's ``FinalJobWrite``); or, for a job that ends
 without an answer (failed, cancelled), release the whole hold the same way."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app import wallet
-from app.db import Commit
+from app.billing import wallet
+from app.infra.db import Commit
 from app.jobs import rows, states
 from app.models import Job, utcnow
 

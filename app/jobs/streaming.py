@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from app.failpoints import failpoint
+from app.billing.money import ceil_micros, customer_charge, provider_cost
+from app.infra.failpoints import failpoint
 from app.jobs.events import DELTA, ROUTING, EventWriter
-from app.models import Job
-from app.money import ceil_micros, customer_charge, provider_cost
-from app.providers.openai_compat import (
+from app.market.providers.openai_compat import (
     Completion,
     ProviderFailure,
     ProviderStream,
@@ -28,7 +27,8 @@ from app.providers.openai_compat import (
     open_stream,
     resolve_api_key,
 )
-from app.routing import Decision, Quote
+from app.market.routing import Decision, Quote
+from app.models import Job
 from config.settings import Settings
 
 

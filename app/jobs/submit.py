@@ -11,15 +11,15 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app import wallet
-from app.accounts import Principal
-from app.catalog import ModelCache, RouteOption, find_model
-from app.db import Commit
+from app.billing import wallet
+from app.billing.accounts import Principal
+from app.billing.money import display_usd, usd_to_micros_floor
+from app.billing.pricing import estimate_input_tokens, estimated_charge
 from app.exceptions import FlopexError
+from app.infra.db import Commit
 from app.jobs import states
+from app.market.catalog import ModelCache, RouteOption, find_model
 from app.models import Job, utcnow
-from app.money import display_usd, usd_to_micros_floor
-from app.pricing import estimate_input_tokens, estimated_charge
 from config.settings import Settings
 
 

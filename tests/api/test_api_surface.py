@@ -16,8 +16,8 @@ import pytest
 
 from app.api.parser import load_json
 from app.api.prefer import parse_prefer
-from app.db import session_scope
 from app.exceptions import InvalidRequest
+from app.infra.db import session_scope
 from app.models import Job
 from tests.conftest import decimal_json
 from tests.factories import MINIMAL_REQUEST as VALID
@@ -156,7 +156,7 @@ def test_a_successful_job_carries_finished_at(client, pipeline, account):
 
 
 def test_success_rates_are_numbers_and_probe_times_rfc3339(client, pipeline, account, redis_client):
-    from app.providers import health
+    from app.market.providers import health
     from config.settings import get_settings
 
     make_probe_results(redis_client)  # every provider has a board check

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from app import wallet
-from app.db import session_scope
+from app.billing import wallet
+from app.infra.db import session_scope
 from tests.conftest import chat_calls, decimal_json, ledger_kinds, metric_samples
 
 BODY = {

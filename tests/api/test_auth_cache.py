@@ -3,10 +3,10 @@ lookups never cached."""
 
 from __future__ import annotations
 
-from app.accounts import key_prefix, revoke_key
 from app.api import auth
 from app.api.auth import PrincipalCache
-from app.db import session_scope
+from app.billing.accounts import key_prefix, revoke_key
+from app.infra.db import session_scope
 
 
 def test_cached_within_ttl_and_revocation_seen_after_it(flask_app, make_account, monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from decimal import Decimal
 
-from app.db import session_scope
+from app.infra.db import session_scope
 from config.settings import get_settings
 from tests.conftest import decimal_json
 from tests.factories import make_probe_results

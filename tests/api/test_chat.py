@@ -15,9 +15,9 @@ import pytest
 from sqlalchemy import select, update
 from werkzeug.serving import make_server
 
-from app.db import session_scope
+from app.billing.money import micros_to_usd
+from app.infra.db import session_scope
 from app.models import Account, Job, LedgerEntry
-from app.money import micros_to_usd
 from tests.conftest import chat_calls, decimal_json
 
 MODEL = "llama-3.1-8b"

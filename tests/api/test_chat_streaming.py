@@ -15,9 +15,9 @@ import openai
 import pytest
 from sqlalchemy import select
 
-from app.db import session_scope
+from app.billing.money import micros_to_usd
+from app.infra.db import session_scope
 from app.models import Job, LedgerEntry
-from app.money import micros_to_usd
 from tests.api.streaming_client import WebServer, open_stream, start_web
 from tests.conftest import PROVIDERS
 

@@ -16,15 +16,15 @@ from typing import Any
 
 from sqlalchemy import select
 
-from app import accounts, wallet
-from app.db import session_factory, session_scope
+from app.billing import accounts, wallet
+from app.billing.money import micros_to_usd
+from app.billing.pricing import estimate_input_tokens, estimated_charge
 from app.exceptions import FlopexError
+from app.infra.db import session_factory, session_scope
 from app.jobs import states
 from app.jobs.cancel import cancel
 from app.jobs.submit import InferenceRequest, SubmitInference
 from app.models import Job, LedgerEntry
-from app.money import micros_to_usd
-from app.pricing import estimate_input_tokens, estimated_charge
 from config.settings import get_settings
 from tests.conftest import MODEL_IDS, PROVIDERS, decimal_json, run_together
 

@@ -78,7 +78,7 @@ def test_the_database_probe_reads_every_part_of_the_url(database):
     a wrong database name is an error, not a silent success against another database."""
     import psycopg2
 
-    from app.db import probe_database
+    from app.infra.db import probe_database
 
     probe_database(database + "?application_name=flopex-readyz", 2.0)
     with pytest.raises(psycopg2.OperationalError, match="does not exist"):

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from app.db import session_scope
+from app.infra.db import session_scope
 from app.models import IdempotencyKey, LedgerEntry
 from tests.conftest import chat_calls
 
@@ -115,7 +115,7 @@ def test_key_reused_after_a_validation_error_runs_normally(client, pipeline, mak
 
 
 def test_key_reused_after_insufficient_balance_runs_after_top_up(client, pipeline, make_account):
-    from app import wallet
+    from app.billing import wallet
 
     account = make_account("0.000001")
     assert post(client, account, BODY, "key-4").status_code == 402
@@ -197,7 +197,7 @@ def test_fifty_concurrent_requests_with_one_key_execute_once(flask_app, pipeline
 def test_expired_keys_are_purged_and_can_be_used_anew(client, pipeline, make_account):
     from datetime import UTC, datetime, timedelta
 
-    from app import idempotency
+    from app.jobs import idempotency
 
     account = make_account()
     first = post(client, account, BODY, "key-expiring")

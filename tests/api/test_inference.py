@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from app import wallet
-from app.db import session_scope
+from app.billing import wallet
+from app.billing.money import customer_charge, micros_to_usd, usd_to_micros
+from app.billing.pricing import estimate_input_tokens
+from app.infra.db import session_scope
 from app.models import Job, LedgerEntry, Provider
-from app.money import customer_charge, micros_to_usd, usd_to_micros
-from app.pricing import estimate_input_tokens
 from tests.api_document import DOC_REQUEST
 from tests.conftest import PROVIDERS, chat_calls, decimal_json
 
@@ -231,8 +231,8 @@ def test_failing_provider_falls_over_and_only_the_server_is_billed(client, pipel
 def test_executions_reach_each_providers_health_and_breaker(
     client, pipeline, make_account, redis_client
 ):
-    from app.providers import health
-    from app.providers.breaker import Breaker
+    from app.market.providers import health
+    from app.market.providers.breaker import Breaker
     from config.settings import get_settings
 
     settings = get_settings()
@@ -254,7 +254,7 @@ def test_executions_reach_each_providers_health_and_breaker(
 def test_a_provider_whose_executions_keep_failing_is_cut_off_by_its_breaker(
     client, pipeline, make_account, redis_client
 ):
-    from app.providers.breaker import Breaker
+    from app.market.providers.breaker import Breaker
     from config.settings import get_settings
 
     settings = get_settings()

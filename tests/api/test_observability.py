@@ -9,7 +9,7 @@ import uuid
 import pytest
 from sqlalchemy import func, select, update
 
-from app.db import session_scope
+from app.infra.db import session_scope
 from app.models import Account, Job
 
 BODY = {"model": "qwen-7b", "input": "observe me", "max_output_tokens": 8}

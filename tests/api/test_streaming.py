@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from app.db import session_scope
+from app.billing.money import customer_charge, micros_to_usd
+from app.infra.db import session_scope
 from app.jobs import events
 from app.models import Job, LedgerEntry
-from app.money import customer_charge, micros_to_usd
 from tests.api.streaming_client import (
     SSE,
     WebServer,

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from app.db import session_scope
+from app.infra.db import session_scope
 from tests.factories import MINIMAL_REQUEST as VALID
 from tests.factories import footprint
 
@@ -187,7 +187,7 @@ def test_auth_is_checked_before_validation(client, catalog):
 
 
 def test_revoked_key_is_401(client, account):
-    from app.accounts import key_prefix, revoke_key
+    from app.billing.accounts import key_prefix, revoke_key
 
     with session_scope() as session:
         assert revoke_key(session, key_prefix(account.api_key))

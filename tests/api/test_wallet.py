@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from app import wallet
-from app.db import session_scope
+from app.billing import wallet
+from app.infra.db import session_scope
 from tests.conftest import decimal_json
 
 

@@ -15,8 +15,8 @@ import pytest
 import urllib3
 from sqlalchemy import update
 
-from app import webhooks
-from app.db import session_scope
+from app.infra.db import session_scope
+from app.jobs import webhooks
 from app.jobs.recovery import sweep
 from app.models import Job
 from config.settings import get_settings

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import requests
 
-from app.catalog import _check_shape, _expand, _speed_priors
+from app.market.catalog import _check_shape, _expand, _speed_priors
 from bench.market import (
     MARKET_FILE,
     Market,

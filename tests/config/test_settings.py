@@ -258,11 +258,11 @@ def _create_app_logged(
     """create_app() as a web or worker process runs it (not testing), with the JSON logging
     setup replaced (it would take the root logger away from caplog); returns the levels it was
     asked to configure."""
-    import app.logs
+    import app.infra.logs
     from app import create_app
 
     levels: list[Any] = []
-    monkeypatch.setattr(app.logs, "configure_logging", levels.append)
+    monkeypatch.setattr(app.infra.logs, "configure_logging", levels.append)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="app"):
         create_app()

@@ -107,9 +107,9 @@ def sign_in(driver: Any, base: str, key: str) -> None:
 def test_the_console_end_to_end(
     browser: Any, live_url: str, make_account: Any, pipeline: Any, redis_client: Any
 ) -> None:
-    from app.db import session_scope
-    from app.providers.breaker import Breaker
-    from app.providers.probe import probe_all
+    from app.infra.db import session_scope
+    from app.market.providers.breaker import Breaker
+    from app.market.providers.probe import probe_all
     from config.settings import get_settings
 
     driver, base = browser, live_url
@@ -254,7 +254,7 @@ def test_the_console_end_to_end(
     check_board()
     # And the last 40 minutes as a running exchange would have checked them (the checks above
     # are all in this minute): a history to draw, with two minutes where charlie was down.
-    from app.providers import history
+    from app.market.providers import history
 
     base_rtt = {"alpha": 200, "bravo": 4, "charlie": 20}
     for minutes_ago in range(40, 0, -1):

@@ -107,7 +107,7 @@ def test_bad_filters_are_a_page_not_a_crash(console: tuple[Any, Account]) -> Non
 def test_another_accounts_job_and_key_are_not_found(
     flask_app: Any, make_account: Any, console: tuple[Any, Account]
 ) -> None:
-    from app.db import session_scope
+    from app.infra.db import session_scope
     from app.models import ApiKey, Job
 
     client, _ = console
@@ -143,9 +143,9 @@ def test_another_accounts_job_and_key_are_not_found(
 def test_a_revoked_key_ends_its_sessions(
     flask_app: Any, make_account: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app import accounts
-    from app.accounts import key_prefix
-    from app.db import session_scope
+    from app.billing import accounts
+    from app.billing.accounts import key_prefix
+    from app.infra.db import session_scope
 
     account = make_account()
     client = flask_app.test_client()
@@ -163,7 +163,7 @@ def test_keys_issue_shows_once_and_revoke(console: tuple[Any, Account]) -> None:
     client, account = console
     token = csrf_token(client.get("/console/keys").get_data(as_text=True))
     # The only active key cannot be revoked.
-    from app.accounts import key_prefix
+    from app.billing.accounts import key_prefix
 
     own = key_prefix(account.api_key)
     assert client.post(f"/console/keys/{own}/revoke", data={"csrf_token": token}).status_code == 409
@@ -212,7 +212,7 @@ def test_the_csv_exports_hold_only_the_accounts_own_rows(
     import io
     from datetime import UTC, datetime
 
-    from app.db import session_scope
+    from app.infra.db import session_scope
     from tests.test_reports import add_job
 
     client, me = console
@@ -281,8 +281,8 @@ def test_the_playground_runs_the_apis_command_and_replays_a_resent_form(
 def test_a_queued_job_is_cancelled_from_its_page(
     console: tuple[Any, Account], catalog: Any
 ) -> None:
-    from app.catalog import ModelCache
-    from app.db import session_scope
+    from app.infra.db import session_scope
+    from app.market.catalog import ModelCache
     from tests.conftest import ledger_kinds
     from tests.factories import make_submitted_job
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from app.catalog import ModelCache
-from app.db import session_scope
+from app.infra.db import session_scope
+from app.market.catalog import ModelCache
 from tests.factories import SUBMISSION
 
 

@@ -8,12 +8,12 @@ import threading
 import uuid
 from typing import Any
 
-from app.db import session_scope
+from app.infra.db import session_scope
+from app.market.providers import board, health, speed
+from app.market.providers.breaker import Breaker
+from app.market.providers.probe import probe_all
+from app.market.routing import Quote, select
 from app.models import Job
-from app.providers import board, health, speed
-from app.providers.breaker import Breaker
-from app.providers.probe import probe_all
-from app.routing import Quote, select
 from config.settings import get_settings
 from tests.conftest import chat_calls
 

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from app import wallet
-from app.db import session_factory, session_scope
+from app.billing import wallet
 from app.exceptions import FlopexError
+from app.infra.db import session_factory, session_scope
 from app.jobs import states
 from app.jobs.cancel import cancel
 from app.jobs.settlement import close_failed
@@ -74,7 +74,7 @@ def _cancelled_count() -> float:
     """flopex_jobs_finished_total{status="cancelled"} as /metrics aggregates it."""
     from prometheus_client import generate_latest
 
-    from app.metrics import host_registry
+    from app.infra.metrics import host_registry
     from tests.conftest import metric_samples
 
     text = generate_latest(host_registry()).decode()

@@ -13,7 +13,7 @@ import redis
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, select
 
-from app.db import session_scope
+from app.infra.db import session_scope
 from app.jobs import command
 from app.models import Job, LedgerEntry
 from tests.conftest import ledger_kinds
@@ -186,7 +186,7 @@ def test_a_connection_terminated_inside_the_submission_keeps_nothing(
     """A real fault, not a raised one: PostgreSQL terminates the request's backend after the
     claim and the job were written, before their commit. psycopg2 raises, the transaction is
     gone with the connection: a 503 that names no job, nothing held, and the key is free."""
-    from app.db import get_engine
+    from app.infra.db import get_engine
 
     account = make_account()
     real = command.idempotency.attach_job

@@ -1,4 +1,4 @@
-"""app/jobs/dispatch.py and app/broker.py: the job's message as it lands in the real broker."""
+"""app/jobs/dispatch.py and app/infra/broker.py: the job's message as it lands in the real broker."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from app.broker import PUBLISH_ERRORS, Channel
+from app.infra.broker import PUBLISH_ERRORS, Channel
+from app.infra.logs import HEADER_JOB_ID
 from app.jobs.dispatch import send_route
-from app.logs import HEADER_JOB_ID
 from tests.factories import route_option
 
 
@@ -43,7 +43,7 @@ def test_one_message_per_job_with_a_short_argsrepr(celery_app, redis_client):
 
 
 def test_a_dead_broker_raises_a_publish_error(celery_app):
-    from app.celery_app import make_celery
+    from app.infra.celery_app import make_celery
 
     dead = make_celery()
     dead.conf.broker_url = "redis://127.0.0.1:1/0"

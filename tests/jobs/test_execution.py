@@ -7,8 +7,8 @@ import dataclasses
 
 from sqlalchemy import update
 
-from app import accounts
-from app.db import session_scope
+from app.billing import accounts
+from app.infra.db import session_scope
 from app.jobs.execution import RouteAndExecute
 from app.jobs.submit import InferenceRequest, SubmitInference
 from app.models import Job, Provider
@@ -83,7 +83,7 @@ def test_a_latency_refusal_says_when_faster_quotes_were_over_the_price_limit():
     from types import SimpleNamespace
 
     from app.jobs.execution import _no_route_message
-    from app.routing import Decision
+    from app.market.routing import Decision
 
     job = SimpleNamespace(max_latency_ms=10, max_price_micros=100)
     priced_out = Decision(

@@ -51,7 +51,7 @@ def test_a_heartbeat_expires_when_its_process_stops_beating(redis_client: Any) -
 def test_a_dead_workers_executing_job_is_resumed_at_once(
     crash_env: Any, make_account: Any, pipeline: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app.db import session_scope
+    from app.infra.db import session_scope
     from app.jobs.recovery import stuck_jobs
 
     # The dying worker beats every 0.2 s with a 1 s TTL, so its death shows within a second.

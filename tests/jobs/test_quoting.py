@@ -1,4 +1,4 @@
-"""app/jobs/quoting.py and app/providers/board.py: a job's quotes from the live quote board, on
+"""app/jobs/quoting.py and app/market/providers/board.py: a job's quotes from the live quote board, on
 real Redis and real sandbox providers. Freshness (a fresh entry is used as is, a stale one is
 checked first), single flight (one ping per provider however many routers want it), and the
 estimate's components."""
@@ -13,8 +13,8 @@ import pytest
 import redis
 
 from app.jobs.quoting import quote_job
-from app.providers import board, health, speed
-from app.providers.breaker import Breaker
+from app.market.providers import board, health, speed
+from app.market.providers.breaker import Breaker
 from config.settings import ProfilePolicy, get_settings
 from tests.factories import route_option
 

@@ -13,9 +13,9 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from app import accounts, wallet
-from app.celery_app import make_celery
-from app.db import session_scope
+from app.billing import accounts, wallet
+from app.infra.celery_app import make_celery
+from app.infra.db import session_scope
 from app.jobs import events
 from app.jobs.dispatch import dispatch_quotes
 from app.jobs.notify import wait_done
@@ -213,7 +213,7 @@ def test_a_fenced_off_worker_cannot_settle(pipeline, make_account, redis_client)
     """A slow worker whose job was taken over by the sweeper loses its next write."""
     from sqlalchemy.orm.exc import StaleDataError
 
-    from app.db import session_factory
+    from app.infra.db import session_factory
 
     account = make_account()
     settings = get_settings()
@@ -382,7 +382,7 @@ def test_two_deliveries_of_one_job_call_one_provider_once(crash_env, make_accoun
     attempt, before any provider call) is fenced on the version read, so only one goes on."""
     from sqlalchemy.orm.exc import StaleDataError
 
-    from app.db import Commit
+    from app.infra.db import Commit
     from app.jobs import rows
     from app.jobs.execution import RouteAndExecute
 

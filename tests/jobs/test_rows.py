@@ -7,7 +7,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
-from app.db import Commit
+from app.infra.db import Commit
 from app.jobs import rows, states
 from app.models import Job
 from tests.factories import USD, Owner, make_held_job, make_job, make_wallet
@@ -63,7 +63,7 @@ def test_a_no_flush_write_in_autocommit_commits_by_itself_and_keeps_its_fence(ma
     from sqlalchemy import text
     from sqlalchemy.orm.attributes import set_committed_value
 
-    from app.db import autocommit, session_factory, session_scope
+    from app.infra.db import autocommit, session_factory, session_scope
 
     account = make_account("10.00")
     with session_scope() as setup:

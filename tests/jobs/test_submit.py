@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from sqlalchemy import select, text
 
-from app import accounts
-from app.catalog import ModelCache
-from app.db import session_factory, session_scope
+from app.billing import accounts
 from app.exceptions import FlopexError
+from app.infra.db import session_factory, session_scope
 from app.jobs.submit import SubmitInference
+from app.market.catalog import ModelCache
 from app.models import Job
 from config.settings import get_settings
 from tests.factories import SUBMISSION as REQUEST

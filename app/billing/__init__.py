@@ -1,0 +1,1 @@
+"""Money: micro-USD amounts, estimates, wallets and their ledger, accounts and keys."""

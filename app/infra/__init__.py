@@ -1,0 +1,2 @@
+"""Infrastructure shared by web, worker and CLI: database, broker, Redis, metrics,
+logs, failpoints, migrations, rate limits."""
