@@ -48,6 +48,7 @@ def test_a_heartbeat_expires_when_its_process_stops_beating(redis_client: Any) -
     assert 0 < ttl_ms <= liveness.TTL_S * 1000
 
 
+@pytest.mark.usefixtures("no_stuck_jobs_from_other_tests")
 def test_a_dead_workers_executing_job_is_resumed_at_once(
     crash_env: Any, make_account: Any, pipeline: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
