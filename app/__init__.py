@@ -12,6 +12,7 @@ from config.settings import DEV_WEBHOOK_SECRET, get_settings
 
 def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     from app.api import register_api
+    from app.console import init_console
     from app.extensions import celery_init_app
     from app.json import FlopexJSONProvider
 
@@ -51,6 +52,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_hops)  # type: ignore[method-assign]
     celery_init_app(app)
     register_api(app)
+    init_console(app)
     return app
 
 

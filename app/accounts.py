@@ -79,6 +79,12 @@ def revoke_key(session: Session, prefix: str) -> bool:
 
 def authenticate(session: Session, raw_key: str) -> Principal | None:
     """One indexed query; constant-time comparison of the hash."""
+    return authenticate_digest(session, key_prefix(raw_key), hash_key(raw_key))
+
+
+def authenticate_digest(session: Session, prefix: str, digest: str) -> Principal | None:
+    """``authenticate`` from the key's prefix and hash: what a console session keeps instead
+    of the key itself (app/console/auth.py)."""
     row = session.execute(
         select(
             ApiKey.id,
@@ -91,11 +97,11 @@ def authenticate(session: Session, raw_key: str) -> Principal | None:
         )
         .join(Wallet, Wallet.account_id == ApiKey.account_id)
         .join(Account, Account.id == ApiKey.account_id)
-        .where(ApiKey.prefix == key_prefix(raw_key))
+        .where(ApiKey.prefix == prefix)
     ).first()
     if row is None:
         return None
     key_id, account_id, key_hash, revoked_at, wallet_id, per_s, burst = row
-    if revoked_at is not None or not hmac.compare_digest(key_hash, hash_key(raw_key)):
+    if revoked_at is not None or not hmac.compare_digest(key_hash, digest):
         return None
     return Principal(account_id, key_id, wallet_id, per_s, burst)

@@ -34,7 +34,9 @@ import threading
 from typing import Any
 
 import redis
-from kombu.exceptions import BatchPublishError, OperationalError
+
+# celery-types' kombu stubs lack BatchPublishError and the channel's private methods.
+from kombu.exceptions import BatchPublishError, OperationalError  # type: ignore[attr-defined]
 from kombu.transport import redis as kombu_redis
 
 TRANSPORT = "app.broker:Transport"
@@ -53,24 +55,24 @@ class Channel(kombu_redis.Channel):
             raise redis.exceptions.ConnectionError(
                 "the broker connection was closed; this channel is no longer usable"
             )
-        return super()._connparams(asynchronous=asynchronous)
+        return super()._connparams(asynchronous=asynchronous)  # type: ignore[misc]
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:
-            return super()._create_client(asynchronous=True)
+            return super()._create_client(asynchronous=True)  # type: ignore[misc]
         client = self.__dict__.get("_flopex_client")
         if client is None:
             with _lock:
                 client = self.__dict__.get("_flopex_client")
                 if client is None:
-                    client = self.__dict__["_flopex_client"] = super()._create_client()
+                    client = self.__dict__["_flopex_client"] = super()._create_client()  # type: ignore[misc]
         return client
 
     def _disconnect_pools(self) -> None:
         # The cached client belongs to the pool being dropped (after a fork, or on close):
         # the next command builds one on the new pool.
         self.__dict__.pop("_flopex_client", None)
-        super()._disconnect_pools()
+        super()._disconnect_pools()  # type: ignore[misc]
 
     def close(self) -> None:
         self.__dict__.pop("_flopex_client", None)

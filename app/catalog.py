@@ -13,6 +13,7 @@ import re
 import time
 import tomllib
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,26 @@ def _price(value: Any, where: str) -> int:
     return micros
 
 
+def _speed_priors(spec: dict[str, Any], where: str) -> tuple[int | None, Decimal | None]:
+    """The optional speed priors (app/providers/speed.py): a whole number of milliseconds to
+    the first token, and output tokens per second above 0."""
+    ttft = spec.get("expected_ttft_ms")
+    if ttft is not None and (isinstance(ttft, bool) or not isinstance(ttft, int) or ttft < 0):
+        raise ValueError(f"{where}: expected_ttft_ms must be a whole number of ms, 0 or more")
+    tps = spec.get("expected_tokens_per_s")
+    if tps is not None:
+        if isinstance(tps, bool) or not isinstance(tps, int | float | str):
+            raise ValueError(f"{where}: expected_tokens_per_s must be a number above 0")
+        try:
+            tps = Decimal(repr(tps) if isinstance(tps, float) else str(tps))
+        except InvalidOperation:
+            raise ValueError(f"{where}: expected_tokens_per_s must be a number above 0") from None
+        if not tps.is_finite() or tps <= 0 or tps >= Decimal("100000000"):
+            raise ValueError(f"{where}: expected_tokens_per_s must be a number above 0")
+        tps = tps.quantize(Decimal("0.01"))
+    return ttft, tps
+
+
 @dataclass(frozen=True)
 class LoadReport:
     providers: int
@@ -72,13 +93,15 @@ class LoadReport:
 _KEYS = {
     "": {"providers", "models", "offerings"},
     "providers": {"name", "base_url", "api_key_env", "enabled"},
-    "models": {"alias", "max_output_tokens", "context_length", "enabled"},
+    "models": {"alias", "max_output_tokens", "context_length", "default_max_tokens", "enabled"},
     "offerings": {
         "model",
         "provider",
         "provider_model_id",
         "input_price_usd_per_million",
         "output_price_usd_per_million",
+        "expected_ttft_ms",
+        "expected_tokens_per_s",
         "enabled",
     },
 }
@@ -134,16 +157,24 @@ def load_catalog(session: Session, path: Path, allow_empty: bool = False) -> Loa
 
     alias_rows: dict[str, ModelAlias] = {}
     for alias, spec in models.items():
-        row = session.scalar(select(ModelAlias).where(ModelAlias.alias == alias)) or ModelAlias(
-            alias=alias
-        )
-        row.max_output_tokens = int(spec["max_output_tokens"])
-        row.context_length = int(spec["context_length"])
-        row.enabled = bool(spec.get("enabled", True))
-        if row.max_output_tokens < 1 or row.context_length < 1:
+        alias_row = session.scalar(
+            select(ModelAlias).where(ModelAlias.alias == alias)
+        ) or ModelAlias(alias=alias)
+        alias_row.max_output_tokens = int(spec["max_output_tokens"])
+        alias_row.context_length = int(spec["context_length"])
+        alias_row.enabled = bool(spec.get("enabled", True))
+        if alias_row.max_output_tokens < 1 or alias_row.context_length < 1:
             raise ValueError(f"model {alias}: caps must be positive")
-        session.add(row)
-        alias_rows[alias] = row
+        default = spec.get("default_max_tokens")
+        if default is not None and (
+            isinstance(default, bool)
+            or not isinstance(default, int)
+            or not 1 <= default <= alias_row.max_output_tokens
+        ):
+            raise ValueError(f"model {alias}: default_max_tokens must be 1 to max_output_tokens")
+        alias_row.default_max_tokens = default
+        session.add(alias_row)
+        alias_rows[alias] = alias_row
     session.execute(
         update(ModelAlias)
         .where(ModelAlias.alias.not_in(list(models) or [""]))
@@ -158,18 +189,21 @@ def load_catalog(session: Session, path: Path, allow_empty: bool = False) -> Loa
             raise ValueError(f"{where}: unknown model or provider")
         alias_id = alias_rows[spec["model"]].id
         provider_id = provider_rows[spec["provider"]].id
-        row = session.scalar(
+        offering_row = session.scalar(
             select(Offering).where(
                 Offering.alias_id == alias_id, Offering.provider_id == provider_id
             )
         ) or Offering(alias_id=alias_id, provider_id=provider_id)
-        row.provider_model_id = spec["provider_model_id"]
-        row.input_price_micros_per_m = _price(spec["input_price_usd_per_million"], where)
-        row.output_price_micros_per_m = _price(spec["output_price_usd_per_million"], where)
-        row.enabled = bool(spec.get("enabled", True))
-        session.add(row)
+        offering_row.provider_model_id = spec["provider_model_id"]
+        offering_row.input_price_micros_per_m = _price(spec["input_price_usd_per_million"], where)
+        offering_row.output_price_micros_per_m = _price(spec["output_price_usd_per_million"], where)
+        offering_row.expected_ttft_ms, offering_row.expected_tokens_per_s = _speed_priors(
+            spec, where
+        )
+        offering_row.enabled = bool(spec.get("enabled", True))
+        session.add(offering_row)
         session.flush()
-        seen.add(row.id)
+        seen.add(offering_row.id)
     session.execute(update(Offering).where(Offering.id.not_in(seen or {0})).values(enabled=False))
     session.flush()
     serving = any(
@@ -208,9 +242,21 @@ class RouteOption:
     provider_model_id: str
     input_price_micros_per_m: int
     output_price_micros_per_m: int
+    # The catalog's speed priors (None: the conservative default, app/providers/speed.py).
+    expected_ttft_ms: int | None = None
+    expected_tokens_per_s: float | None = None
 
     def as_message(self) -> dict[str, Any]:
         return self.__dict__.copy()
+
+
+# max_tokens of a chat request that sends none, for a model whose catalog entry names no
+# default_max_tokens (docs/api.md): the hold covers it, so not the whole context.
+DEFAULT_MAX_TOKENS = 4096
+
+
+def default_max_tokens(configured: int | None, max_output_tokens: int) -> int:
+    return configured if configured is not None else min(DEFAULT_MAX_TOKENS, max_output_tokens)
 
 
 @dataclass(frozen=True)
@@ -219,6 +265,7 @@ class ModelEntry:
     max_output_tokens: int
     context_length: int
     options: tuple[RouteOption, ...]
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
 
 
 class ModelCache:
@@ -275,8 +322,65 @@ def find_model(session: Session, alias: str) -> ModelEntry | None:
             provider_model_id=off.provider_model_id,
             input_price_micros_per_m=off.input_price_micros_per_m,
             output_price_micros_per_m=off.output_price_micros_per_m,
+            expected_ttft_ms=off.expected_ttft_ms,
+            expected_tokens_per_s=(
+                None if off.expected_tokens_per_s is None else float(off.expected_tokens_per_s)
+            ),
         )
         for _, off, prov in rows
         if off is not None and prov is not None
     )
-    return ModelEntry(model.alias, model.max_output_tokens, model.context_length, options)
+    return ModelEntry(
+        model.alias,
+        model.max_output_tokens,
+        model.context_length,
+        options,
+        default_max_tokens(model.default_max_tokens, model.max_output_tokens),
+    )
+
+
+@dataclass(frozen=True)
+class ModelListing:
+    """A model as GET /v1/models shows it: its caps and the prices of the offerings serving it
+    now (an offering counts only while its provider is enabled too)."""
+
+    alias: str
+    max_output_tokens: int
+    default_max_tokens: int
+    context_length: int
+    input_prices: tuple[int, ...]
+    output_prices: tuple[int, ...]
+
+
+def list_models(session: Session, alias: str | None = None) -> list[ModelListing]:
+    """Every enabled model (or the one ``alias``), by alias; a model whose providers are all
+    disabled is still listed, with none, like one never offered."""
+    stmt = (
+        select(ModelAlias, Offering)
+        .outerjoin(
+            Offering,
+            (Offering.alias_id == ModelAlias.id)
+            & Offering.enabled
+            & Offering.provider_id.in_(select(Provider.id).where(Provider.enabled)),
+        )
+        .where(ModelAlias.enabled)
+        .order_by(ModelAlias.alias)
+    )
+    if alias is not None:
+        stmt = stmt.where(ModelAlias.alias == alias)
+    grouped: dict[str, tuple[ModelAlias, list[Offering]]] = {}
+    for model, offering in session.execute(stmt).all():
+        offerings = grouped.setdefault(model.alias, (model, []))[1]
+        if offering is not None:
+            offerings.append(offering)
+    return [
+        ModelListing(
+            model.alias,
+            model.max_output_tokens,
+            default_max_tokens(model.default_max_tokens, model.max_output_tokens),
+            model.context_length,
+            tuple(o.input_price_micros_per_m for o in offerings),
+            tuple(o.output_price_micros_per_m for o in offerings),
+        )
+        for model, offerings in grouped.values()
+    ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from app import broker
+from app import broker, task_names
 from app.redis_client import is_redis_url
 from config.settings import Settings, get_settings
 
@@ -23,7 +23,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         # kombu's Redis transport with one client per channel (app/broker.py); any other broker
         # URL keeps the transport its scheme names.
         broker_transport=broker.TRANSPORT if is_redis_url(settings.broker_url) else None,
-        # PostgreSQL holds every result; quotes meet in Redis hashes of our own.
+        # PostgreSQL holds every result.
         result_backend=None,
         task_ignore_result=True,
         task_serializer="json",
@@ -44,17 +44,18 @@ def make_celery(settings: Settings | None = None) -> Celery:
         include=["tasks.inference", "tasks.maintenance", "tasks.webhooks"],
         beat_schedule={
             "sweep-stuck-jobs": {
-                "task": "flopex.sweep",
+                "task": task_names.SWEEP,
                 "schedule": settings.sweep_interval_s,
                 "options": {"queue": "fast", "expires": settings.sweep_interval_s},
             },
-            "probe-providers": {
-                "task": "flopex.probe_providers",
-                "schedule": settings.probe_interval_s,
-                "options": {"queue": "fast", "expires": settings.probe_interval_s},
+            # The quote board's clock (app/providers/board.py).
+            "refresh-quote-board": {
+                "task": task_names.REFRESH_BOARD,
+                "schedule": settings.quote_refresh_s,
+                "options": {"queue": "fast", "expires": settings.quote_refresh_s},
             },
             "purge-idempotency-keys": {
-                "task": "flopex.purge_idempotency",
+                "task": task_names.PURGE_IDEMPOTENCY,
                 "schedule": 600.0,
                 "options": {"queue": "economy", "expires": 600},
             },

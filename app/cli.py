@@ -29,6 +29,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session
 
 from app import accounts, wallet
 from app.catalog import load_catalog
@@ -38,7 +39,7 @@ from app.money import JSON_NUMBER, micros_to_usd, usd_to_micros
 from config.settings import get_settings
 
 
-def _wallet_id(session, account_id: str) -> uuid.UUID:  # type: ignore[no-untyped-def]
+def _wallet_id(session: Session, account_id: str) -> uuid.UUID:
     wid = session.scalar(select(Wallet.id).where(Wallet.account_id == uuid.UUID(account_id)))
     if wid is None:
         raise SystemExit(f"no account {account_id}")

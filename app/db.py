@@ -7,13 +7,17 @@ children never share the parent's sockets.
 from __future__ import annotations
 
 import _socket
+import enum
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from sqlalchemy import Engine, Update, create_engine, event, exc, func, literal, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import get_settings
+
+_U = TypeVar("_U", bound=Update)
 
 _engine: Engine | None = None
 _factory: sessionmaker[Session] | None = None
@@ -238,7 +242,45 @@ def autocommit(session: Session) -> bool:
     return True
 
 
-def without_flush_wait(stmt: Update) -> Update:
+class Commit(enum.Enum):
+    """How a write commits: one explicit choice instead of flags (PostgreSQL; on other
+    databases every choice is JOINED).
+
+    JOINED: in the session's transaction, durable when the caller commits it.
+    JOINED_DEFERRED: in the session's transaction, whose commit will not wait for its WAL flush
+    (``defer_durability``).
+    ALONE: its own transaction (the session in autocommit), committed by the server as the
+    statement ends, so no lock it takes is held across a round trip to this process; JOINED
+    when the session already has a transaction open.
+    ALONE_DEFERRED: ALONE, and its commit does not wait for the WAL flush (the setting travels
+    in the statement, ``without_flush_wait``); JOINED_DEFERRED when a transaction is open.
+
+    After either deferred choice the caller owes a ``make_durable`` before anything outside the
+    database (a response, a signal, a provider call) acts on the write."""
+
+    JOINED = "joined"
+    JOINED_DEFERRED = "joined_deferred"
+    ALONE = "alone"
+    ALONE_DEFERRED = "alone_deferred"
+
+
+def begin(session: Session, commit: Commit) -> bool:
+    """Prepares the session for a write committed as ``commit``; True when the statement itself
+    must carry ``without_flush_wait`` (it is its own, deferred, transaction)."""
+    if commit is Commit.JOINED:
+        return False
+    if commit is Commit.JOINED_DEFERRED:
+        defer_durability(session)
+        return False
+    alone = autocommit(session)
+    if commit is Commit.ALONE_DEFERRED:
+        if alone:
+            return True
+        defer_durability(session)
+    return False
+
+
+def without_flush_wait(stmt: _U) -> _U:
     """``stmt``, run as its own (autocommit) transaction, commits without waiting for its WAL
     flush: the setting is made inside the statement (``set_config(..., is_local => true)``),
     lasts until that transaction has committed, and is evaluated only for a row the WHERE

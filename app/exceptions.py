@@ -33,6 +33,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "no_provider_available": (503, "provider_error"),
     "service_unavailable": (503, "api_error"),
     "timeout": (504, "timeout_error"),
+    "job_still_running": (504, "timeout_error"),
 }
 
 

@@ -23,3 +23,14 @@ def failpoint(name: str) -> None:
             return
         os.close(fd)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def failpoint_raise(name: str) -> None:
+    """Like ``failpoint``, but the process survives: the step fails as if the database
+    connection had died under it (an ``OperationalError``), every time it is reached."""
+    active = os.environ.get("FLOPEX_FAILPOINTS")
+    if not active or name not in active.split(","):
+        return
+    from sqlalchemy.exc import OperationalError
+
+    raise OperationalError(f"failpoint {name}", None, ConnectionError("failpoint"))

@@ -7,17 +7,17 @@ leaves no trace, so a corrected retry runs normally.
 from __future__ import annotations
 
 import hashlib
-import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Context, Decimal
-from typing import Any
+from typing import Any, cast
 
 import simplejson
 from sqlalchemy import delete, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from app.models import IdempotencyKey
@@ -35,20 +35,6 @@ def fingerprint(endpoint: str, body: Any) -> str:
         separators=(",", ":"),
         ensure_ascii=False,
         use_decimal=True,
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def legacy_fingerprint(endpoint: str, body: Any) -> str:
-    """The fingerprint keys were stored with before 2026-11-26 (numbers written as strings, so
-    ``1.5`` and ``"1.5"`` collided). Still accepted as a match so that a retry across that
-    deploy is not refused; remove once FLOPEX_IDEMPOTENCY_TTL_S has passed since."""
-    canonical = json.dumps(
-        {"endpoint": endpoint, "body": body},
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-        default=str,
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -88,7 +74,6 @@ def claim(
     endpoint: str,
     fp: str,
     ttl_s: int,
-    legacy_fp: str | None = None,
 ) -> Claim:
     now = datetime.now(UTC)
     for _ in range(2):
@@ -124,7 +109,7 @@ def claim(
                 )
             )
             continue
-        if row.endpoint != endpoint or row.fingerprint not in (fp, legacy_fp):
+        if row.endpoint != endpoint or row.fingerprint != fp:
             return Claim("mismatch", row.id)
         if row.response_body is not None:
             return Claim("replay", row.id, row.job_id, row.response_status, row.response_body)
@@ -155,16 +140,17 @@ def record_response(
     ).one()
     if commit:
         session.commit()
-    return stored[0], stored[1]
-
-
-def forget(session: Session, record_id: int) -> None:
-    """Release a key whose request never started executing (e.g. the broker was down)."""
-    session.execute(delete(IdempotencyKey).where(IdempotencyKey.id == record_id))
+    stored_status, stored_body = stored
+    # Set by the UPDATE above, or by the caller that stored first.
+    assert stored_status is not None and stored_body is not None
+    return stored_status, stored_body
 
 
 def purge_expired(session: Session, now: datetime | None = None) -> int:
-    result = session.execute(
-        delete(IdempotencyKey).where(IdempotencyKey.expires_at <= (now or datetime.now(UTC)))
+    result = cast(
+        CursorResult[Any],
+        session.execute(
+            delete(IdempotencyKey).where(IdempotencyKey.expires_at <= (now or datetime.now(UTC)))
+        ),
     )
     return result.rowcount or 0

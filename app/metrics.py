@@ -46,7 +46,7 @@ REQUEST_LATENCY = Histogram(
 )
 QUOTE_LATENCY = Histogram(
     "flopex_quote_duration_seconds",
-    "Quote (live ping) latency",
+    "Quote board check (ping) latency",
     ["provider", "outcome"],
     buckets=_FAST,
 )

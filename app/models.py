@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from decimal import Decimal
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -19,7 +20,9 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    Numeric,
     String,
+    Table,
     Text,
     UniqueConstraint,
     Uuid,
@@ -48,7 +51,9 @@ def iso_utc(value: datetime | None) -> str | None:
 
 
 class Base(DeclarativeBase):
-    pass
+    # Every model here is mapped to one Table (never a join or a select): Core statements
+    # (wallet, job rows) take it as a table.
+    __table__: ClassVar[Table]
 
 
 class Account(Base):
@@ -114,6 +119,8 @@ class LedgerEntry(Base):
             sqlite_where=text("kind = 'release'"),
         ),
         Index("ix_ledger_wallet_id_id", "wallet_id", "id"),
+        # A job's entries (the console's job page; migration 0007).
+        Index("ix_ledger_job_id", "job_id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -146,6 +153,8 @@ class ModelAlias(Base):
     alias: Mapped[str] = mapped_column(String(128), unique=True)
     max_output_tokens: Mapped[int] = mapped_column(Integer)
     context_length: Mapped[int] = mapped_column(Integer)
+    # max_tokens of a chat request that sends none; NULL: min(4096, max_output_tokens).
+    default_max_tokens: Mapped[int | None] = mapped_column(Integer)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
 
 
@@ -163,6 +172,10 @@ class Offering(Base):
     input_price_micros_per_m: Mapped[int] = mapped_column(BigInteger)
     output_price_micros_per_m: Mapped[int] = mapped_column(BigInteger)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Optional speed priors from the catalog: what routing assumes until it has measured the
+    # offering (app/providers/speed.py).
+    expected_ttft_ms: Mapped[int | None] = mapped_column(Integer)
+    expected_tokens_per_s: Mapped[Decimal | None] = mapped_column(Numeric(10, 2))
 
 
 class Job(Base):
@@ -229,6 +242,11 @@ class Job(Base):
     # (a private address); null without a callback_url.
     webhook_status: Mapped[str | None] = mapped_column(String(16))
     webhook_attempted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A chat completion's request as the provider gets it (NULL for a native job: one user
+    # message), and the tool calls it answered with.
+    messages: Mapped[list[dict[str, Any]] | None] = mapped_column(Json)
+    provider_params: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    tool_calls: Mapped[list[dict[str, Any]] | None] = mapped_column(Json)
 
     __mapper_args__ = {"version_id_col": version}
 

@@ -26,14 +26,30 @@ class Quote:
     input_price_micros_per_m: int
     output_price_micros_per_m: int
     estimated_charge_micros: int
+    # Checked live within the profile's freshness bound (the board, app/providers/board.py).
     live: bool
-    # Measured by the live ping; None when the provider did not answer in time.
+    # This job's predicted latency on the provider: rtt_ms + ttft_ms + output_tokens /
+    # tokens_per_s (docs/routing.md); None when the provider is not live (rtt unknown).
     estimated_latency_ms: int | None
-    # Share of recent executions that succeeded, as a decimal string; None without history.
+    # Share of recent execution attempts that succeeded, as a decimal string; None without
+    # history.
     success_rate: str | None = None
     error: str | None = None
     # The provider's circuit breaker is open: it is skipped whatever its price.
     circuit_open: bool = False
+    # The estimate's components (None on rows routed before the board, 2026-12-04).
+    rtt_ms: int | None = None
+    ttft_ms: int | None = None
+    tokens_per_s: float | None = None
+    # The output tokens the estimate is for: the job's max_output_tokens.
+    output_tokens: int | None = None
+    # learned (from our executions), prior (the catalog's) or default (conservative)
+    speed_source: str | None = None
+    # Executions the learned speed is based on.
+    samples: int | None = None
+    # When the board entry was measured (Unix time) and its age when the job was routed.
+    checked_at: float | None = None
+    age_ms: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,6 +72,8 @@ class Decision:
     reason: str = ""
     # Set when nothing is eligible: the public error code.
     error_code: str | None = None
+    # The provider ranked first to measure it (exploration), if any.
+    explored: str | None = None
 
     @property
     def winner(self) -> Quote | None:
@@ -72,6 +90,7 @@ class Decision:
             # routing.winner is the provider that served (app/jobs/render.py).
             "winner": self.winner.provider if self.winner else None,
             "reason": self.reason,
+            **({"explored": self.explored} if self.explored else {}),
         }
 
 
@@ -137,9 +156,17 @@ def select(
     hold_micros: int | None = None,
     estimated_input_tokens: int | None = None,
     max_output_tokens: int | None = None,
+    explore: bool = False,
+    explore_below: int = 0,
 ) -> Decision:
     """``estimated_input_tokens`` and ``max_output_tokens`` (the job's) make cost comparisons
-    exact (``_exact_cost``); every filter still uses the stored, rounded estimates."""
+    exact (``_exact_cost``); every filter still uses the stored, rounded estimates.
+
+    ``explore`` (decided per job from its id, and stored in its routing as ``explored``): for
+    ``fast`` and ``balanced``, the live eligible quote whose speed has the fewest measurements,
+    when it has fewer than ``explore_below`` (app/providers/speed.py's MIN_SAMPLES), is ranked
+    first, so that every offering gets
+    measured (docs/routing.md, "Exploration")."""
     decision = Decision()
     if not quotes:
         decision.error_code = "no_provider_available"
@@ -243,6 +270,18 @@ def select(
         raise ValueError(f"unknown strategy {strategy!r}")
 
     ordered = sorted(eligible, key=key)
+    if explore and profile in ("fast", "balanced"):
+        unmeasured = [
+            q for q in ordered if q.live and q.samples is not None and q.samples < explore_below
+        ]
+        chosen = min(unmeasured, key=lambda q: q.samples or 0) if unmeasured else None
+        if chosen is not None and chosen is not ordered[0]:
+            ordered.remove(chosen)
+            ordered.insert(0, chosen)
+            decision.explored = chosen.provider
+            rule = (
+                f"exploring {chosen.provider} ({chosen.samples} executions measured), then {rule}"
+            )
     decision.ranked = [Ranked(q, str(scores[q.provider]) if scores else None) for q in ordered]
     first = ordered[0]
     # "ranked first", not "won": execution may fall back to the next candidate, and the

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -27,16 +27,28 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
-from app.db import autocommit, defer_durability, without_flush_wait
-from app.jobs import rows
+from app import fencing
+from app.db import Commit, begin, without_flush_wait
 from app.models import Job, LedgerEntry, Wallet, utcnow
 
 _WALLETS = Wallet.__table__
 _LEDGER = LedgerEntry.__table__
 _JOBS = Job.__table__
+
+
+@dataclass(frozen=True)
+class FinalJobWrite:
+    """The job's final write, made in the statement that settles its hold: fenced on the
+    ``version`` the caller read (a job taken over meanwhile writes nothing at all), with
+    ``columns`` (column keys -> values) and the wallet's new balance as
+    ``balance_after_micros``."""
+
+    version: int
+    columns: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -62,8 +74,8 @@ def _param(name: str, column: Any) -> Any:
 
 
 # The statements below are built once per shape, every value a named parameter, so that
-# SQLAlchemy compiles each once per process: building them per call cost ~0.6 ms of CPU, which
-# on a saturated machine is throughput (docs/performance.md).
+# SQLAlchemy compiles each once per process (building them per call costs CPU that a saturated
+# machine pays in throughput: docs/performance.md).
 
 
 @functools.lru_cache(maxsize=2)
@@ -88,9 +100,9 @@ def _wallet_update(checked: bool) -> Update:
 
 @functools.lru_cache(maxsize=16)
 def _finish_job_alone(job_columns: tuple[str, ...]) -> Update:
-    """The job's final write (app/jobs/rows.py: fenced on its version), for the databases that
+    """The job's final write (app/fencing.py: fenced on its version), for the databases that
     run a movement's statements one by one."""
-    return rows.fenced_update(
+    return fencing.fenced_update(
         job_columns, balance_after_micros=_param("balance_after", _JOBS.c.balance_after_micros)
     )
 
@@ -132,8 +144,8 @@ def _one_statement(
         fence = (
             select(j.id)
             .where(
-                j.id == rows.param("id"),
-                j.version == rows.param("version"),
+                j.id == fencing.param("id"),
+                j.version == fencing.param("version"),
                 # The job's own wallet: the final job UPDATE requires it too, and must never
                 # be the only check to fail once the wallet has moved.
                 j.wallet_id == _param("wallet_id", j.wallet_id),
@@ -176,7 +188,7 @@ def _one_statement(
     if job_columns is None:
         return select(moved.c.balance_micros, moved.c.held_micros).add_cte(*ctes)
     return (
-        rows.fenced_update(job_columns, balance_after_micros=moved.c.balance_micros)
+        fencing.fenced_update(job_columns, balance_after_micros=moved.c.balance_micros)
         .where(_JOBS.c.wallet_id == moved.c.id)
         .returning(moved.c.balance_micros, moved.c.held_micros)
         .add_cte(*ctes)
@@ -195,16 +207,6 @@ class _Entry:
     held_offset: int = 0
 
 
-def _begin(session: Session, solo: bool, defer: bool) -> bool:
-    """How a PostgreSQL movement commits (``solo`` and ``defer``: see ``_move``): True when
-    its one statement is its own transaction; otherwise the session's transaction is told not
-    to wait for its WAL flush when ``defer`` asks it."""
-    solo = solo and autocommit(session)
-    if defer and not solo:
-        defer_durability(session)
-    return solo
-
-
 def _move(
     session: Session,
     wallet_id: uuid.UUID,
@@ -215,22 +217,16 @@ def _move(
     *,
     require_available: int | None = None,
     memo: str = "",
-    job: tuple[int, dict[str, Any]] | None = None,
+    job: FinalJobWrite | None = None,
     new_job: dict[str, Any] | None = None,
-    solo: bool = False,
-    defer: bool = False,
+    commit: Commit = Commit.JOINED,
 ) -> WalletState | None:
-    """Change the wallet row, append its ledger entries and, with ``job`` (the version the
-    caller read, the column values to write), finish the job row, fenced on that version and
-    with the wallet's new balance as ``balance_after_micros``; or, with ``new_job`` (column
-    keys -> values), insert that job row. None when ``require_available`` is not available
-    (nothing is written, not even the new job).
-
-    ``solo``: the movement is its own transaction (autocommit) when the session has none open
-    or is already in autocommit; otherwise it joins the session's transaction. ``defer``: its
-    commit does not wait for the WAL flush (in the statement when solo, else for the session's
-    transaction, ``app.db.defer_durability``); the caller must ``make_durable`` before anyone
-    outside the database hears of it.
+    """Change the wallet row, append its ledger entries and, with ``job``, finish the job row,
+    fenced on its version and with the wallet's new balance as ``balance_after_micros``; or,
+    with ``new_job`` (column keys -> values), insert that job row. None when
+    ``require_available`` is not available (nothing is written, not even the new job).
+    ``commit``: how the movement commits (app/db.py); a deferred one owes a ``make_durable``
+    before anyone outside the database hears of it.
 
     On PostgreSQL all of it is one statement (data-modifying CTEs): the wallet row, which every
     request of an account locks, is held for that one statement and the commit instead of a
@@ -260,22 +256,20 @@ def _move(
     job_columns = None
     if job is not None:
         assert job_id is not None
-        params.update(rows.params(job_id, job[0], job[1]))
-        job_columns = tuple(sorted(job[1]))
+        params.update(fencing.params(job_id, job.version, job.columns))
+        job_columns = tuple(sorted(job.columns))
     new_job_columns = None
     if new_job is not None:
         new_job_columns = tuple(sorted(new_job))
         params.update({f"p_new_{k}": v for k, v in new_job.items()})
 
     if session.get_bind().dialect.name == "postgresql":
-        solo = _begin(session, solo, defer)
-        statement = _one_statement(
-            len(entries), checked, job_columns, solo and defer, new_job_columns
-        )
+        no_flush = begin(session, commit)
+        statement = _one_statement(len(entries), checked, job_columns, no_flush, new_job_columns)
         row = session.execute(statement, params).first()
         if row is None:
             if job is not None:
-                raise StaleDataError(f"job {job_id}: version {job[0]} is no longer current")
+                raise StaleDataError(f"job {job_id}: version {job.version} is no longer current")
             return None
         return WalletState(row[0], row[1])
 
@@ -309,11 +303,14 @@ def _move(
         ],
     )
     if job is not None and job_columns is not None:
-        result = session.execute(
-            _finish_job_alone(job_columns), {**params, "p_balance_after": state.balance_micros}
+        result = cast(
+            CursorResult[Any],
+            session.execute(
+                _finish_job_alone(job_columns), {**params, "p_balance_after": state.balance_micros}
+            ),
         )
         if result.rowcount != 1:
-            raise StaleDataError(f"job {job_id}: version {job[0]} is no longer current")
+            raise StaleDataError(f"job {job_id}: version {job.version} is no longer current")
     return state
 
 
@@ -337,17 +334,16 @@ def hold(
     amount_micros: int,
     *,
     new_job: dict[str, Any] | None = None,
-    solo: bool = False,
-    defer: bool = False,
+    commit: Commit = Commit.JOINED,
 ) -> WalletState | None:
     """Reserve ``amount_micros`` of the available balance; None when it is not available.
 
     ``new_job`` (column keys -> values): the job row the hold is for, inserted with it, one
     statement on PostgreSQL, and only if the hold is placed. It must give every column that has
     a Python-side default (``id``, ``version``, ``created_at``...): PostgreSQL's INSERT ...
-    SELECT does not run them. ``solo`` and ``defer``: see ``_move``; a solo hold is committed
-    when this returns, so the wallet row is locked only while the server runs the statement
-    (the web's submission without an Idempotency-Key, docs/billing.md)."""
+    SELECT does not run them. ``commit``: see ``_move``; a hold ALONE is committed when this
+    returns, so the wallet row is locked only while the server runs the statement (the web's
+    submission without an Idempotency-Key, docs/billing.md)."""
     if amount_micros < 0:
         raise ValueError("a hold cannot be negative")
     if amount_micros == 0:
@@ -363,13 +359,12 @@ def hold(
         [_Entry("hold", 0, amount_micros)],
         require_available=amount_micros,
         new_job=new_job,
-        solo=solo,
-        defer=defer,
+        commit=commit,
     )
 
 
 @functools.lru_cache(maxsize=8)
-def _hold_largest_statement(no_flush: bool, new_job_columns: tuple[str, ...] | None) -> Select:
+def _hold_largest_statement(no_flush: bool, new_job_columns: tuple[str, ...] | None) -> Select[Any]:
     """The PostgreSQL form of ``hold_largest``: one statement that picks the amount, places the
     hold, records it and inserts the new job (``p_new_<column key>``, its ``hold_micros`` the
     amount picked).
@@ -451,8 +446,7 @@ def hold_largest(
     choices: Sequence[int],
     *,
     new_job: dict[str, Any] | None = None,
-    solo: bool = False,
-    defer: bool = False,
+    commit: Commit = Commit.JOINED,
 ) -> tuple[int, WalletState] | None:
     """Reserve the largest of ``choices`` that the available balance covers, and return it
     with the wallet's new state; None when not even the smallest is available (nothing is
@@ -461,13 +455,13 @@ def hold_largest(
     On PostgreSQL the choice is made by the database from the wallet row it has locked, in the
     same single statement as the hold, its ledger entry and ``new_job`` (whose
     ``hold_micros`` becomes the amount held): a concurrent hold can never make it over-commit,
-    nor make it refuse or settle for less while a larger choice fits. ``new_job``, ``solo``
-    and ``defer``: see ``hold``."""
+    nor make it refuse or settle for less while a larger choice fits. ``new_job`` and
+    ``commit``: see ``hold``."""
     if not choices or min(choices) < 0:
         raise ValueError("a hold needs choices and none can be negative")
     positive = sorted({c for c in choices if c > 0}, reverse=True)
     if positive and session.get_bind().dialect.name == "postgresql":
-        solo = _begin(session, solo, defer)
+        no_flush = begin(session, commit)
         new_job_columns = None
         params: dict[str, Any] = {
             "p_wallet_id": wallet_id,
@@ -479,7 +473,7 @@ def hold_largest(
         if new_job is not None:
             new_job_columns = tuple(sorted({*new_job, "hold_micros"}))
             params.update({f"p_new_{k}": v for k, v in new_job.items() if k != "hold_micros"})
-        statement = _hold_largest_statement(solo and defer, new_job_columns)
+        statement = _hold_largest_statement(no_flush, new_job_columns)
         row = session.execute(statement, params).first()
         if row is not None:
             return row[2], WalletState(row[0], row[1])
@@ -494,21 +488,21 @@ def hold_largest(
         positive = [c for c in positive if c <= available]
     for amount in [*positive, *([0] if 0 in choices else [])]:
         job_row = None if new_job is None else {**new_job, "hold_micros": amount}
-        state = hold(session, wallet_id, job_id, amount, new_job=job_row, solo=solo, defer=defer)
+        state = hold(session, wallet_id, job_id, amount, new_job=job_row, commit=commit)
         if state is not None:
             return amount, state
     return None
 
 
-def settle(
+def settle_hold(
     session: Session,
     wallet_id: uuid.UUID,
     job_id: uuid.UUID,
     held_micros: int,
     charge_micros: int,
     *,
-    job: tuple[int, dict[str, Any]] | None = None,
-    solo: bool = False,
+    finish: FinalJobWrite | None = None,
+    commit: Commit = Commit.JOINED,
 ) -> WalletState:
     """Capture ``charge_micros`` of a job's hold and release the rest, in one UPDATE.
 
@@ -516,21 +510,17 @@ def settle(
     hold) and at most one ``capture``; the partial unique indexes on ledger_entries then make any
     second settlement of the same job fail, whatever its amounts: no job is charged twice.
 
-    ``job``: the job's version as the caller read it and the columns that finish it; they are
-    written with the settlement, fenced on that version, with the wallet's new balance as
-    ``balance_after_micros``. If the version moved, ``StaleDataError`` is raised and the caller
-    must roll back (on PostgreSQL nothing was written: the job's row is checked before the
-    wallet's).
+    ``finish``: the job's final write, made with the settlement and fenced on the version the
+    caller read. If the version moved, ``StaleDataError`` is raised and the caller must roll
+    back (on PostgreSQL nothing was written: the job's row is checked before the wallet's).
 
-    ``solo`` (PostgreSQL, and only when the session has no transaction open or is already in
-    autocommit): the statement is its own transaction. The server commits it as the statement
-    ends, without waiting for the WAL flush, so the wallet row, which every settlement of the
-    account waits for, is locked only while the server runs the statement: never across a
-    round trip to this process, which may be waiting for its GIL (~800 -> ~1,050 captures/s on
-    one wallet from 32 connections, docs/performance.md). The caller must call
+    ``commit=Commit.ALONE_DEFERRED`` (what the worker uses): the statement is its own
+    transaction, committed as it ends without waiting for the WAL flush, so the wallet row,
+    which every settlement of the account waits for, is locked only while the server runs the
+    statement, never across a round trip to this process, which may be waiting for its GIL
+    (docs/performance.md has the captures per second it buys). The caller must call
     ``app.db.make_durable`` before it tells anyone the outcome, and has nothing to roll back:
-    on an error nothing was written. Otherwise (SQLite, or a transaction already open) it runs
-    in the session's transaction as usual.
+    on an error nothing was written.
     """
     if not 0 <= charge_micros <= held_micros:
         raise ValueError(f"capture {charge_micros} outside hold {held_micros}")
@@ -545,9 +535,8 @@ def settle(
         -charge_micros,
         -held_micros,
         entries,
-        job=job,
-        solo=solo,
-        defer=solo,
+        job=finish,
+        commit=commit,
     )
     if state is None:
         raise LookupError(f"wallet {wallet_id} not found")

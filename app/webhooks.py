@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import certifi
 import urllib3
 
+from app import task_names
 from app.logs import task_headers
 
 MAX_URL_LENGTH = 2048
@@ -226,7 +227,7 @@ def send(celery: Any, job: Any) -> None:
 def queue_delivery(celery: Any, job_id: Any, request_id: str | None) -> None:
     """One flopex.webhook message for the job (its worker, or the sweeper's outbox pass)."""
     celery.send_task(
-        "flopex.webhook",
+        task_names.WEBHOOK,
         args=[str(job_id), delivery_id(job_id)],
         queue="economy",
         headers=task_headers(str(job_id), request_id),

@@ -11,14 +11,16 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Targets (2 cores, everything on one machine, sandbox provider at 0 ms, synchronous requests).
+# Targets (2 cores, everything on one machine, synchronous requests; sandbox provider at 0 ms
+# unless named): the quote board's issue (18), which replaced the first performance card's.
 TARGETS = {
-    "overhead_p50_c1_ms": 5.0,
+    "overhead_p50_c1_ms": 8.0,
     "overhead_p99_c1_ms": 20.0,
-    "rps_c64": 300.0,
+    "overhead_p50_c1_60ms_ms": 10.0,
+    "rps_c64": 150.0,
     "errors_c64": 0,
     "p99_c64_ms": 500.0,
-    "async_submit_p50_ms": 2.0,
+    "async_submit_p50_ms": 3.0,
     "fanout10_added_ms": 3.0,
     "hot_wallet_captures_per_s": 1000.0,
     "web_rss_mb": 120.0,
@@ -168,6 +170,7 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target with the measured value, pass/fail and the factor by which it is missed."""
     by_key = {(s["sandbox_latency_ms"], s["concurrency"]): s for s in results.get("sync", [])}
     c1, c64 = by_key.get((0, 1)), by_key.get((0, 64))
+    c1_60 = by_key.get((60, 1))
     fan = {f["providers"]: f for f in results.get("fanout", [])}
     mem = results.get("memory", {})
     web_peaks = [m.get("peak_mb") for m in mem.get("web_workers", [])] + [
@@ -195,6 +198,8 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
     checks = [
         ("added overhead p50 @ c1 (ms)", get(c1, "analysis", "overhead_ms", "p50"), "<=", "overhead_p50_c1_ms"),
         ("added overhead p99 @ c1 (ms)", get(c1, "analysis", "overhead_ms", "p99"), "<=", "overhead_p99_c1_ms"),
+        ("added overhead p50 @ c1, 60 ms (ms)", get(c1_60, "analysis", "overhead_ms", "p50"), "<=",
+         "overhead_p50_c1_60ms_ms"),
         ("successful req/s @ c64", get(c64, "rps"), ">=", "rps_c64"),
         ("errors @ c64", get(c64, "error_count"), "<=", "errors_c64"),
         ("p99 latency @ c64 (ms)", get(c64, "analysis", "e2e_ms", "p99"), "<=", "p99_c64_ms"),

@@ -343,7 +343,7 @@ def start_worker(
     node_name: str, concurrency: int, log_level: str, tmp: Path, beat: bool = False
 ) -> Child:
     """One Celery worker process (thread pool); its log is <tmp>/<node_name>.log. With ``beat``
-    it also runs celery beat (the provider probe feeds FLOPEX_QUOTE_SOURCE=probe)."""
+    it also runs celery beat (the quote board's refresh, as in production)."""
     argv = [
         str(BIN / "celery"), "-A", "workers.main", "worker",
         "--pool", "threads", "--concurrency", str(concurrency),
@@ -436,7 +436,7 @@ class Stack:
     def start_services(self, worker_procs: int, worker_concurrency: int, log_level: str) -> None:
         for i in range(worker_procs):
             node = f"bench{i + 1}-{os.getpid()}"
-            beat = i == 0 and os.environ.get("FLOPEX_QUOTE_SOURCE") == "probe"
+            beat = i == 0  # exactly one beat: the quote board's clock
             self.workers.append(start_worker(node, worker_concurrency, log_level, self.tmp, beat))
         port = free_port()
         self.web = start_web(port, self.tmp)

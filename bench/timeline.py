@@ -82,10 +82,25 @@ def stages(sample: Sample, row: dict[str, Any]) -> dict[str, float] | None:
     }
 
 
-def slowest_quote_ms(row: dict[str, Any]) -> float | None:
+def slowest_quote_ms(row: dict[str, Any], fanout_ms: float | None = None) -> float | None:
+    """The slowest provider round trip the job waited for before routing. Rows quoted from the
+    board carry each entry's age at routing: an entry older than the job's own fan-out was
+    measured before the job existed (no ping on its path: 0); one refreshed for the job counts
+    its round trip. Older rows: the live quotes' ping latencies."""
+    quotes = row.get("quotes") or []
+    if quotes and "age_ms" in quotes[0]:
+        waited = [
+            float(q["rtt_ms"])
+            for q in quotes
+            if q.get("rtt_ms") is not None
+            and q.get("age_ms") is not None
+            and fanout_ms is not None
+            and q["age_ms"] <= fanout_ms
+        ]
+        return max(waited, default=0.0)
     latencies = [
         q.get("estimated_latency_ms")
-        for q in row.get("quotes") or []
+        for q in quotes
         if q.get("live") and q.get("estimated_latency_ms") is not None
     ]
     return float(max(latencies)) if latencies else None

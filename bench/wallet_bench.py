@@ -5,11 +5,11 @@ thread with its own session (and PostgreSQL connection):
 
 1. setup (not timed): an account whose wallet gets a large top-up, and `jobs` job rows;
 2. holds: each job's hold as one statement that is its own transaction
-   (``wallet.hold_largest(..., solo=True, defer=True)``, as the web does on a submit without an
+   (``wallet.hold_largest(..., commit=Commit.ALONE_DEFERRED)``, as the web does on a submit without an
    Idempotency-Key);
 3. settles: each job's capture and release plus the job's final UPDATE in one statement that is
-   its own transaction (``wallet.settle(..., solo=True)``, as the worker's
-   ``RouteAndExecute._settle`` does), committed without waiting for the fsync, then made durable
+   its own transaction (``wallet.settle_hold(..., commit=Commit.ALONE_DEFERRED)``, as the
+   worker's ``RouteAndExecute._settle_answered`` does), committed without waiting for the fsync, then made durable
    by ``app.db.make_durable`` as the worker does before it signals the outcome.
 
 Several processes, not just threads: the exchange settles from several processes too (web and
@@ -51,6 +51,7 @@ class Plan:
 
 def _hold_one(session: Any, plan: Plan, i: int) -> None:
     from app import wallet
+    from app.db import Commit
 
     # As a synchronous submit without an Idempotency-Key: one statement that is its own
     # transaction (solo) and does not wait for its fsync (the worker's settlement makes it
@@ -64,8 +65,7 @@ def _hold_one(session: Any, plan: Plan, i: int) -> None:
         plan.wallet_id,
         plan.job_ids[i],
         [plan.holds[i], plan.holds[i] // 2, plan.holds[i] // 3],
-        solo=True,
-        defer=True,
+        commit=Commit.ALONE_DEFERRED,
     )
     if placed is None:
         raise RuntimeError("hold refused: the wallet should cover every job")
@@ -74,20 +74,20 @@ def _hold_one(session: Any, plan: Plan, i: int) -> None:
 
 def _settle_one(session: Any, plan: Plan, i: int) -> None:
     from app import wallet
-    from app.db import make_durable
+    from app.db import Commit, make_durable
 
-    # As RouteAndExecute._settle: capture, release and the job's final write in one statement
+    # As RouteAndExecute._settle_answered: capture, release and the job's final write in one statement
     # that is its own transaction (solo: the wallet row is locked only while the server runs
     # it, and its commit does not wait for the fsync), then made durable by a barrier, as the
     # worker does before it signals the outcome.
     stamp = datetime.now(UTC)
-    wallet.settle(
+    wallet.settle_hold(
         session,
         plan.wallet_id,
         plan.job_ids[i],
         plan.holds[i],
         plan.charges[i],
-        job=(
+        finish=wallet.FinalJobWrite(
             1,
             {
                 "status": "success",
@@ -97,7 +97,7 @@ def _settle_one(session: Any, plan: Plan, i: int) -> None:
                 "updated_at": stamp,
             },
         ),
-        solo=True,
+        commit=Commit.ALONE_DEFERRED,
     )
     session.commit()
     make_durable(session)

@@ -18,10 +18,6 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from app.providers.breaker import BreakerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ("economy", "balanced", "fast")
@@ -79,6 +75,19 @@ def _seconds(name: str, default: float, *, zero_means: str | None = None) -> flo
         raise _invalid(name, expected, raw) from None
     # float() also accepts 'inf' and 'nan': neither is a usable timeout or interval.
     if not math.isfinite(value) or value < 0 or (value == 0 and not zero_means):
+        raise _invalid(name, expected, raw)
+    return value
+
+
+def _fraction(name: str, default: float) -> float:
+    """A share between 0 and 1 inclusive."""
+    raw = _env(name, str(default))
+    expected = "a number from 0 to 1"
+    try:
+        value = float(raw)
+    except ValueError:
+        raise _invalid(name, expected, raw) from None
+    if not 0 <= value <= 1:  # also refuses nan
         raise _invalid(name, expected, raw)
     return value
 
@@ -163,10 +172,11 @@ def _optional_port(name: str) -> int | None:
 class ProfilePolicy:
     """What a performance profile sets besides the ranking rule."""
 
+    # How long a board refresh's ping may take before the provider counts as not live.
     quote_deadline_ms: int
     queue: str
-    # Celery message priority inside the Redis transport: lower runs first.
-    priority: int
+    # A board entry older than this is refreshed before a job of this profile is routed on it.
+    freshness_s: float
 
 
 @dataclass(frozen=True)
@@ -196,7 +206,7 @@ class Settings:
     breaker_threshold: int
     breaker_window_s: float
     breaker_cooldown_s: float
-    probe_interval_s: float
+    quote_refresh_s: float
     catalog_cache_s: float
     auth_cache_s: float
     auth_failures_per_min: int
@@ -204,19 +214,25 @@ class Settings:
     webhook_secret: str
     webhook_allow_private: bool
     webhook_backoff_s: float
-    quote_source: str
+    job_deadline_s: float
+    explore_rate: float
     rate_limit_burst: int
     log_level: str
     # The Celery worker's own /metrics listener (workers/signals.py); None: not served.
     worker_metrics_port: int | None = None
     worker_metrics_host: str = "127.0.0.1"
+    # The console's session cookie (app/console/): its signing key (empty: derived from the
+    # webhook secret) and whether it is sent over HTTPS only.
+    console_secret: str = ""
+    console_cookie_secure: bool = False
+    # Streaming (docs/api.md, "Streaming"): how long a job's events are kept after its last
+    # one, the most a job's event stream holds, the keep-alive interval, and each web
+    # process's Redis connections for relaying streams (one per open stream).
+    stream_events_ttl_s: int = 600
+    stream_max_events: int = 131_072
+    stream_keepalive_s: float = 15.0
+    stream_redis_connections: int = 1024
     profiles: dict[str, ProfilePolicy] = field(default_factory=dict)
-
-    @property
-    def breaker(self) -> BreakerConfig:
-        from app.providers.breaker import BreakerConfig
-
-        return BreakerConfig(self.breaker_threshold, self.breaker_window_s, self.breaker_cooldown_s)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -286,7 +302,7 @@ class Settings:
             breaker_window_s=_seconds("FLOPEX_BREAKER_WINDOW_S", 60.0),
             # A cool-down of 0 would close an opened breaker at once: no protection at all.
             breaker_cooldown_s=_seconds("FLOPEX_BREAKER_COOLDOWN_S", 30.0),
-            probe_interval_s=_seconds("FLOPEX_PROBE_INTERVAL_S", 10.0),
+            quote_refresh_s=_seconds("FLOPEX_QUOTE_REFRESH_S", 1.0),
             catalog_cache_s=_seconds("FLOPEX_CATALOG_CACHE_S", 5.0, zero_means="disables"),
             auth_cache_s=_seconds("FLOPEX_AUTH_CACHE_S", 2.0, zero_means="disables"),
             # 0 disables the guard (app/api/auth.py only consults it when above 0).
@@ -300,23 +316,46 @@ class Settings:
             webhook_allow_private=_flag("FLOPEX_WEBHOOK_ALLOW_PRIVATE", False),
             # 0 would spend every retry of a failing delivery within milliseconds.
             webhook_backoff_s=_seconds("FLOPEX_WEBHOOK_BACKOFF_S", 1.0),
-            quote_source=_choice("FLOPEX_QUOTE_SOURCE", "live", ("live", "probe")),
+            # Every attempt of a job shares it: below the sync wait, so that a synchronous
+            # caller hears the outcome even when every provider hangs.
+            job_deadline_s=_seconds("FLOPEX_JOB_DEADLINE_S", 50.0),
+            explore_rate=_fraction("FLOPEX_EXPLORE_RATE", 0.05),
             log_level=_choice("LOG_LEVEL", "INFO", LOG_LEVELS, fold_case=True),
             worker_metrics_port=worker_metrics_port,
             # Loopback unless told otherwise: setting only the port must not publish the
             # worker's series beyond the host (docs/operations.md, "Metrics").
             worker_metrics_host=_env("FLOPEX_WORKER_METRICS_HOST", "127.0.0.1"),
+            console_secret=_env("FLOPEX_CONSOLE_SECRET", ""),
+            console_cookie_secure=_flag("FLOPEX_CONSOLE_COOKIE_SECURE", False),
+            stream_events_ttl_s=_int(
+                "FLOPEX_STREAM_EVENTS_TTL_S", 600, minimum=1, what="a whole number of seconds"
+            ),
+            stream_max_events=_int(
+                "FLOPEX_STREAM_MAX_EVENTS", 131_072, minimum=16, what="a whole number of events"
+            ),
+            stream_keepalive_s=_seconds("FLOPEX_STREAM_KEEPALIVE_S", 15.0),
+            stream_redis_connections=_int("FLOPEX_STREAM_REDIS_CONNECTIONS", 1024, minimum=1),
             profiles={
-                "fast": ProfilePolicy(_deadline_ms("FAST", 300), "fast", 0),
-                "balanced": ProfilePolicy(_deadline_ms("BALANCED", 800), "balanced", 3),
-                "economy": ProfilePolicy(_deadline_ms("ECONOMY", 2000), "economy", 6),
+                "fast": ProfilePolicy(
+                    _deadline_ms("FAST", 300), "fast", _seconds("FLOPEX_FRESHNESS_S_FAST", 2.0)
+                ),
+                "balanced": ProfilePolicy(
+                    _deadline_ms("BALANCED", 800),
+                    "balanced",
+                    _seconds("FLOPEX_FRESHNESS_S_BALANCED", 5.0),
+                ),
+                "economy": ProfilePolicy(
+                    _deadline_ms("ECONOMY", 2000),
+                    "economy",
+                    _seconds("FLOPEX_FRESHNESS_S_ECONOMY", 15.0),
+                ),
             },
         )
 
 
 def _deadline_ms(profile: str, default: int) -> int:
-    # A deadline of 0 has passed before any provider is pinged: every quote would be
-    # `deadline_passed` (app/jobs/quoting.py).
+    # A deadline of 0 has passed before any provider is pinged: every refresh would find the
+    # provider not live (app/providers/board.py).
     return _int(
         f"FLOPEX_QUOTE_DEADLINE_MS_{profile}",
         default,

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import math
 import re
 import selectors
 import socket
@@ -29,12 +30,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 __all__ = [
+    "DRIFT_FIELDS",
     "FAULTS",
     "FAULT_SCOPES",
+    "STREAM_FAULTS",
     "VOCABULARY",
     "SandboxConfig",
     "SandboxProvider",
     "count_tokens",
+    "effective_config",
+    "generation_ms",
 ]
 
 FAULTS: frozenset[str] = frozenset(
@@ -44,6 +49,24 @@ FAULT_SCOPES: frozenset[str] = frozenset({"chat", "models", "all"})
 # These faults corrupt a successful completion, so they only make sense on chat
 # requests that would otherwise have succeeded.
 _USAGE_FAULTS: frozenset[str] = frozenset({"bad_usage", "missing_usage"})
+# Faults that strike a stream after some tokens went out (docs in SandboxConfig).
+STREAM_FAULTS: frozenset[str] = frozenset({"error", "disconnect", "stall"})
+# The parameters drift can move: a schedule sets them, the random walk scales them.
+DRIFT_FIELDS: tuple[str, ...] = (
+    "latency_ms",
+    "ttft_ms",
+    "tokens_per_s",
+    "failure_rate",
+    "price_input_per_million_usd",
+    "price_output_per_million_usd",
+)
+# Walk keys: one factor per field, "price" scaling both prices together.
+_WALK_KEYS: frozenset[str] = frozenset(
+    {"latency_ms", "ttft_ms", "tokens_per_s", "failure_rate", "price"}
+)
+_WALK_OPTIONS: frozenset[str] = frozenset({"step_s", "seed", "max_factor"})
+_WALK_STEP_S = 1.0
+_WALK_MAX_FACTOR = 4.0
 
 HANG_SECONDS = 30.0
 # A fixed timestamp keeps /v1/models byte-for-byte stable across runs.
@@ -86,6 +109,25 @@ class SandboxConfig:
     fault: str | None = None
     fault_scope: str = "chat"
     fault_count: int | None = None
+    # Generation: a completion takes latency_ms + ttft_ms + completion_tokens / tokens_per_s
+    # (0 tokens/s: instant); a stream sends its first token at latency_ms + ttft_ms.
+    ttft_ms: int = 0
+    tokens_per_s: float = 0.0
+    # Each chat request fails with `failure_fault` with this probability, drawn from a hash of
+    # (seed, name, request index) so a run is reproducible request for request.
+    failure_rate: float = 0.0
+    failure_fault: str = "error"
+    seed: int = 0
+    # A streamed completion hits `stream_fault` once `stream_fault_after_tokens` content
+    # tokens are out; `stream_fault_count` streams (None: every stream).
+    stream_fault: str | None = None
+    stream_fault_after_tokens: int = 0
+    stream_fault_count: int | None = None
+    # Drift (see effective_config): a schedule of absolute settings and a seeded random walk,
+    # both in time since drift_epoch (unix seconds; set when drift is configured without one).
+    drift_schedule: list[dict[str, Any]] | None = None
+    drift_walk: dict[str, Any] | None = None
+    drift_epoch: float | None = None
 
 
 _CONFIG_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(SandboxConfig))
@@ -142,7 +184,7 @@ def _coerce_field(field: str, value: Any) -> Any:
         return value
     if field == "fault_count":
         return None if value is None else _non_negative_int(field, value)
-    raise TypeError(f"unknown SandboxConfig field {field!r}")
+    return _coerce_market_field(field, value)
 
 
 def _normalise_fault(config: SandboxConfig) -> None:
@@ -151,6 +193,7 @@ def _normalise_fault(config: SandboxConfig) -> None:
     if config.fault_count == 0 or config.fault is None:
         config.fault = None
         config.fault_count = None
+    _normalise_market(config)
 
 
 def _validated_copy(config: SandboxConfig) -> SandboxConfig:
@@ -164,6 +207,275 @@ def _snapshot(config: SandboxConfig) -> SandboxConfig:
     # Handlers work from a private copy so a concurrent configure() cannot
     # change the model table halfway through building a response.
     return dataclasses.replace(config, models=dict(config.models))
+
+
+# -- generation speed, failure rate, drift ----------------------------------------------------
+
+
+def _non_negative_number(field: str, value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(f"{field} must be a finite, non-negative number, got {value!r}")
+    return float(value)
+
+
+def _one_of(field: str, value: Any, allowed: frozenset[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{field} must be one of {sorted(allowed)}, got {value!r}")
+    return str(value)
+
+
+def _coerce_market_field(field: str, value: Any) -> Any:
+    if field == "ttft_ms" or field == "stream_fault_after_tokens":
+        return _non_negative_int(field, value)
+    if field == "tokens_per_s":
+        return _non_negative_number(field, value)
+    if field == "failure_rate":
+        rate = _non_negative_number(field, value)
+        if rate > 1:
+            raise ValueError(f"failure_rate must be between 0 and 1, got {value!r}")
+        return rate
+    if field == "failure_fault":
+        return _one_of(field, value, FAULTS)
+    if field == "seed":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"seed must be an integer, got {value!r}")
+        return value
+    if field == "stream_fault":
+        return None if value is None else _one_of(field, value, STREAM_FAULTS)
+    if field == "stream_fault_count":
+        return None if value is None else _non_negative_int(field, value)
+    if field == "drift_schedule":
+        return None if value is None else _drift_schedule(value)
+    if field == "drift_walk":
+        return None if value is None else _drift_walk(value)
+    if field == "drift_epoch":
+        return None if value is None else _non_negative_number(field, value)
+    raise TypeError(f"unknown SandboxConfig field {field!r}")
+
+
+def _drift_schedule(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise ValueError("drift_schedule must be a list of {'at_s': seconds, field: value}")
+    steps: list[dict[str, Any]] = []
+    for entry in value:
+        if not isinstance(entry, dict) or "at_s" not in entry:
+            raise ValueError("every drift_schedule entry must be an object with 'at_s'")
+        unknown = set(entry) - {"at_s", *DRIFT_FIELDS}
+        if unknown or len(entry) < 2:
+            raise ValueError(
+                f"a drift_schedule entry sets one or more of {list(DRIFT_FIELDS)}; "
+                f"unknown: {sorted(unknown)}"
+            )
+        step = {k: _coerce_field(k, v) for k, v in entry.items() if k != "at_s"}
+        steps.append({"at_s": _non_negative_number("at_s", entry["at_s"]), **step})
+    # Stable: two entries at the same time apply in the order given.
+    return sorted(steps, key=lambda step: step["at_s"])
+
+
+def _drift_walk(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError("drift_walk must be an object")
+    unknown = set(value) - _WALK_KEYS - _WALK_OPTIONS
+    if unknown:
+        raise ValueError(
+            f"drift_walk takes {sorted(_WALK_OPTIONS)} and step sizes for "
+            f"{sorted(_WALK_KEYS)}; unknown: {sorted(unknown)}"
+        )
+    step_s = _non_negative_number("drift_walk.step_s", value.get("step_s", _WALK_STEP_S))
+    if step_s < 0.01:
+        raise ValueError("drift_walk.step_s must be at least 0.01")
+    max_factor = _non_negative_number(
+        "drift_walk.max_factor", value.get("max_factor", _WALK_MAX_FACTOR)
+    )
+    if max_factor < 1:
+        raise ValueError("drift_walk.max_factor must be at least 1")
+    seed = _coerce_market_field("seed", value.get("seed", 0))
+    sigmas = {k: _non_negative_number(f"drift_walk.{k}", v) for k, v in value.items()}
+    walk: dict[str, Any] = {k: sigmas[k] for k in sorted(_WALK_KEYS) if k in sigmas}
+    walk.update(step_s=step_s, seed=seed, max_factor=max_factor)
+    return walk
+
+
+def _normalise_market(config: SandboxConfig) -> None:
+    if config.stream_fault_count == 0 or config.stream_fault is None:
+        config.stream_fault = None
+        config.stream_fault_count = None
+    # Drift is a function of time since its epoch; pinning the epoch when drift is configured
+    # lets another process (the routing benchmark) compute the same parameters at any time.
+    if (config.drift_schedule or config.drift_walk) and config.drift_epoch is None:
+        config.drift_epoch = time.time()
+
+
+_UNIT_SCALE = 2.0**64
+# Steps beyond this are not computed: the walk holds still (a week at 1 s per step).
+_WALK_MAX_STEPS = 604_800
+_walk_paths: dict[tuple[str, int, str, float, float], list[float]] = {}
+_walk_lock = threading.Lock()
+
+
+def _unit(*parts: object) -> float:
+    """A deterministic draw in [0, 1) from the parts (same inputs, same draw, any process)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / _UNIT_SCALE
+
+
+def _walk_log_factor(
+    name: str, seed: int, key: str, sigma: float, max_factor: float, step: int
+) -> float:
+    """log of the walk's factor after `step` steps: each step adds sigma x U(-1, 1), reflected
+    at +/- log(max_factor) so the value wanders but stays within [base / max, base x max]."""
+    bound = math.log(max_factor)
+    step = min(step, _WALK_MAX_STEPS)
+    with _walk_lock:
+        path = _walk_paths.setdefault((name, seed, key, sigma, max_factor), [0.0])
+        while len(path) <= step:
+            x = path[-1] + sigma * (2 * _unit(seed, name, key, len(path)) - 1)
+            while bound and abs(x) > bound:
+                x = (2 * bound - x) if x > 0 else (-2 * bound - x)
+            path.append(x if bound else 0.0)
+        return path[step]
+
+
+def _scaled_price(price: str, factor: float) -> str:
+    scaled = (Decimal(price) * Decimal(factor)).quantize(Decimal("0.000001"))
+    return format(scaled.normalize(), "f")
+
+
+def effective_config(config: SandboxConfig, at: float) -> SandboxConfig:
+    """The configuration in force at unix time `at`: the base values, overridden by every
+    drift_schedule entry whose at_s has passed, then scaled by the random walk's factors for the
+    step that `at` falls in. A pure function of the config and the time."""
+    if not config.drift_schedule and not config.drift_walk:
+        return config
+    elapsed = max(0.0, at - (at if config.drift_epoch is None else config.drift_epoch))
+    values: dict[str, Any] = {f: getattr(config, f) for f in DRIFT_FIELDS}
+    # Sorted again (stable) so that an unvalidated config, the bench's own, works the same.
+    for entry in sorted(config.drift_schedule or (), key=lambda step: step["at_s"]):
+        if entry["at_s"] > elapsed:
+            break
+        values.update((k, v) for k, v in entry.items() if k != "at_s")
+    walk = config.drift_walk
+    if walk:
+        step = int(elapsed // walk.get("step_s", _WALK_STEP_S))
+        for key in sorted(_WALK_KEYS):
+            sigma = walk.get(key, 0.0)
+            if not sigma or not step:
+                continue
+            factor = math.exp(
+                _walk_log_factor(
+                    config.name,
+                    walk.get("seed", 0),
+                    key,
+                    sigma,
+                    walk.get("max_factor", _WALK_MAX_FACTOR),
+                    step,
+                )
+            )
+            if key == "price":
+                for field in ("price_input_per_million_usd", "price_output_per_million_usd"):
+                    values[field] = _scaled_price(values[field], factor)
+            elif key in ("latency_ms", "ttft_ms"):
+                values[key] = round(values[key] * factor)
+            elif key == "failure_rate":
+                values[key] = min(1.0, values[key] * factor)
+            else:
+                values[key] = values[key] * factor
+    return dataclasses.replace(config, **values)
+
+
+def generation_ms(config: SandboxConfig, completion_tokens: int) -> float:
+    """Time from the end of the latency wait to the last token: ttft + tokens / speed."""
+    speed = config.tokens_per_s
+    return config.ttft_ms + (completion_tokens * 1000 / speed if speed > 0 else 0.0)
+
+
+def _admission_config(config: SandboxConfig) -> SandboxConfig:
+    return effective_config(_snapshot(config), time.time())
+
+
+def _stream_error(payload: dict[str, Any]) -> _ApiError | None:
+    stream = payload.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        return _bad_request("'stream' must be a boolean.", "invalid_stream")
+    options = payload.get("stream_options")
+    if options is None:
+        return None
+    if not stream:
+        return _bad_request(
+            "'stream_options' is only allowed when 'stream' is true.", "invalid_stream_options"
+        )
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        return _bad_request(
+            "'stream_options' must be an object with a boolean 'include_usage'.",
+            "invalid_stream_options",
+        )
+    return None
+
+
+def _wants_stream(chat: _ChatRequest) -> bool:
+    return chat.raw.get("stream") is True
+
+
+def _include_usage(chat: _ChatRequest) -> bool:
+    options = chat.raw.get("stream_options") or {}
+    return options.get("include_usage") is True
+
+
+_DELTA_RE = re.compile(r"\s*(?:\w+|[^\w\s])|\s+$")
+
+
+def _content_deltas(text: str) -> list[str]:
+    """One delta per billed token (leading whitespace attached), joining back to the text."""
+    return _DELTA_RE.findall(text)
+
+
+def _tool_call_deltas(calls: Any) -> list[dict[str, Any]]:
+    """A message's tool calls as stream deltas: per call, its id, type and name with empty
+    arguments, then the arguments in three fragments."""
+    parts: list[dict[str, Any]] = []
+    for index, call in enumerate(calls or []):
+        function = call["function"]
+        head = {"name": function["name"], "arguments": ""}
+        parts.append({"index": index, "id": call["id"], "type": "function", "function": head})
+        arguments = function["arguments"]
+        step = max(1, -(-len(arguments) // 3))
+        for start in range(0, len(arguments), step):
+            fragment = arguments[start : start + step]
+            parts.append({"index": index, "function": {"arguments": fragment}})
+    return parts
+
+
+def _completion_tokens(completion: dict[str, Any]) -> int:
+    content = completion["choices"][0]["message"].get("content")
+    return count_tokens(content) if isinstance(content, str) else 0
+
+
+def _chunk(
+    completion: dict[str, Any],
+    delta: dict[str, Any],
+    finish_reason: str | None,
+    include_usage: bool,
+) -> dict[str, Any]:
+    chunk = {
+        "id": completion["id"],
+        "object": "chat.completion.chunk",
+        "created": completion["created"],
+        "model": completion["model"],
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
+    if include_usage:
+        # As OpenAI does: null on every chunk, the totals on a last chunk without choices.
+        chunk["usage"] = None
+    return chunk
+
+
+def _sse(payload: Any) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
 @dataclass(frozen=True)
@@ -202,6 +514,7 @@ class _Admission:
     error: _ApiError | None = None
     fault: str | None = None
     chat: _ChatRequest | None = None
+    stream_fault: str | None = None
 
 
 def _bad_request(message: str, code: str) -> _ApiError:
@@ -246,6 +559,10 @@ def _parse_chat(body: bytes) -> _ChatRequest | _ApiError:
             return _bad_request(
                 f"messages[{index}] must be an object with a string 'role'.", "invalid_messages"
             )
+        if message["role"] == "tool" and not isinstance(message.get("tool_call_id"), str):
+            return _bad_request(
+                f"messages[{index}] is a tool message without a tool_call_id.", "invalid_messages"
+            )
         text = _message_text(message.get("content"))
         if text is None:
             return _bad_request(
@@ -259,6 +576,9 @@ def _parse_chat(body: bytes) -> _ChatRequest | _ApiError:
         limit = payload.get("max_tokens")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         return _bad_request("max_tokens must be a positive integer.", "invalid_max_tokens")
+    stream_error = _stream_error(payload)
+    if stream_error is not None:
+        return stream_error
     return _ChatRequest(model, messages, texts, limit, payload)
 
 
@@ -276,6 +596,80 @@ def _generate_text(seed: bytes, n: int) -> str:
     return " ".join(words[:n])
 
 
+def _example_value(schema: Any, seed: bytes, depth: int = 0) -> Any:
+    """A deterministic value valid for a (simple) JSON Schema: enough for tool arguments and
+    json_schema answers to parse and match the declared types."""
+    if not isinstance(schema, dict) or depth > 8:
+        return _generate_text(seed, 1)
+    if "enum" in schema and isinstance(schema["enum"], list) and schema["enum"]:
+        return schema["enum"][seed[0] % len(schema["enum"])]
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or (kind is None and "properties" in schema):
+        properties = schema.get("properties")
+        if not isinstance(properties, dict):
+            return {}
+        return {
+            name: _example_value(sub, hashlib.sha256(seed + name.encode()).digest(), depth + 1)
+            for name, sub in properties.items()
+        }
+    if kind == "array":
+        return [_example_value(schema.get("items"), seed, depth + 1)]
+    if kind == "integer":
+        return seed[0] % 100
+    if kind == "number":
+        return (seed[0] % 100) / 4
+    if kind == "boolean":
+        return seed[0] % 2 == 0
+    if kind == "null":
+        return None
+    return _generate_text(seed, 2)
+
+
+def _tool_call_message(raw: dict[str, Any], seed: bytes) -> tuple[dict[str, Any], str] | None:
+    """With tools (and tool_choice not "none"), the answer is one call of the chosen tool (or
+    the first), its arguments valid for the tool's parameters; after a tool result (the last
+    message has the tool role), a text answer, so a round trip ends."""
+    tools = raw.get("tools")
+    choice = raw.get("tool_choice", "auto")
+    messages = raw.get("messages") or [{}]
+    if not isinstance(tools, list) or not tools or choice == "none":
+        return None
+    if messages[-1].get("role") == "tool" and choice != "required":
+        return None
+    functions = [t.get("function") for t in tools if isinstance(t, dict)]
+    functions = [f for f in functions if isinstance(f, dict) and isinstance(f.get("name"), str)]
+    if not functions:
+        return None
+    chosen = functions[0]
+    if isinstance(choice, dict):
+        wanted = (choice.get("function") or {}).get("name")
+        chosen = next((f for f in functions if f["name"] == wanted), chosen)
+    arguments = _example_value(chosen.get("parameters") or {"type": "object"}, seed)
+    call = {
+        "id": f"call_{seed.hex()[:24]}",
+        "type": "function",
+        "function": {"name": chosen["name"], "arguments": json.dumps(arguments)},
+    }
+    return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
+
+
+def _formatted_message(raw: dict[str, Any], seed: bytes) -> tuple[dict[str, Any], str] | None:
+    """response_format json_object: a JSON object; json_schema: a value valid for the
+    schema (simple schemas: types, properties, items, enum)."""
+    fmt = raw.get("response_format")
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+        value: Any = {"answer": _generate_text(seed, 3)}
+    elif kind == "json_schema":
+        spec = fmt.get("json_schema") if isinstance(fmt, dict) else None
+        value = _example_value((spec or {}).get("schema") or {"type": "object"}, seed)
+    else:
+        return None
+    return {"role": "assistant", "content": json.dumps(value)}, "stop"
+
+
 def _build_completion(config: SandboxConfig, chat: _ChatRequest) -> dict[str, Any]:
     limit = config.output_tokens if chat.max_tokens is None else chat.max_tokens
     n = min(limit, config.output_tokens)
@@ -290,6 +684,11 @@ def _build_completion(config: SandboxConfig, chat: _ChatRequest) -> dict[str, An
     completion_tokens = count_tokens(text)
     finish_reason = "length" if n == limit and limit < config.output_tokens else "stop"
     request_hash = hashlib.sha256(config.name.encode() + b"\0" + _canonical(chat.raw)).hexdigest()
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    shaped = _tool_call_message(chat.raw, seed) or _formatted_message(chat.raw, seed)
+    if shaped is not None:
+        message, finish_reason = shaped
+        completion_tokens = count_tokens(_canonical(message).decode())
     return {
         "id": f"chatcmpl-{request_hash[:24]}",
         "object": "chat.completion",
@@ -298,7 +697,7 @@ def _build_completion(config: SandboxConfig, chat: _ChatRequest) -> dict[str, An
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "finish_reason": finish_reason,
             }
         ],
@@ -479,7 +878,10 @@ class _Handler(BaseHTTPRequestHandler):
             usage["total_tokens"] = usage["prompt_tokens"] - 5
         elif admission.fault == "missing_usage":
             del completion["usage"]
-        self._send_json(200, completion)
+        if _wants_stream(admission.chat):
+            self._stream(admission, completion)
+        elif self._wait_generation(admission, _completion_tokens(completion)):
+            self._send_json(200, completion)
 
     # -- control API ------------------------------------------------------
 
@@ -504,6 +906,118 @@ class _Handler(BaseHTTPRequestHandler):
     def _reset(self, body: bytes) -> None:
         self.server.provider.reset()
         self._send_json(200, self.server.provider.state(), sandbox_headers=False)
+
+    def _send_sandbox_headers(self) -> None:
+        self.send_header("X-Sandbox-Provider", self.server.provider.name)
+        # Measured just before the headers go out so benchmarks can subtract
+        # everything the provider itself spent, injected latency included.
+        service_ms = (time.perf_counter() - self._started) * 1000
+        self.send_header("X-Sandbox-Service-Ms", f"{service_ms:.3f}")
+
+    # -- generation pacing and streaming ------------------------------------
+
+    def _wait_until(self, admission: _Admission, deadline: float) -> bool:
+        """Wait for a perf_counter deadline; False means the server is stopping."""
+        remaining = deadline - time.perf_counter()
+        if remaining > 0:
+            admission.release.wait(remaining)
+        if self.server.provider._stopping:
+            self.close_connection = True
+            return False
+        return True
+
+    def _wait_generation(self, admission: _Admission, completion_tokens: int) -> bool:
+        wait_ms = generation_ms(admission.config, completion_tokens)
+        return self._wait_until(admission, time.perf_counter() + wait_ms / 1000)
+
+    def _write_chunk(self, data: bytes) -> bool:
+        """One HTTP/1.1 chunk; False when the client has gone away."""
+        try:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        except OSError:
+            self.close_connection = True
+            return False
+        return True
+
+    def _stream(self, admission: _Admission, completion: dict[str, Any]) -> None:
+        """Server-sent chat.completion.chunk events paced by ttft and tokens/s: a role chunk and
+        the first token at ttft, token i at ttft + i / tokens_per_s, the finish chunk at
+        ttft + n / tokens_per_s (so a stream lasts as long as the same completion unstreamed)."""
+        assert admission.chat is not None
+        config = admission.config
+        usage_wanted = _include_usage(admission.chat)
+        choice = completion["choices"][0]
+        deltas = _content_deltas(choice["message"].get("content") or "")
+        per_token = 1 / config.tokens_per_s if config.tokens_per_s > 0 else 0.0
+        fault, fault_at = admission.stream_fault, config.stream_fault_after_tokens
+        record: dict[str, Any] = {"id": completion["id"], "tokens_sent": 0, "outcome": "completed"}
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Transfer-Encoding", "chunked")
+            self._send_sandbox_headers()
+            self.end_headers()
+            started = time.perf_counter() + config.ttft_ms / 1000
+            role = {"role": "assistant", "content": ""}
+            if not self._wait_until(admission, started):
+                record["outcome"] = "stopped"
+                return
+            if not self._write_chunk(_sse(_chunk(completion, role, None, usage_wanted))):
+                record["outcome"] = "client_disconnected"
+                return
+            for index, text in enumerate(deltas):
+                if fault is not None and index == fault_at:
+                    break
+                if not self._wait_until(admission, started + index * per_token):
+                    record["outcome"] = "stopped"
+                    return
+                event = _sse(_chunk(completion, {"content": text}, None, usage_wanted))
+                if not self._write_chunk(event):
+                    record["outcome"] = "client_disconnected"
+                    return
+                record["tokens_sent"] = index + 1
+            if fault is not None:
+                record["outcome"] = f"fault:{fault}"
+                self._stream_fault(fault, admission)
+                return
+            if not self._wait_until(admission, started + len(deltas) * per_token):
+                record["outcome"] = "stopped"
+                return
+            # Tool calls go out as OpenAI streams them: the id, type and name first, then the
+            # arguments in fragments (they were generated at once, so they are not paced).
+            events = [
+                _sse(_chunk(completion, {"tool_calls": [part]}, None, usage_wanted))
+                for part in _tool_call_deltas(choice["message"].get("tool_calls"))
+            ]
+            events.append(_sse(_chunk(completion, {}, choice["finish_reason"], usage_wanted)))
+            if usage_wanted and "usage" in completion:
+                usage_chunk = _chunk(completion, {}, None, False)
+                usage_chunk["choices"] = []
+                usage_chunk["usage"] = completion["usage"]
+                events.append(_sse(usage_chunk))
+            events.append(b"data: [DONE]\n\n")
+            if not (self._write_chunk(b"".join(events)) and self._write_chunk(b"")):
+                record["outcome"] = "client_disconnected"
+        finally:
+            self.server.provider._record_stream(record)
+
+    def _stream_fault(self, fault: str, admission: _Admission) -> None:
+        if fault == "error":
+            error = _ApiError(
+                500,
+                "The sandbox provider hit an injected error mid-stream.",
+                "server_error",
+                "internal_error",
+            )
+            # An error object in the stream, then a clean end of the body (no [DONE]).
+            if self._write_chunk(_sse(error.body())):
+                self._write_chunk(b"")
+        elif fault == "stall":
+            admission.release.wait(HANG_SECONDS)
+            self.close_connection = True
+        else:  # disconnect: the body ends without its last chunk
+            self.close_connection = True
 
     # -- helpers ----------------------------------------------------------
 
@@ -611,11 +1125,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         if sandbox_headers:
-            self.send_header("X-Sandbox-Provider", self.server.provider.name)
-            # Measured just before the headers go out so benchmarks can subtract
-            # everything the provider itself spent, injected latency included.
-            service_ms = (time.perf_counter() - self._started) * 1000
-            self.send_header("X-Sandbox-Service-Ms", f"{service_ms:.3f}")
+            self._send_sandbox_headers()
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         if self.close_connection:
@@ -640,6 +1150,8 @@ class SandboxProvider:
         self._models_calls = 0
         self._connections = 0
         self._requests: list[dict[str, Any]] = []
+        self._streams: list[dict[str, Any]] = []
+        self._failure_draws = 0
         self._sockets: set[socket.socket] = set()
 
     # -- lifecycle --------------------------------------------------------
@@ -738,6 +1250,7 @@ class SandboxProvider:
             self._config.fault = None
             self._config.fault_count = None
             self._config.fault_scope = "chat"
+            self._reset_market()
             self._chat_calls = 0
             self._models_calls = 0
             self._connections = 0
@@ -780,11 +1293,14 @@ class SandboxProvider:
                 "models_calls": self._models_calls,
                 "connections": self._connections,
                 "requests_logged": len(self._requests),
+                "streams": len(self._streams),
             }
+            effective = effective_config(_snapshot(self._config), time.time())
         # The control API is unauthenticated, so never echo the key itself.
         config["api_key_set"] = config.pop("api_key") is not None
         base_url = self.base_url if self._server is not None else None
-        return {"base_url": base_url, "config": config, "counters": counters}
+        now = {field: getattr(effective, field) for field in DRIFT_FIELDS}
+        return {"base_url": base_url, "config": config, "counters": counters, "effective": now}
 
     # -- internals used by the handler -----------------------------------
 
@@ -819,7 +1335,7 @@ class SandboxProvider:
     def _admit_models(self, authorization: str | None) -> _Admission:
         with self._lock:
             self._models_calls += 1
-            config, release = _snapshot(self._config), self._release
+            config, release = _admission_config(self._config), self._release
             if not self._authorized(authorization):
                 return _Admission(config, release, error=_unauthorized())
             return _Admission(config, release, fault=self._take_fault("models", False))
@@ -831,7 +1347,7 @@ class SandboxProvider:
             self._chat_calls += 1
             if isinstance(parsed, _ChatRequest):
                 self._requests.append(copy.deepcopy(parsed.raw))
-            config, release = _snapshot(self._config), self._release
+            config, release = _admission_config(self._config), self._release
             if not self._authorized(authorization):
                 return _Admission(config, release, error=_unauthorized())
             chat: _ChatRequest | None = None
@@ -847,13 +1363,57 @@ class SandboxProvider:
                 )
             else:
                 chat = parsed
-            fault = self._take_fault("chat", chat is not None)
+            drawn = self._draw_failure(config, chat is not None)
+            fault = self._take_fault("chat", chat is not None) or drawn
             if fault is not None and fault not in _USAGE_FAULTS:
                 # Transport-level faults pre-empt validation, like an outage would.
                 return _Admission(config, release, fault=fault)
             if error is not None:
                 return _Admission(config, release, error=error)
-            return _Admission(config, release, fault=fault, chat=chat)
+            stream_fault = self._take_stream_fault(chat)
+            return _Admission(config, release, fault=fault, chat=chat, stream_fault=stream_fault)
+
+    # -- failure rate and streams (called with the lock held, except _record_stream) ------
+
+    def _reset_market(self) -> None:
+        self._config.stream_fault = None
+        self._config.stream_fault_count = None
+        self._failure_draws = 0
+        self._streams.clear()
+
+    def _draw_failure(self, config: SandboxConfig, completion_ok: bool) -> str | None:
+        # Every chat request takes a draw, failing or not, so request i always gets draw i.
+        index = self._failure_draws
+        self._failure_draws += 1
+        if _unit(config.seed, config.name, "failure", index) >= config.failure_rate:
+            return None
+        if config.failure_fault in _USAGE_FAULTS and not completion_ok:
+            return None
+        return config.failure_fault
+
+    def _take_stream_fault(self, chat: _ChatRequest | None) -> str | None:
+        config = self._config
+        if chat is None or not _wants_stream(chat) or config.stream_fault is None:
+            return None
+        fault = config.stream_fault
+        if config.stream_fault_count is not None:
+            config.stream_fault_count -= 1
+            _normalise_market(config)
+        return fault
+
+    def _record_stream(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            self._streams.append(record)
+
+    def streams_log(self) -> list[dict[str, Any]]:
+        """One entry per streamed completion: id, tokens_sent, outcome (completed,
+        client_disconnected, stopped, fault:<kind>)."""
+        with self._lock:
+            return copy.deepcopy(self._streams)
+
+    def effective(self, at: float | None = None) -> SandboxConfig:
+        """The configuration in force at unix time `at` (now by default), drift applied."""
+        return effective_config(self.config, time.time() if at is None else at)
 
 
 def _unauthorized() -> _ApiError:

@@ -448,6 +448,7 @@ def banner(
         "=" * 78,
         "Flopex dev stack",
         f"URL: {base_url}  (API docs: {base_url}/docs)",
+        f"console: {base_url}/console/  (sign in with the API key below)",
         f"API key: {key}",
         f"database: {os.environ['DATABASE_URL']}",
         f"redis: {redis_url} ({redis_kind})",

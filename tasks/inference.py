@@ -1,5 +1,5 @@
-"""Thin Celery tasks for the inference pipeline: explicit stable names, primitive arguments,
-all logic in app.jobs."""
+"""Thin Celery tasks for the inference pipeline: explicit stable names (app/task_names.py),
+primitive arguments, all logic in app.jobs."""
 
 from __future__ import annotations
 
@@ -8,36 +8,25 @@ import uuid
 from typing import Any
 
 import redis
-from celery import shared_task
+from celery import Task, shared_task
 from sqlalchemy.orm.exc import StaleDataError
 
+from app import task_names
 from app.db import session_factory
 from app.jobs import liveness
 from app.jobs.execution import Outcome, RouteAndExecute
-from app.jobs.quoting import make_quote, store_quote
 from app.jobs.recovery import RESUME_VERSION_HEADER
-from app.providers.breaker import Breaker
 from app.redis_client import get_redis
 from config.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 
-@shared_task(name="flopex.quote")
-def quote(job_id: str, option: dict[str, Any], deadline_at: float, expected: int) -> None:
-    client = get_redis()
-    q = make_quote(option, deadline_at, Breaker(client, get_settings().breaker))
-    if store_quote(client, job_id, q) >= expected:
-        # The last quote in closes the join and routes the job right here: one queue hop less on
-        # every request. A redelivered or duplicate quote finds the job already claimed.
-        _run(job_id, resume=False)
-
-
-def _run(job_id: str, resume: bool, version: int | None = None) -> str | None:
+def _run(task: Task[Any, Any], job_id: str, resume: bool, version: int | None = None) -> str | None:
     _hold(job_id)
     session = session_factory()()
     try:
-        service = RouteAndExecute(session, get_redis(), get_settings())
+        service = RouteAndExecute(session, get_redis(), get_settings(), task.app)
         outcome: Outcome | None = (
             service.resume(uuid.UUID(job_id), version) if resume else service.run(uuid.UUID(job_id))
         )
@@ -61,15 +50,23 @@ def _hold(job_id: str) -> None:
         log.warning("job %s: holder not recorded: %s", job_id, exc)
 
 
-@shared_task(name="flopex.route")
-def route(job_id: str) -> str | None:
-    return _run(job_id, resume=False)
+@shared_task(name=task_names.ROUTE, bind=True)
+def route(self: Task[Any, Any], job_id: str) -> str | None:
+    """The job's one hop: route from the quote board, execute, settle, signal. A redelivered
+    or duplicate message finds the job already claimed and does nothing."""
+    return _run(self, job_id, resume=False)
 
 
-@shared_task(name="flopex.resume", bind=True)
-def resume(self, job_id: str, version: int | None = None) -> str | None:  # type: ignore[no-untyped-def]
+@shared_task(name=task_names.LEGACY_QUOTE, bind=True)
+def legacy_quote(self: Task[Any, Any], job_id: str, *_: Any) -> str | None:
+    """A quote message sent before the quote board (one per provider): the first one to run
+    routes the job from the board, the others find it claimed."""
+    return _run(self, job_id, resume=False)
+
+
+@shared_task(name=task_names.RESUME, bind=True)
+def resume(self: Task[Any, Any], job_id: str, *_: Any) -> str | None:
     """The job's version the sweeper saw comes in a message header (absent from older senders:
-    then no check)."""
-    if version is None:
-        version = getattr(self.request, RESUME_VERSION_HEADER, None)
-    return _run(job_id, resume=True, version=version)
+    then no check). Extra arguments of older messages are ignored."""
+    version = getattr(self.request, RESUME_VERSION_HEADER, None)
+    return _run(self, job_id, resume=True, version=version)

@@ -12,7 +12,7 @@ import urllib3
 from celery import shared_task
 from sqlalchemy import or_, update
 
-from app import webhooks
+from app import task_names, webhooks
 from app.db import session_scope
 from app.jobs import states
 from app.jobs.render import render_job
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 MAX_RETRIES = webhooks.MAX_RETRIES
 
 
-@shared_task(name="flopex.webhook", bind=True, max_retries=MAX_RETRIES)
+@shared_task(name=task_names.WEBHOOK, bind=True, max_retries=MAX_RETRIES)
 def deliver_webhook(self, job_id: str, delivery_id: str | None = None) -> str:  # type: ignore[no-untyped-def]
     settings = get_settings()
     delivery_id = delivery_id or webhooks.delivery_id(job_id)

@@ -143,6 +143,10 @@ def _catalog_toml(urls: dict[str, str]) -> str:
                 f'provider_model_id = "{model_id}"',
                 f'input_price_usd_per_million = "{price_in}"',
                 f'output_price_usd_per_million = "{price_out}"',
+                # The sandbox's latency before its instant answer: what routing assumes until
+                # it has measured the offering.
+                f"expected_ttft_ms = {PROVIDERS[provider]['latency_ms']}",
+                "expected_tokens_per_s = 100000",
                 "",
             ]
     return "\n".join(lines)
@@ -410,7 +414,7 @@ def pipeline(
         for name, provider in sandboxes.items():
             provider.reset()
             provider.configure(latency_ms=PROVIDERS[name]["latency_ms"])
-        for pattern in ("flopex:health:*", "flopex:breaker:*", "flopex:probe:*"):
+        for pattern in ("flopex:health:*", "flopex:breaker:*", "flopex:board:*", "flopex:speed:*"):
             for key in redis_client.scan_iter(pattern):
                 redis_client.delete(key)
 
@@ -419,34 +423,40 @@ def pipeline(
     reset()
 
 
-@dataclass
-class TestAccount:
-    account_id: uuid.UUID
-    wallet_id: uuid.UUID
-    api_key: str
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"}
-
-
 @pytest.fixture
 def make_account(database: str) -> Any:
-    from app import accounts, wallet
+    """A committed account with an API key and a topped-up wallet (tests/factories.py)."""
     from app.db import session_scope
-    from app.money import usd_to_micros
+    from tests.factories import TestAccount, make_customer
 
     def make(balance_usd: str = "10.00", name: str = "test") -> TestAccount:
         with session_scope() as session:
-            account = accounts.create_account(session, name)
-            _, raw = accounts.issue_key(session, account.id)
-            principal = accounts.authenticate(session, raw)
-            assert principal is not None
-            if Decimal(balance_usd) > 0:
-                wallet.top_up(session, principal.wallet_id, usd_to_micros(balance_usd), "test")
-        return TestAccount(account.id, principal.wallet_id, raw)
+            return make_customer(session, balance_usd, name)
 
     return make
+
+
+@pytest.fixture
+def no_stuck_jobs_from_other_tests(database: str) -> None:
+    """A sweeper reads the oldest stuck jobs first, a page at a time. Tests that only exercise
+    the wallet or the job row (tests/factories.py) commit jobs in a live status that nothing will
+    ever finish; to a sweep run as if minutes later they all look stuck, and enough of them push
+    the test's own job off the page (it depends on which tests ran first). They are moved out of
+    the sweep's sight, a day ahead, before a test that sweeps: no money moves."""
+    from datetime import timedelta
+
+    from sqlalchemy import func, update
+
+    from app.db import session_scope
+    from app.jobs import states
+    from app.models import Job
+
+    with session_scope() as session:
+        session.execute(
+            update(Job)
+            .where(Job.status.in_(states.LIVE), Job.updated_at <= func.now())
+            .values(updated_at=func.now() + timedelta(days=1))
+        )
 
 
 @pytest.fixture

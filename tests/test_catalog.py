@@ -144,7 +144,9 @@ def test_find_model_returns_enabled_offerings_sorted_by_provider(db_session, tmp
         + provider_toml(off_offering, "http://d/v1")
         + model_toml(alias, 512, 2048)
         + offering_toml(alias, on_b, '"0.2"', '"0.3"')
-        + offering_toml(alias, on_a, '"0.1"', '"0.4"')
+        + offering_toml(
+            alias, on_a, '"0.1"', '"0.4"', expected_ttft_ms="120", expected_tokens_per_s="85.5"
+        )
         + offering_toml(alias, off_provider, '"0.01"', '"0.01"')
         + offering_toml(alias, off_offering, '"0.01"', '"0.01"', enabled="false"),
     )
@@ -165,7 +167,35 @@ def test_find_model_returns_enabled_offerings_sorted_by_provider(db_session, tmp
         "provider_model_id": f"{on_a}/{alias}",
         "input_price_micros_per_m": 100_000,
         "output_price_micros_per_m": 400_000,
+        "expected_ttft_ms": 120,
+        "expected_tokens_per_s": 85.5,
     }
+    # Without priors: the conservative default applies (app/providers/speed.py).
+    b = entry.options[1]
+    assert (b.expected_ttft_ms, b.expected_tokens_per_s) == (None, None)
+
+
+@pytest.mark.parametrize(
+    "priors",
+    [
+        {"expected_ttft_ms": "-1"},
+        {"expected_ttft_ms": "1.5"},
+        {"expected_ttft_ms": "true"},
+        {"expected_tokens_per_s": "0"},
+        {"expected_tokens_per_s": '"fast"'},
+        {"expected_tokens_per_s": "nan"},
+    ],
+)
+def test_speed_priors_out_of_range_are_refused(db_session, tmp_path, tag, priors):
+    alias = f"m-{tag}"
+    path = write(
+        tmp_path,
+        provider_toml(f"p-{tag}", "http://p/v1")
+        + model_toml(alias, 512, 2048)
+        + offering_toml(alias, f"p-{tag}", '"0.1"', '"0.1"', **priors),
+    )
+    with pytest.raises(ValueError, match="expected_"):
+        load_catalog(db_session, path)
 
 
 def test_find_model_unknown_or_disabled_alias_is_none(db_session, tmp_path, tag):
@@ -383,3 +413,34 @@ def test_a_catalog_with_a_mistake_is_refused_and_changes_nothing(
         load_catalog(db_session, write(tmp_path, text))
     db_session.rollback()
     assert db_session.scalars(select(Provider.name).where(Provider.enabled)).all() == before
+
+
+def test_a_models_default_max_tokens_is_loaded_or_derived_from_its_cap(db_session, tmp_path, tag):
+    p, small, large, set_ = f"p-{tag}", f"small-{tag}", f"large-{tag}", f"set-{tag}"
+    path = write(
+        tmp_path,
+        provider_toml(p, "http://127.0.0.1:9001/v1")
+        + model_toml(small, 1024, 8192)
+        + model_toml(large, 128000, 131072)
+        + model_toml(set_, 8192, 32768, default_max_tokens="512")
+        + "".join(offering_toml(m, p, '"0.1"', '"0.1"') for m in (small, large, set_)),
+    )
+    load_catalog(db_session, path)
+    defaults = {m: find_model(db_session, m).default_max_tokens for m in (small, large, set_)}  # type: ignore[union-attr]
+    # Absent: the smaller of 4,096 and the cap (docs/api.md); set: as written.
+    assert defaults == {small: 1024, large: 4096, set_: 512}
+
+
+@pytest.mark.parametrize("value", ["0", "9000", "true", '"512"', "1.5"])
+def test_a_default_max_tokens_outside_the_models_cap_fails_the_load(
+    db_session, tmp_path, tag, value
+):
+    p, m = f"p-{tag}", f"m-{tag}"
+    path = write(
+        tmp_path,
+        provider_toml(p, "http://127.0.0.1:9001/v1")
+        + model_toml(m, 8192, 32768, default_max_tokens=value)
+        + offering_toml(m, p, '"0.1"', '"0.1"'),
+    )
+    with pytest.raises(ValueError, match="default_max_tokens"):
+        load_catalog(db_session, path)

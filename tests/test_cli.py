@@ -18,6 +18,7 @@ from app.cli import main
 from app.db import session_scope
 from app.models import Account, LedgerEntry, ModelAlias, Offering, Provider, Wallet
 from tests.conftest import CATALOG_PATH
+from tests.factories import make_job
 
 
 def run(capsys: Any, *argv: str) -> dict[str, Any]:
@@ -187,13 +188,11 @@ def test_key_revoke_takes_the_key_or_either_form_of_its_prefix(database, capsys)
 
 def _charged_job(account_id: str, charge: int) -> str:
     """A job of the account with a hold of 100,000 micro-USD settled for ``charge``."""
-    from tests.test_wallet import make_job
-
     wid = wallet_of(account_id)
     with session_scope() as session:
         job_id = make_job(session, uuid.UUID(account_id), wid)
         wallet.hold(session, wid, job_id, 100_000)
-        wallet.settle(session, wid, job_id, 100_000, charge)
+        wallet.settle_hold(session, wid, job_id, 100_000, charge)
     return str(job_id)
 
 
@@ -406,7 +405,6 @@ def test_job_show_and_cancel_for_operators(database, capsys, redis_client):
     from sqlalchemy import update as sql_update
 
     from app.models import Job
-    from tests.test_wallet import make_job
 
     account_id = run(capsys, "account", "create", unique("Ops"), "--top-up", "1")["account_id"]
     wid = wallet_of(account_id)

@@ -38,11 +38,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.exc import StaleDataError
 
 from app import accounts, wallet
+from app.celery_app import make_celery
 from app.db import session_factory, session_scope
 from app.exceptions import FlopexError
 from app.jobs import rows, states
 from app.jobs.cancel import cancel
-from app.jobs.execution import RouteAndExecute, close_failed, finish_values
+from app.jobs.execution import RouteAndExecute
+from app.jobs.settlement import close_failed, finish_values
 from app.jobs.submit import InferenceRequest, SubmitInference
 from app.models import Job, LedgerEntry, utcnow
 from app.pricing import estimate_input_tokens
@@ -122,6 +124,7 @@ class WalletMachine(RuleBasedStateMachine):
         super().__init__()
         self.settings = get_settings()
         self.redis = get_redis()
+        self.celery = make_celery(self.settings)
         self.jobs: dict[uuid.UUID, JobModel] = {}
         self.balance = 0
         self.principal: accounts.Principal | None = None
@@ -281,7 +284,9 @@ class WalletMachine(RuleBasedStateMachine):
         """Settlement from the recorded answer: capture + release + success in one commit."""
         session = session_factory()()
         try:
-            outcome = RouteAndExecute(session, self.redis, self.settings).resume(job_id)
+            outcome = RouteAndExecute(session, self.redis, self.settings, self.celery).resume(
+                job_id
+            )
         finally:
             session.close()
         assert outcome is not None and outcome.status == states.SUCCESS
@@ -360,7 +365,7 @@ class WalletMachine(RuleBasedStateMachine):
         try:
             job = session.get(Job, job_id)
             charge = data.draw(st.integers(0, job.hold_micros), "charge")
-            wallet.settle(session, job.wallet_id, job.id, job.hold_micros, charge)
+            wallet.settle_hold(session, job.wallet_id, job.id, job.hold_micros, charge)
             if flush:
                 rows.write(session, job, charge_micros=charge, **finish_values(job, states.SUCCESS))
             session.rollback()
@@ -379,10 +384,13 @@ class WalletMachine(RuleBasedStateMachine):
         session = session_factory()()
         try:
             with pytest.raises(IntegrityError):
-                wallet.settle(session, self.wallet_id, job_id, model.hold, model.charge)
+                wallet.settle_hold(session, self.wallet_id, job_id, model.hold, model.charge)
                 session.flush()
             session.rollback()
-            assert RouteAndExecute(session, self.redis, self.settings).resume(job_id) is None
+            assert (
+                RouteAndExecute(session, self.redis, self.settings, self.celery).resume(job_id)
+                is None
+            )
         finally:
             session.close()
         assert self.snapshot() == before
@@ -403,7 +411,7 @@ class WalletMachine(RuleBasedStateMachine):
             # The late settlement fails somewhere: the wallet UPDATE (held would go negative),
             # the unique capture/release index, or the job's version check at commit.
             with pytest.raises((StaleDataError, IntegrityError)):
-                wallet.settle(stale, job.wallet_id, job.id, job.hold_micros, charge)
+                wallet.settle_hold(stale, job.wallet_id, job.id, job.hold_micros, charge)
                 rows.write(
                     stale,
                     job,
@@ -495,7 +503,7 @@ class WalletMachine(RuleBasedStateMachine):
             try:
                 job = session.get(Job, job_id)
                 if job.status == states.SETTLING:
-                    RouteAndExecute(session, self.redis, self.settings).resume(job_id)
+                    RouteAndExecute(session, self.redis, self.settings, self.celery).resume(job_id)
                     self.balance -= model.charge
                 elif job.status in states.CANCELLABLE:
                     cancel(session, job)

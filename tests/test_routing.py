@@ -278,6 +278,14 @@ def test_quote_dict_round_trip_through_json():
         estimated_latency_ms=12,
         success_rate="0.9500",
         error=None,
+        rtt_ms=2,
+        ttft_ms=4,
+        tokens_per_s=2500.0,
+        output_tokens=16,
+        speed_source="learned",
+        samples=9,
+        checked_at=1_800_000_000.125,
+        age_ms=310,
     )
     data = original.to_dict()
     assert data == {
@@ -292,6 +300,14 @@ def test_quote_dict_round_trip_through_json():
         "success_rate": "0.9500",
         "error": None,
         "circuit_open": False,
+        "rtt_ms": 2,
+        "ttft_ms": 4,
+        "tokens_per_s": 2500.0,
+        "output_tokens": 16,
+        "speed_source": "learned",
+        "samples": 9,
+        "checked_at": 1_800_000_000.125,
+        "age_ms": 310,
     }
     assert Quote.from_dict(data) == original
     assert Quote.from_dict(json.loads(json.dumps(data))) == original

@@ -19,38 +19,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
-from app import accounts, wallet
-from app.db import session_factory, session_scope
-from app.models import Job, LedgerEntry, Wallet
+from app import wallet
+from app.db import Commit, session_factory, session_scope
+from app.models import Job, LedgerEntry
 from app.wallet import WalletState
 from tests.conftest import run_together
+from tests.factories import Owner, make_held_job, make_job, make_wallet
 
 USD = 1_000_000
-
-
-def make_wallet(session: Session) -> tuple[uuid.UUID, uuid.UUID]:
-    account = accounts.create_account(session, f"wallet-test-{uuid.uuid4().hex[:6]}")
-    wallet_id = session.scalar(select(Wallet.id).where(Wallet.account_id == account.id))
-    return account.id, wallet_id
-
-
-def make_job(session: Session, account_id: uuid.UUID, wallet_id: uuid.UUID) -> uuid.UUID:
-    job = Job(
-        account_id=account_id,
-        wallet_id=wallet_id,
-        status="executing",
-        model="llama-3.1-8b",
-        request={"input": "hi"},
-        performance_profile="economy",
-        routing_strategy="lowest_cost",
-        max_output_tokens=16,
-        markup="0.15",
-        estimated_input_tokens=9,
-        expected_quotes=1,
-    )
-    session.add(job)
-    session.flush()
-    return job.id
 
 
 def entries(session: Session, wallet_id: uuid.UUID) -> list[tuple[Any, ...]]:
@@ -86,7 +62,7 @@ def test_top_up_hold_settle_ledger_and_after_balances(db_session):
     assert wallet.top_up(db_session, wid, 1 * USD, "invoice 1") == WalletState(1_000_000, 0)
     assert wallet.hold(db_session, wid, job, 300_000) == WalletState(1_000_000, 300_000)
     assert assert_invariants(db_session, wid).available_micros == 700_000
-    assert wallet.settle(db_session, wid, job, 300_000, 120_000) == WalletState(880_000, 0)
+    assert wallet.settle_hold(db_session, wid, job, 300_000, 120_000) == WalletState(880_000, 0)
 
     assert entries(db_session, wid) == [
         ("topup", None, 1_000_000, 0, 1_000_000, 0),
@@ -106,7 +82,7 @@ def test_settle_for_the_full_hold_writes_a_zero_release_marker(db_session):
     job = make_job(db_session, account_id, wid)
     wallet.top_up(db_session, wid, 500)
     wallet.hold(db_session, wid, job, 200)
-    assert wallet.settle(db_session, wid, job, 200, 200) == WalletState(300, 0)
+    assert wallet.settle_hold(db_session, wid, job, 200, 200) == WalletState(300, 0)
     assert [e[0] for e in entries(db_session, wid)] == ["topup", "hold", "capture", "release"]
     assert entries(db_session, wid)[-1] == ("release", job, 0, 0, 300, 0)
     assert_invariants(db_session, wid)
@@ -120,10 +96,10 @@ def test_a_settled_job_cannot_be_settled_again_with_other_amounts(db_session):
     wallet.top_up(db_session, wid, 500)
     wallet.hold(db_session, wid, job, 100)
     wallet.hold(db_session, wid, other, 100)
-    wallet.settle(db_session, wid, job, 100, 0)  # cancelled: all released
+    wallet.settle_hold(db_session, wid, job, 100, 0)  # cancelled: all released
     before = entries(db_session, wid)
     with pytest.raises(IntegrityError), db_session.begin_nested():
-        wallet.settle(db_session, wid, job, 100, 100)  # a capture after the release
+        wallet.settle_hold(db_session, wid, job, 100, 100)  # a capture after the release
         db_session.flush()
     assert entries(db_session, wid) == before
 
@@ -133,7 +109,7 @@ def test_settle_for_nothing_releases_the_whole_hold(db_session):
     job = make_job(db_session, account_id, wid)
     wallet.top_up(db_session, wid, 500)
     wallet.hold(db_session, wid, job, 200)
-    assert wallet.settle(db_session, wid, job, 200, 0) == WalletState(500, 0)
+    assert wallet.settle_hold(db_session, wid, job, 200, 0) == WalletState(500, 0)
     assert entries(db_session, wid)[-1] == ("release", job, 0, -200, 500, 0)
     assert [e[0] for e in entries(db_session, wid)] == ["topup", "hold", "release"]
     assert_invariants(db_session, wid)
@@ -193,7 +169,7 @@ def test_settle_outside_the_hold_raises_and_writes_nothing(db_session, held, cha
     before = entries(db_session, wid)
 
     with pytest.raises(ValueError, match="outside hold"):
-        wallet.settle(db_session, wid, job, held, charge)
+        wallet.settle_hold(db_session, wid, job, held, charge)
 
     assert entries(db_session, wid) == before
     assert assert_invariants(db_session, wid) == WalletState(1000, held)
@@ -213,12 +189,12 @@ def test_a_second_settlement_of_the_same_job_violates_the_unique_index(
     # A second hold keeps enough on hold for the repeated settle's UPDATE to pass its CHECKs,
     # so the only guard left is the partial unique index.
     wallet.hold(db_session, wid, other_job, 100)
-    wallet.settle(db_session, wid, job, 100, first_charge)
+    wallet.settle_hold(db_session, wid, job, 100, first_charge)
     before = assert_invariants(db_session, wid)
     ledger_before = entries(db_session, wid)
 
     with pytest.raises(IntegrityError, match=index), db_session.begin_nested():
-        wallet.settle(db_session, wid, job, 100, first_charge)
+        wallet.settle_hold(db_session, wid, job, 100, first_charge)
         db_session.flush()
 
     assert entries(db_session, wid) == ledger_before
@@ -232,7 +208,7 @@ def test_the_unique_index_allows_one_capture_per_job_but_many_jobs(db_session):
     for job in jobs:
         wallet.hold(db_session, wid, job, 100)
     for job in jobs:
-        wallet.settle(db_session, wid, job, 100, 30)
+        wallet.settle_hold(db_session, wid, job, 100, 30)
     assert assert_invariants(db_session, wid) == WalletState(910, 0)
     assert [e[0] for e in entries(db_session, wid)].count("capture") == 3
 
@@ -265,7 +241,7 @@ def test_a_capture_above_the_balance_is_refused_by_the_database(db_session):
     db_session.flush()
     # Claiming a larger hold than was taken would drive held and balance negative.
     with pytest.raises(IntegrityError, match="ck_wallet"), db_session.begin_nested():
-        wallet.settle(db_session, wid, job, 150, 150)
+        wallet.settle_hold(db_session, wid, job, 150, 150)
     assert assert_invariants(db_session, wid) == WalletState(100, 100)
 
 
@@ -311,7 +287,14 @@ def test_concurrent_holds_never_over_commit_and_concurrent_settles_stay_exact(ma
     def settle(job_id: uuid.UUID) -> Callable[[], WalletState]:
         def task() -> WalletState:
             with session_scope() as session:
-                return wallet.settle(session, wid, job_id, 100_000, charges[job_id], solo=solo)
+                return wallet.settle_hold(
+                    session,
+                    wid,
+                    job_id,
+                    100_000,
+                    charges[job_id],
+                    commit=Commit.ALONE_DEFERRED if solo else Commit.JOINED,
+                )
 
         return task
 
@@ -336,8 +319,13 @@ def test_settle_finishes_the_job_in_the_same_statement(db_session):
     job_id = make_job(db_session, account_id, wallet_id)
     wallet.hold(db_session, wallet_id, job_id, 3 * USD)
     version = db_session.scalar(select(Job.version).where(Job.id == job_id))
-    state = wallet.settle(
-        db_session, wallet_id, job_id, 3 * USD, USD, job=(version, {"status": "success"})
+    state = wallet.settle_hold(
+        db_session,
+        wallet_id,
+        job_id,
+        3 * USD,
+        USD,
+        finish=wallet.FinalJobWrite(version, {"status": "success"}),
     )
     assert state == WalletState(9 * USD, 0)
     row = db_session.execute(
@@ -358,7 +346,14 @@ def test_settle_of_a_job_whose_version_moved_raises_and_rolls_back(db_session):
     stale = db_session.scalar(select(Job.version).where(Job.id == job_id)) - 1
     savepoint = db_session.begin_nested()
     with pytest.raises(StaleDataError):
-        wallet.settle(db_session, wallet_id, job_id, 3 * USD, USD, job=(stale, {"status": "x"}))
+        wallet.settle_hold(
+            db_session,
+            wallet_id,
+            job_id,
+            3 * USD,
+            USD,
+            finish=wallet.FinalJobWrite(stale, {"status": "x"}),
+        )
     savepoint.rollback()
     assert entries(db_session, wallet_id) == before
     assert wallet.get_state(db_session, wallet_id) == WalletState(10 * USD, 3 * USD)
@@ -371,16 +366,22 @@ def _held_job(make_account: Any) -> tuple[Any, uuid.UUID, int]:
     """A committed job with a $3 hold on a $10 wallet; returns (account, job id, version)."""
     account = make_account("10.00")
     with session_scope() as session:
-        job_id = make_job(session, account.account_id, account.wallet_id)
-        wallet.hold(session, account.wallet_id, job_id, 3 * USD)
-        version = session.scalar(select(Job.version).where(Job.id == job_id))
+        job_id, version = make_held_job(
+            session, Owner(account.account_id, account.wallet_id), 3 * USD
+        )
     return account, job_id, version
 
 
 def _solo_settle(session: Session, wallet_id: uuid.UUID, job_id: uuid.UUID, version: int) -> Any:
     """Capture $1 of the job's $3 hold as one statement that is its own transaction."""
-    return wallet.settle(
-        session, wallet_id, job_id, 3 * USD, USD, job=(version, {"status": "success"}), solo=True
+    return wallet.settle_hold(
+        session,
+        wallet_id,
+        job_id,
+        3 * USD,
+        USD,
+        finish=wallet.FinalJobWrite(version, {"status": "success"}),
+        commit=Commit.ALONE_DEFERRED,
     )
 
 
@@ -475,7 +476,7 @@ def _charged_job(session: Session, charge: int) -> tuple[uuid.UUID, uuid.UUID]:
     wallet.top_up(session, wid, USD)
     job_id = make_job(session, account_id, wid)
     wallet.hold(session, wid, job_id, 100_000)
-    wallet.settle(session, wid, job_id, 100_000, charge)
+    wallet.settle_hold(session, wid, job_id, 100_000, charge)
     return wid, job_id
 
 
@@ -517,7 +518,7 @@ def test_concurrent_refunds_of_one_job_pay_back_the_charge_once(make_account):
     with session_scope() as session:
         job_id = make_job(session, account.account_id, account.wallet_id)
         wallet.hold(session, account.wallet_id, job_id, 100_000)
-        wallet.settle(session, account.wallet_id, job_id, 100_000, 40_000)
+        wallet.settle_hold(session, account.wallet_id, job_id, 100_000, 40_000)
 
     def refund_all() -> str:
         try:
@@ -601,7 +602,9 @@ def test_hold_largest_picks_from_the_balance_as_it_is_when_its_lock_is_granted(
 
         def hold() -> None:
             with session_scope() as session:
-                results.append(wallet.hold_largest(session, wid, waiting, CHOICES, solo=True))
+                results.append(
+                    wallet.hold_largest(session, wid, waiting, CHOICES, commit=Commit.ALONE)
+                )
 
         thread = threading.Thread(target=hold)
         thread.start()
@@ -635,7 +638,7 @@ def test_concurrent_largest_holds_each_take_the_largest_choice_still_covered(mak
         def task() -> tuple[int, WalletState] | None:
             session = session_factory()()
             try:
-                return wallet.hold_largest(session, wid, job_id, CHOICES, solo=True)
+                return wallet.hold_largest(session, wid, job_id, CHOICES, commit=Commit.ALONE)
             finally:
                 session.close()
 

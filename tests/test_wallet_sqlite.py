@@ -14,7 +14,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from app import wallet
 from app.db import build_engine
 from app.models import Base, Job, LedgerEntry, utcnow
-from tests.test_wallet import make_job, make_wallet
+from tests.factories import make_job, make_wallet
 
 
 @pytest.fixture
@@ -33,7 +33,9 @@ def test_hold_settle_and_finish_the_job_in_order(sqlite_session):
     job_id = make_job(s, account_id, wallet_id)
     assert wallet.hold(s, wallet_id, job_id, 5_000) is None  # more than is available
     assert wallet.hold(s, wallet_id, job_id, 400) == wallet.WalletState(1_000, 400)
-    state = wallet.settle(s, wallet_id, job_id, 400, 150, job=(1, {"status": "success"}))
+    state = wallet.settle_hold(
+        s, wallet_id, job_id, 400, 150, finish=wallet.FinalJobWrite(1, {"status": "success"})
+    )
     assert state == wallet.WalletState(850, 0)
     entries = s.execute(
         select(
@@ -68,7 +70,9 @@ def test_a_stale_job_version_refuses_the_settlement(sqlite_session):
     job_id = make_job(s, account_id, wallet_id)
     wallet.hold(s, wallet_id, job_id, 400)
     with pytest.raises(StaleDataError):
-        wallet.settle(s, wallet_id, job_id, 400, 150, job=(7, {"status": "success"}))
+        wallet.settle_hold(
+            s, wallet_id, job_id, 400, 150, finish=wallet.FinalJobWrite(7, {"status": "success"})
+        )
 
 
 def new_job_row(

@@ -72,24 +72,12 @@ def test_a_worker_only_host_exports_its_processes_series_on_the_worker_port(
                 assert time.monotonic() < deadline, f"no listener on {port}:\n{worker.output()}"
                 time.sleep(0.05)
 
-        # A quote whose deadline has passed: the worker records it without calling anyone.
+        # A board check of a provider that refuses connections: recorded by the worker.
         provider = f"probe-{uuid.uuid4().hex[:8]}"
-        option = {
-            "provider": provider,
-            "base_url": "http://127.0.0.1:9",
-            "api_key_env": None,
-            "offering_id": 0,
-            "provider_model_id": "none",
-            "input_price_micros_per_m": 0,
-            "output_price_micros_per_m": 0,
-            "estimated_charge_micros": 0,
-        }
         celery_app.send_task(
-            "flopex.quote",
-            args=[str(uuid.uuid4()), option, time.time() - 1, 2],
-            queue=queue,
+            "flopex.check_provider", args=[provider, "http://127.0.0.1:9", None], queue=queue
         )
-        key = (("outcome", "deadline_passed"), ("provider", provider))
+        key = (("outcome", "connect"), ("provider", provider))
         deadline = time.monotonic() + 30
         while key not in metric_samples(
             text := _scrape(port), "flopex_quote_duration_seconds_count"

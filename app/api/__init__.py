@@ -8,8 +8,10 @@ from flask_smorest import Api
 from app.api import errors
 from app.api.auth import PrincipalCache
 from app.api.catalog import blp as catalog_blp
+from app.api.chat import blp as chat_blp
 from app.api.health import blp as health_blp
 from app.api.inference import blp as inference_blp
+from app.api.inference import document_streaming
 from app.api.observability import init_observability
 from app.api.schemas import ApiErrorSchema, number_or_string_property
 from app.api.session import init_session
@@ -32,6 +34,8 @@ def register_api(app: Flask) -> Api:
     )
     api.register_blueprint(health_blp)
     api.register_blueprint(inference_blp)
+    api.register_blueprint(chat_blp)
+    document_streaming(api.spec)
     api.register_blueprint(wallet_blp)
     api.register_blueprint(catalog_blp)
     _state_the_prompt_rule(api)

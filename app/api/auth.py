@@ -6,7 +6,7 @@ import time
 
 from flask import current_app, g, request
 
-from app.accounts import Principal, authenticate, hash_key
+from app.accounts import Principal, authenticate_digest, hash_key, key_prefix
 from app.api.session import db
 from app.exceptions import FlopexError
 from app.ratelimit import RateLimiter
@@ -39,12 +39,16 @@ class PrincipalCache:
         self._entries: dict[str, tuple[float, Principal]] = {}
 
     def get(self, raw_key: str, client: str | None = None) -> Principal | None:
+        return self.get_digest(key_prefix(raw_key), hash_key(raw_key), client)
+
+    def get_digest(self, prefix: str, digest: str, client: str | None = None) -> Principal | None:
+        """The lookup by the key's prefix and hash (a console session keeps those, not the key)."""
+        now = time.monotonic()
         if self.ttl_s > 0:
-            digest, now = hash_key(raw_key), time.monotonic()
             hit = self._entries.get(digest)
             if hit is not None and hit[0] > now:
                 return hit[1]
-        principal = authenticate(db(), raw_key)
+        principal = authenticate_digest(db(), prefix, digest)
         if principal is None:
             if self.failures_per_min > 0 and client is not None:
                 verdict = RateLimiter(get_redis()).record_auth_failure(
@@ -62,10 +66,14 @@ class PrincipalCache:
             self._entries[digest] = (now + self.ttl_s, principal)
         return principal
 
+    def forget(self, digest: str) -> None:
+        """Drops a revoked key from this process's memory (other processes: within the TTL)."""
+        self._entries.pop(digest, None)
+
 
 def require_principal() -> Principal:
     """Authenticates once per request (cached on ``g``)."""
-    principal = g.get("principal")
+    principal: Principal | None = g.get("principal")
     if principal is not None:
         return principal
     header = request.headers.get("Authorization", "")
@@ -82,7 +90,11 @@ def require_principal() -> Principal:
 
 def authenticate_and_limit() -> None:
     """before_request of every /v1 blueprint: who is calling, and may they call now."""
-    principal = require_principal()
+    enforce_rate_limit(require_principal())
+
+
+def enforce_rate_limit(principal: Principal) -> None:
+    """The account's request rate limit (the API's and the console playground's)."""
     settings = get_settings()
     # An account's own limit wins, zero included (zero: no requests at all). An account that
     # sets only its rate gets a burst of at most one minute of it, not the deployment's burst.

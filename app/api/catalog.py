@@ -11,8 +11,16 @@ from sqlalchemy import select
 
 from app.api.auth import authenticate_and_limit
 from app.api.parser import FlopexParser
-from app.api.schemas import NO_QUERY, ModelListSchema, ProviderListSchema
+from app.api.schemas import (
+    NO_QUERY,
+    ApiErrorSchema,
+    ModelListSchema,
+    ModelSchema,
+    ProviderListSchema,
+)
 from app.api.session import db
+from app.catalog import ModelListing, list_models
+from app.exceptions import FlopexError
 from app.models import ModelAlias, Offering, Provider, iso_utc
 from app.money import micros_to_usd
 from app.providers import health
@@ -33,6 +41,33 @@ blp.ARGUMENTS_PARSER = FlopexParser()
 blp.before_request(authenticate_and_limit)
 
 
+def _model(listing: ModelListing) -> dict[str, Any]:
+    prices_in, prices_out = listing.input_prices, listing.output_prices
+    return {
+        "id": listing.alias,
+        "object": "model",
+        "owned_by": "flopex",
+        "max_output_tokens": listing.max_output_tokens,
+        "default_max_tokens": listing.default_max_tokens,
+        "context_length": listing.context_length,
+        "providers": len(prices_in),
+        "pricing": (
+            {
+                "input_usd_per_million": {
+                    "min": micros_to_usd(min(prices_in)),
+                    "max": micros_to_usd(max(prices_in)),
+                },
+                "output_usd_per_million": {
+                    "min": micros_to_usd(min(prices_out)),
+                    "max": micros_to_usd(max(prices_out)),
+                },
+            }
+            if prices_in
+            else None
+        ),
+    }
+
+
 @blp.route("/models")
 class Models(MethodView):
     @blp.arguments(NO_QUERY, location="query", as_kwargs=True)
@@ -40,60 +75,21 @@ class Models(MethodView):
     @blp.doc(security=[{"bearerAuth": []}])
     def get(self) -> Any:
         """Every model alias with its caps and the price range across the providers serving it."""
-        rows = (
-            db()
-            .execute(
-                # An offering counts only while its provider is enabled too; a model whose
-                # providers are all disabled is still listed, with none, like one never offered.
-                select(ModelAlias, Offering)
-                .outerjoin(
-                    Offering,
-                    (Offering.alias_id == ModelAlias.id)
-                    & Offering.enabled
-                    & Offering.provider_id.in_(select(Provider.id).where(Provider.enabled)),
-                )
-                .where(ModelAlias.enabled)
-                .order_by(ModelAlias.alias)
-            )
-            .all()
-        )
-        models: dict[str, dict[str, Any]] = {}
-        for alias, offering in rows:
-            entry = models.setdefault(
-                alias.alias,
-                {
-                    "id": alias.alias,
-                    "object": "model",
-                    "max_output_tokens": alias.max_output_tokens,
-                    "context_length": alias.context_length,
-                    "providers": 0,
-                    "_in": [],
-                    "_out": [],
-                },
-            )
-            if offering is not None:
-                entry["providers"] += 1
-                entry["_in"].append(offering.input_price_micros_per_m)
-                entry["_out"].append(offering.output_price_micros_per_m)
-        data = []
-        for entry in models.values():
-            prices_in, prices_out = entry.pop("_in"), entry.pop("_out")
-            entry["pricing"] = (
-                {
-                    "input_usd_per_million": {
-                        "min": micros_to_usd(min(prices_in)),
-                        "max": micros_to_usd(max(prices_in)),
-                    },
-                    "output_usd_per_million": {
-                        "min": micros_to_usd(min(prices_out)),
-                        "max": micros_to_usd(max(prices_out)),
-                    },
-                }
-                if prices_in
-                else None
-            )
-            data.append(entry)
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [_model(m) for m in list_models(db())]}
+
+
+@blp.route("/models/<path:model_id>")
+class ModelItem(MethodView):
+    @blp.arguments(NO_QUERY, location="query", as_kwargs=True)
+    @blp.response(200, ModelSchema)
+    @blp.alt_response(404, schema=ApiErrorSchema, description="model_not_found (param model)")
+    @blp.doc(security=[{"bearerAuth": []}])
+    def get(self, model_id: str) -> Any:
+        """One model alias (as in the list): what `client.models.retrieve()` reads."""
+        found = list_models(db(), model_id)
+        if not found:
+            raise FlopexError("model_not_found", f"The model '{model_id}' does not exist.", "model")
+        return _model(found[0])
 
 
 @blp.route("/providers")
@@ -106,7 +102,7 @@ class Providers(MethodView):
         success rate, and its circuit breaker."""
         settings = get_settings()
         client = get_redis()
-        breaker = Breaker(client, settings.breaker)
+        breaker = Breaker.from_settings(client, settings)
         rows = (
             db()
             .execute(

@@ -95,6 +95,8 @@ def register(app: Flask) -> None:
             err.code, err.message, err.param, err.http_status, getattr(err, "job_id", None)
         )
         retry_after = getattr(err, "retry_after_s", None)
+        if retry_after is None and err.http_status == 503:
+            retry_after = 1  # every 503 says when to come back (no_provider_available too)
         if retry_after is not None:
             response.headers["Retry-After"] = str(retry_after)
         # Headers an error class declares (a 415's Accept-Encoding).

@@ -147,6 +147,6 @@ class FlopexParser(FlaskParser):
         return super().load_querystring(req, schema)
 
     def _handle_invalid_json_error(
-        self, error: Exception, req: flask.Request, *a, **k
-    ) -> typing.NoReturn:  # type: ignore[no-untyped-def]
+        self, error: Exception, req: flask.Request, *a: typing.Any, **k: typing.Any
+    ) -> typing.NoReturn:
         raise InvalidRequest("The request body is not valid JSON.")

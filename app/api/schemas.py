@@ -27,6 +27,15 @@ class StrictInteger(fields.Integer):
         return value
 
 
+class StrictBoolean(fields.Boolean):
+    """A JSON true or false and nothing else: no 1, no "true"."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValidationError("Must be a boolean.")
+        return value
+
+
 # JSON's number grammar: what a string may hold where a number is expected.
 _JSON_NUMBER = JSON_NUMBER
 
@@ -52,7 +61,7 @@ class ExactDecimal(fields.Decimal):
 
 
 def number_or_string_property(
-    self: Any, field: fields.Field, ret: dict[str, Any], **kwargs: Any
+    self: Any, field: fields.Field[Any], ret: dict[str, Any], **kwargs: Any
 ) -> dict[str, Any]:
     """An apispec attribute function (registered in app/api/__init__.py): an ExactDecimal
     accepts a JSON number or a string holding one, and the OpenAPI document says both instead
@@ -189,6 +198,14 @@ class InferenceRequestSchema(Schema):
             "pattern": CALLBACK_URL_PATTERN,
         },
     )
+    stream = StrictBoolean(
+        load_default=False,
+        metadata={
+            "description": "Answer as Server-Sent Events (`text/event-stream`): `routing`, "
+            "`delta`, then `completed` or `failed` (docs/api.md, Streaming). With "
+            "`Prefer: respond-async`, 202 with the job; attach at GET /v1/inference/{id}/events."
+        },
+    )
 
     @validates_schema
     def _bounds(self, data: dict[str, Any], **_: Any) -> None:
@@ -212,30 +229,41 @@ class InferenceRequestSchema(Schema):
                 f"Longer than {settings.max_input_chars} characters.",
                 "input" if text_input else "prompt",
             )
-        callback = data.get("callback_url")
-        if callback is not None and not valid_url(callback):
-            raise ValidationError("Must be an http or https URL.", "callback_url")
-        private = callback is not None and names_private_host(callback)
-        if private and not settings.webhook_allow_private:
+        check_controls(data)
+
+
+def check_controls(data: dict[str, Any]) -> None:
+    """The exchange's own controls, wherever they arrive (the native body, or a chat
+    completion's extra body fields): the same rules and the same errors."""
+    settings = get_settings()
+    for name in ("model", "customer_ref", "callback_url", "metadata"):
+        problem = _text_problem(data.get(name))
+        if problem:
+            raise ValidationError(problem, name)
+    callback = data.get("callback_url")
+    if callback is not None and not valid_url(callback):
+        raise ValidationError("Must be an http or https URL.", "callback_url")
+    private = callback is not None and names_private_host(callback)
+    if private and not settings.webhook_allow_private:
+        raise ValidationError(
+            "Must be reachable from the internet: private, loopback and link-local "
+            "addresses never receive webhooks.",
+            "callback_url",
+        )
+    ref = data.get("customer_ref")
+    if ref is not None and not 1 <= len(ref) <= settings.max_customer_ref_len:
+        raise ValidationError(
+            f"Must be 1 to {settings.max_customer_ref_len} characters.", "customer_ref"
+        )
+    metadata = data.get("metadata")
+    if metadata is not None:
+        # Its size as stored: compact UTF-8, not \\u-escaped.
+        size = len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode())
+        if size > settings.max_metadata_bytes:
             raise ValidationError(
-                "Must be reachable from the internet: private, loopback and link-local "
-                "addresses never receive webhooks.",
-                "callback_url",
+                f"Serialized size {size} bytes exceeds {settings.max_metadata_bytes}.",
+                "metadata",
             )
-        ref = data.get("customer_ref")
-        if ref is not None and not 1 <= len(ref) <= settings.max_customer_ref_len:
-            raise ValidationError(
-                f"Must be 1 to {settings.max_customer_ref_len} characters.", "customer_ref"
-            )
-        metadata = data.get("metadata")
-        if metadata is not None:
-            # Its size as stored: compact UTF-8, not \\u-escaped.
-            size = len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode())
-            if size > settings.max_metadata_bytes:
-                raise ValidationError(
-                    f"Serialized size {size} bytes exceeds {settings.max_metadata_bytes}.",
-                    "metadata",
-                )
 
 
 class UsageSchema(Schema):
@@ -272,6 +300,13 @@ class InferenceResponseSchema(Schema):
     created_at = fields.String()
     finished_at = fields.String(metadata={"description": "When the job ended; RFC 3339"})
     provider = fields.String(metadata={"description": "The provider that served the job."})
+    tool_calls = fields.List(
+        fields.Dict(),
+        metadata={
+            "description": "Only for a chat completion that answered with tool calls: the "
+            "calls, as in its `choices[0].message.tool_calls`"
+        },
+    )
     routing = fields.Dict(
         metadata={
             "description": "The route: `winner` (the provider that served, as `provider`; null "
@@ -474,9 +509,15 @@ class ModelPricingSchema(Schema):
 
 
 class ModelSchema(Schema):
+    """A model as the OpenAI SDKs parse it (id, object, owned_by), with the exchange's fields."""
+
     id = fields.String(metadata={"example": "llama-3.1-8b"})
     object = fields.String(metadata={"example": "model"})
+    owned_by = fields.String(metadata={"example": "flopex"})
     max_output_tokens = fields.Integer()
+    default_max_tokens = fields.Integer(
+        metadata={"description": "max_tokens of a chat completion that sends none"}
+    )
     context_length = fields.Integer()
     providers = fields.Integer(metadata={"description": "providers serving it now"})
     pricing = fields.Nested(ModelPricingSchema, allow_none=True)
@@ -525,3 +566,35 @@ class ReadySchema(Schema):
 class WebhookSecretSchema(Schema):
     object = fields.String(metadata={"example": "webhook_secret"})
     secret = fields.String(metadata={"description": "HMAC-SHA256 key of Flopex-Signature"})
+
+
+class StreamEventSchema(Schema):
+    """One Server-Sent Event of a job's stream (docs/api.md, Streaming), as sent on the wire:
+    `id: <id>`, `event: <event>`, `data: <JSON>`, then a blank line."""
+
+    id = fields.String(
+        metadata={
+            "description": "Increasing `<digits>-<digits>`; send the last one received as "
+            "Last-Event-ID to resume. Absent on the single event answering a job whose events "
+            "are no longer kept.",
+            "example": "1733325000000-0",
+        }
+    )
+    event = fields.String(
+        validate=validate.OneOf(("routing", "delta", "completed", "failed")),
+        metadata={"description": "The event's name."},
+    )
+    # On the wire `data` is text: a JSON object, serialized (schemathesis checks the events
+    # against this schema as received).
+    data = fields.String(
+        metadata={
+            "contentMediaType": "application/json",
+            "description": "A JSON object, as text. "
+            "routing: `id`, `provider` (about to be asked), `winner`, `order`, "
+            "`dropped`, `reason`. delta: `text`, and `tool_calls` fragments when the provider "
+            "sent them. completed: the job as GET /v1/inference/{id} returns it, plus "
+            "`finish_reason`. failed: `error` (the one error shape, with `job_id`), `status` "
+            "(failed or cancelled) and, for a stream cut after its first token, `output_text`, "
+            "`usage`, `billing`, `provider`.",
+        }
+    )

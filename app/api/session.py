@@ -9,9 +9,10 @@ from app.db import session_factory
 
 
 def db() -> Session:
-    if "db" not in g:
-        g.db = session_factory()()
-    return g.db
+    session: Session | None = g.get("db")
+    if session is None:
+        session = g.db = session_factory()()
+    return session
 
 
 def init_session(app: Flask) -> None:

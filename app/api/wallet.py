@@ -6,7 +6,6 @@ from typing import Any
 
 from flask.views import MethodView
 from flask_smorest import Blueprint
-from sqlalchemy import select
 
 from app import wallet
 from app.api.auth import authenticate_and_limit, require_principal
@@ -20,7 +19,7 @@ from app.api.schemas import (
     WebhookSecretSchema,
 )
 from app.api.session import db
-from app.exceptions import FlopexError
+from app.ledger_queries import ledger_page
 from app.models import LedgerEntry, iso_utc
 from app.money import micros_to_usd
 from app.webhooks import webhook_secret
@@ -80,29 +79,12 @@ class LedgerView(MethodView):
         """Ledger entries, newest first. Pass `starting_after` (an entry id, usually the previous
         page's `next_cursor`) for the next page."""
         principal = require_principal()
-        limit = query["limit"]
-        stmt = select(LedgerEntry).where(LedgerEntry.wallet_id == principal.wallet_id)
-        cursor = query.get("starting_after")
-        if cursor is not None:
-            # The cursor must be one of the caller's own entries, as the job list requires of
-            # its cursor: an unknown id silently gave the first page, another account's an
-            # empty one. Both are the same 404, so nothing is learnt about other wallets.
-            own = db().scalar(
-                select(LedgerEntry.id).where(
-                    LedgerEntry.id == cursor, LedgerEntry.wallet_id == principal.wallet_id
-                )
-            )
-            if own is None:
-                raise FlopexError("not_found", f"No ledger entry {cursor}.", "starting_after")
-            stmt = stmt.where(LedgerEntry.id < cursor)
-        rows = list(db().scalars(stmt.order_by(LedgerEntry.id.desc()).limit(limit + 1)))
-        has_more = len(rows) > limit
-        rows = rows[:limit]
+        page = ledger_page(db(), principal.wallet_id, query["limit"], query.get("starting_after"))
         return {
             "object": "list",
-            "data": [_entry(e) for e in rows],
-            "has_more": has_more,
-            "next_cursor": str(rows[-1].id) if has_more and rows else None,
+            "data": [_entry(e) for e in page.entries],
+            "has_more": page.has_more,
+            "next_cursor": page.next_cursor,
         }
 
 

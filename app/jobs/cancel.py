@@ -11,7 +11,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from app.exceptions import FlopexError
 from app.jobs import states
-from app.jobs.execution import close_unserved
+from app.jobs.settlement import close_unserved
 from app.metrics import job_finished_on_commit
 from app.models import Job
 
@@ -61,8 +61,16 @@ def announce_cancelled(job: Job, client: redis.Redis, celery: Any) -> None:
     later by the outbox sweeper: the cancellation stands either way."""
     from app import webhooks
     from app.broker import PUBLISH_ERRORS
+    from app.jobs.events import queue_append
     from app.jobs.notify import signal_done
+    from app.jobs.render import terminal_event
+    from config.settings import get_settings
 
+    # Readers attached to its events learn it at once (app/jobs/events.py).
+    pipe = client.pipeline(transaction=False)
+    name, data = terminal_event(job)
+    queue_append(pipe, job.id, name, data, get_settings(), ttl_s=60)
+    pipe.execute()
     signal_done(client, job.id)
     try:
         webhooks.send(celery, job)

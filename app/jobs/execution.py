@@ -15,21 +15,33 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from decimal import Decimal
 from typing import Any
 
 import redis
-from celery import current_app as current_celery
+from celery import Celery
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from app import wallet, webhooks
+from app import webhooks
 from app.catalog import ModelCache, ModelEntry
-from app.db import autocommit, defer_durability, make_durable
-from app.failpoints import failpoint
-from app.jobs import rows, states
+from app.db import Commit, defer_durability, make_durable
+from app.failpoints import failpoint, failpoint_raise
+from app.jobs import events, rows, states
+from app.jobs.events import EventWriter, queue_append
 from app.jobs.notify import queue_signal
-from app.jobs.quoting import collect_quotes, discard_quotes
+from app.jobs.quoting import quote_job
+from app.jobs.render import terminal_event
+from app.jobs.settlement import close_failed, close_unserved, finish_values, settle_job
+from app.jobs.streaming import (
+    StopRequested,
+    StreamCut,
+    announce_route,
+    cut_charge,
+    is_streaming,
+    stream_completion,
+)
 from app.metrics import (
     PROVIDER_ERRORS,
     PROVIDER_LATENCY,
@@ -39,7 +51,7 @@ from app.metrics import (
 )
 from app.models import Job, utcnow
 from app.money import ceil_micros, customer_charge, display_usd, provider_cost
-from app.providers import health
+from app.providers import board, health, speed
 from app.providers.breaker import Breaker
 from app.providers.openai_compat import Completion, ProviderFailure, complete, resolve_api_key
 from app.routing import Decision, Quote, select
@@ -77,11 +89,14 @@ def failure_code(attempts: list[dict[str, Any]]) -> str:
 
 
 class RouteAndExecute:
-    def __init__(self, session: Session, client: redis.Redis, settings: Settings) -> None:
+    def __init__(
+        self, session: Session, client: redis.Redis, settings: Settings, celery: Celery
+    ) -> None:
         self.session = session
         self.redis = client
         self.settings = settings
-        self.breaker = Breaker(client, settings.breaker)
+        self.celery = celery
+        self.breaker = Breaker.from_settings(client, settings)
 
     # -- entry points ---------------------------------------------------------------------
 
@@ -92,12 +107,11 @@ class RouteAndExecute:
         # no row lock is held while the job is routed, and a claim lost with a crash leaves the
         # job `routing`, which the sweeper sends back to quoting (no provider was called yet).
         # The attempt's durable commit, before any provider call, flushes it too.
-        solo = autocommit(self.session)
         job = rows.claim(
             self.session,
             job_id,
             states.QUOTING,
-            no_flush=solo,
+            commit=Commit.ALONE_DEFERRED,
             status=states.ROUTING,
             updated_at=now,
             started_at=now,
@@ -108,12 +122,17 @@ class RouteAndExecute:
         failpoint("after_claim")
         offered, withdrawn = self._still_offered(job, job.quotes or [])
         options = {o["provider"]: o for o in offered}
-        quotes = collect_quotes(
-            self.redis, str(job.id), list(options.values()), self.settings.health_window_s
+        quotes = quote_job(
+            self.redis,
+            self.breaker,
+            list(options.values()),
+            self.settings.profiles[job.performance_profile],
+            job.max_output_tokens,
+            self.settings.health_window_s,
         )
-        decision = self._decide(job, quotes)
+        decision = self._decide(job, quotes, explore=self._explores(job))
         decision.dropped[:0] = [{"provider": p, "reason": "provider_disabled"} for p in withdrawn]
-        route = {
+        route: dict[str, Any] = {
             # Keep each option's endpoint with its quote: resume() needs it after a crash.
             "quotes": [
                 {
@@ -150,15 +169,22 @@ class RouteAndExecute:
             self.session.rollback()
             return None
         if job.status == states.SETTLING:
-            return self._settle(job)
+            return self._settle_answered(job)
         # The in-flight attempt's outcome is unknown: the provider may have run it, so it is
         # never sent again; the job continues with the providers it has not tried.
         attempts = [dict(a) for a in job.attempts or []]
         for attempt in attempts:
             if "outcome" not in attempt and "failure" not in attempt:
                 attempt["failure"] = "interrupted"
+        cut = self._interrupted_stream(job, attempts)
+        if cut is not None:
+            return cut
         offered, _ = self._still_offered(job, job.quotes or [])
-        decision = self._decide(job, [Quote.from_dict(q) for q in offered])
+        decision = self._decide(
+            job,
+            [Quote.from_dict(q) for q in offered],
+            explore=bool((job.routing or {}).get("explored")),
+        )
         return self._execute(job, decision, attempts, offered, {"attempts": attempts})
 
     # -- steps ----------------------------------------------------------------------------
@@ -185,7 +211,12 @@ class RouteAndExecute:
         withdrawn = [item["provider"] for item in entries if item.get("offering_id") not in current]
         return offered, withdrawn
 
-    def _decide(self, job: Job, quotes: list[Quote]) -> Decision:
+    def _explores(self, job: Job) -> bool:
+        """Whether this job may explore (docs/routing.md): decided from its id, so the same
+        job always decides the same way; the decision stores the provider it explored."""
+        return int(job.id.hex[:8], 16) % 10_000 < self.settings.explore_rate * 10_000
+
+    def _decide(self, job: Job, quotes: list[Quote], explore: bool = False) -> Decision:
         return select(
             quotes,
             profile=job.performance_profile,
@@ -197,7 +228,16 @@ class RouteAndExecute:
             # Exact cost comparisons (docs/routing.md): the quotes' prices times these.
             estimated_input_tokens=job.estimated_input_tokens,
             max_output_tokens=job.max_output_tokens,
+            explore=explore,
+            explore_below=speed.MIN_SAMPLES,
         )
+
+    def _deadline(self, job: Job) -> float:
+        """The job's one deadline (Unix time), shared by every attempt: created_at plus
+        FLOPEX_JOB_DEADLINE_S, so that with every provider hanging the job still fails before
+        a synchronous caller stops waiting."""
+        created = job.created_at if job.created_at.tzinfo else job.created_at.replace(tzinfo=UTC)
+        return created.timestamp() + self.settings.job_deadline_s
 
     def _execute(
         self,
@@ -207,34 +247,88 @@ class RouteAndExecute:
         quotes: list[dict[str, Any]],
         pending: dict[str, Any],
     ) -> Outcome:
-        """Try the ranked quotes in order. ``pending`` holds what the caller decided and has not
-        written yet: it goes into the first write of the job."""
+        """Try the ranked quotes in order, within the job's deadline. ``pending`` holds what
+        the caller decided and has not written yet: it goes into the first write of the job."""
         tried = {a["provider"] for a in attempts}
         endpoints = {q["provider"]: q for q in quotes}
+        deadline = self._deadline(job)
+        out_of_time = False
+        # A streaming job's answer goes to its events as it comes (app/jobs/streaming.py).
+        writer = EventWriter(self.redis, job.id, self.settings) if is_streaming(job) else None
         for ranked in decision.ranked:
             quote = ranked.quote
             if quote.provider in tried:
                 continue
-            attempt: dict[str, Any] = {
-                "provider": quote.provider,
-                "started_at": utcnow().isoformat(),
-            }
-            attempts.append(attempt)
-            # Recovery point: the attempt is durable before the provider is called. One
-            # statement, its own transaction where the session has none open.
-            autocommit(self.session)
-            rows.write(
-                self.session,
-                job,
-                **{**pending, "status": states.EXECUTING, "attempts": [dict(a) for a in attempts]},
-            )
-            pending = {}
-            self.session.commit()
-            failpoint("before_provider_call")
-
-            endpoint = endpoints[quote.provider]
-            started = time.perf_counter()
+            if deadline - time.time() <= 0.001:
+                out_of_time = True
+                break
+            if writer is not None:
+                try:
+                    announce_route(writer, job, decision, quote)
+                except StopRequested:
+                    return self._stopped(job, {**pending, "attempts": attempts})
             try:
+                answer = self._attempt(
+                    job, quote, endpoints[quote.provider], attempts, pending, deadline, writer
+                )
+            except StreamCut as cut:
+                return self._close_cut(job, quote, cut, attempts)
+            pending = {}
+            if answer is not None:
+                result, elapsed_ms = answer
+                self._record_result(job, quote, result, attempts)
+                failpoint("after_result_recorded")
+                return self._settle_answered(
+                    job,
+                    served_by=quote.provider,
+                    sample=_Sample(quote, result.output_tokens, elapsed_ms),
+                )
+
+        code = "timeout" if out_of_time and not _any_answer(attempts) else failure_code(attempts)
+        return self._fail(job, code, _FAILURE_MESSAGES[code], **{**pending, "attempts": attempts})
+
+    def _attempt(
+        self,
+        job: Job,
+        quote: Quote,
+        endpoint: dict[str, Any],
+        attempts: list[dict[str, Any]],
+        pending: dict[str, Any],
+        deadline: float,
+        writer: EventWriter | None = None,
+    ) -> tuple[Completion, float] | None:
+        """One provider's attempt: recorded durably, then executed. Returns the answer and its
+        time in ms, or None when it failed (the failure is recorded on the attempt, the
+        provider's health, breaker and board entry). With a ``writer`` the provider's answer is
+        streamed into the job's events; a stream cut after its first delta raises StreamCut."""
+        attempt: dict[str, Any] = {"provider": quote.provider, "started_at": utcnow().isoformat()}
+        attempts.append(attempt)
+        # Recovery point: the attempt is durable before the provider is called. One
+        # statement, its own transaction where the session has none open.
+        rows.write(
+            self.session,
+            job,
+            commit=Commit.ALONE,
+            **{**pending, "status": states.EXECUTING, "attempts": [dict(a) for a in attempts]},
+        )
+        self.session.commit()
+        failpoint("before_provider_call")
+
+        window = self.settings.health_window_s
+
+        def failed_try(failure: ProviderFailure) -> None:
+            # A retried try counts against the provider as much as a final failure.
+            health.record_outcome(self.redis, quote.provider, False, window)
+
+        started = time.perf_counter()
+        try:
+            if writer is not None:
+                try:
+                    result = stream_completion(writer, job, quote, endpoint, self.settings)
+                except StreamCut:
+                    attempt["latency_ms"] = int((time.perf_counter() - started) * 1000)
+                    raise
+            else:
                 result = complete(
                     endpoint["base_url"],
                     resolve_api_key(endpoint["api_key_env"]),
@@ -244,48 +338,48 @@ class RouteAndExecute:
                     connect_timeout_s=self.settings.provider_connect_timeout_s,
                     read_timeout_s=self.settings.provider_read_timeout_s,
                     retries=self.settings.provider_retries,
+                    messages=job.messages,
+                    params=job.provider_params,
+                    budget_s=deadline - time.time(),
+                    on_failed_try=failed_try,
                 )
-            except ProviderFailure as exc:
-                elapsed = time.perf_counter() - started
-                attempt.update(
-                    failure=exc.kind,
-                    status=exc.status,
-                    error=str(exc),
-                    latency_ms=int(elapsed * 1000),
-                )
-                PROVIDER_LATENCY.labels(quote.provider, exc.kind).observe(elapsed)
-                PROVIDER_ERRORS.labels(quote.provider, exc.kind).inc()
-                # A failed execution counts toward the breaker like a failed probe: a provider
-                # whose /models answers but whose completions fail is routed around too.
-                if exc.provider_at_fault:
-                    self.breaker.record_failure(quote.provider)
-                health.record_outcome(
-                    self.redis, quote.provider, False, self.settings.health_window_s
-                )
-                log.warning("provider %s failed for job %s: %s", quote.provider, job.id, exc)
-                continue
-            failpoint("after_provider_answer")
+        except ProviderFailure as exc:
+            elapsed = time.perf_counter() - started
             attempt.update(
-                outcome="success", latency_ms=int((time.perf_counter() - started) * 1000)
+                failure=exc.kind, status=exc.status, error=str(exc), latency_ms=int(elapsed * 1000)
             )
-            PROVIDER_LATENCY.labels(quote.provider, "success").observe(
-                time.perf_counter() - started
-            )
-            self._record_result(job, quote, result, attempts)
-            failpoint("after_result_recorded")
-            # The provider's success reaches its health window and breaker with the completion
-            # signal, in the same Redis round trip.
-            return self._settle(job, served_by=quote.provider)
-
-        code = failure_code(attempts)
-        return self._fail(job, code, _FAILURE_MESSAGES[code], **{**pending, "attempts": attempts})
+            PROVIDER_LATENCY.labels(quote.provider, exc.kind).observe(elapsed)
+            PROVIDER_ERRORS.labels(quote.provider, exc.kind).inc()
+            # A failed execution counts toward the breaker like a failed check: a provider
+            # whose /models answers but whose completions fail is routed around too.
+            if exc.provider_at_fault:
+                self.breaker.record_failure(quote.provider)
+            pipe = self.redis.pipeline(transaction=False)
+            health.queue_outcome(pipe, quote.provider, False, window)
+            if exc.provider_at_fault:
+                # Not live until its next good check (after its Retry-After, for a 429).
+                board.queue_execution_outcome(
+                    pipe,
+                    quote.provider,
+                    False,
+                    error="rate_limited" if exc.status == 429 else exc.kind,
+                    hold_s=exc.retry_after_s if exc.status == 429 else None,
+                )
+            pipe.execute()
+            log.warning("provider %s failed for job %s: %s", quote.provider, job.id, exc)
+            return None
+        failpoint("after_provider_answer")
+        elapsed = time.perf_counter() - started
+        attempt.update(outcome="success", latency_ms=int(elapsed * 1000))
+        PROVIDER_LATENCY.labels(quote.provider, "success").observe(elapsed)
+        return result, elapsed * 1000
 
     def _record_result(
         self, job: Job, quote: Quote, result: Completion, attempts: list[dict[str, Any]]
     ) -> None:
         """Recovery point: the provider's answer is committed before any money moves, so a
         worker that dies after this is settled from the row and the provider is never asked
-        again. Its commit does not wait for the WAL flush (no_flush): the settlement follows at
+        again. Its commit does not wait for the WAL flush (ALONE_DEFERRED): the settlement follows at
         once, and _commit_and_signal's barrier makes both durable before anyone is told. Only a
         crash of PostgreSQL itself in that millisecond would lose it, with the settlement; the
         attempt, durable since before the provider call, then counts as interrupted
@@ -298,19 +392,17 @@ class RouteAndExecute:
             Decimal(job.markup),
         )
         # One statement, its own transaction; inside a caller's transaction, deferred with it.
-        solo = autocommit(self.session)
-        if not solo:
-            defer_durability(self.session)
         rows.write(
             self.session,
             job,
-            no_flush=solo,
+            commit=Commit.ALONE_DEFERRED,
             status=states.SETTLING,
             attempts=attempts,
             provider_name=quote.provider,
             provider_model_id=quote.provider_model_id,
             output_text=result.text,
             finish_reason=result.finish_reason,
+            tool_calls=result.tool_calls,
             input_tokens=result.input_tokens,
             output_tokens=result.output_tokens,
             # The hold is the binding ceiling (max_price_usd and the wallet): a provider that
@@ -327,20 +419,108 @@ class RouteAndExecute:
         )
         self.session.commit()
 
-    def _settle(self, job: Job, served_by: str | None = None) -> Outcome:
-        # The settlement is one statement and its own transaction (solo): the wallet row, which
-        # every request of the account needs, is locked only while the server runs it, and its
-        # commit does not wait for the fsync; it is made durable before anyone is told
-        # (_commit_and_signal).
+    def _close_cut(
+        self, job: Job, quote: Quote, cut: StreamCut, attempts: list[dict[str, Any]]
+    ) -> Outcome:
+        """A stream cut after its first delta: no fallback (the client has part of an answer);
+        the job ends ``failed`` (the provider broke) or ``cancelled`` (the client left) and is
+        charged for what was generated (docs/billing.md), in one settlement."""
+        billed = cut_charge(job, quote, cut.usage, cut.delivered)
+        attempt = attempts[-1]
+        if cut.failure is None:
+            attempt["failure"] = "stopped"
+            status, code = states.CANCELLED, "job_cancelled"
+            message = (
+                f"The client disconnected; generation was stopped after {billed.output_tokens} "
+                "output tokens, which were charged."
+            )
+        else:
+            failure = cut.failure
+            attempt.update(failure=failure.kind, status=failure.status, error=str(failure))
+            PROVIDER_ERRORS.labels(quote.provider, failure.kind).inc()
+            if failure.provider_at_fault:
+                self.breaker.record_failure(quote.provider)
+            health.record_outcome(self.redis, quote.provider, False, self.settings.health_window_s)
+            status, code = states.FAILED, "provider_error"
+            message = (
+                f"The provider's stream broke ({failure.kind}) after {cut.delivered} deltas; "
+                f"the {billed.output_tokens} output tokens generated were charged."
+            )
+            log.warning("provider %s cut job %s mid-stream: %s", quote.provider, job.id, failure)
         now = utcnow()
-        settle(
+        settle_job(
+            self.session,
+            job,
+            billed.charge_micros,
+            {
+                "settled_at": now,
+                "attempts": attempts,
+                "error_code": code,
+                "error_message": message,
+                "provider_name": quote.provider,
+                "provider_model_id": quote.provider_model_id,
+                "output_text": cut.text,
+                "finish_reason": cut.finish_reason,
+                "input_tokens": billed.input_tokens,
+                "output_tokens": billed.output_tokens,
+                "charge_micros": billed.charge_micros,
+                "provider_cost_micros": billed.provider_cost_micros,
+                **finish_values(job, status, now),
+            },
+            commit=Commit.ALONE_DEFERRED,
+        )
+        return self._commit_and_signal(job)
+
+    def _interrupted_stream(self, job: Job, attempts: list[dict[str, Any]]) -> Outcome | None:
+        """A streaming job whose worker died after its client received deltas cannot fall back
+        (the next provider's answer would not continue the text): it is settled as a cut
+        stream, for what its events show was delivered."""
+        if not is_streaming(job) or not attempts:
+            return None
+        got = events.delivered(self.redis, job.id)
+        if got is None or got[1] == 0:
+            return None
+        text, count = got
+        last = attempts[-1]
+        quote = next(
+            (Quote.from_dict(q) for q in job.quotes or [] if q.get("provider") == last["provider"]),
+            None,
+        )
+        if quote is None:
+            return None
+        failure = ProviderFailure("interrupted", "the worker streaming this job stopped")
+        return self._close_cut(job, quote, StreamCut(text, count, None, None, failure), attempts)
+
+    def _stopped(self, job: Job, pending: dict[str, Any]) -> Outcome:
+        """The client of a streaming job left before any provider was called."""
+        defer_durability(self.session)
+        close_unserved(
+            self.session,
+            job,
+            states.CANCELLED,
+            error_code="job_cancelled",
+            error_message="The client disconnected before generation started; nothing was charged.",
+            **pending,
+        )
+        return self._commit_and_signal(job)
+
+    def _settle_answered(
+        self, job: Job, served_by: str | None = None, sample: _Sample | None = None
+    ) -> Outcome:
+        """Settles a job whose provider answered: capture the charge, release the rest, mark it
+        ``success``. One statement and its own transaction (solo): the wallet row, which every
+        request of the account needs, is locked only while the server runs it, and its commit
+        does not wait for the fsync; it is made durable before anyone is told
+        (_commit_and_signal)."""
+        now = utcnow()
+        settle_job(
             self.session,
             job,
             job.charge_micros or 0,
             {"settled_at": now, **finish_values(job, states.SUCCESS, now)},
-            solo=True,
+            commit=Commit.ALONE_DEFERRED,
         )
-        return self._commit_and_signal(job, served_by)
+        return self._commit_and_signal(job, served_by, sample)
 
     def _fail(
         self, job: Job, code: str, message: str, param: str | None = None, **pending: Any
@@ -349,31 +529,88 @@ class RouteAndExecute:
         close_failed(self.session, job, code, message, param, **pending)
         return self._commit_and_signal(job)
 
-    def _commit_and_signal(self, job: Job, served_by: str | None = None) -> Outcome:
+    def _commit_and_signal(
+        self, job: Job, served_by: str | None = None, sample: _Sample | None = None
+    ) -> Outcome:
         """Makes the outcome durable, then tells the waiters; ``served_by``: the provider whose
-        success is recorded (its health window and breaker) in the same round trip."""
+        success is recorded (its health window, breaker and board entry) in the same round
+        trip; ``sample``: its execution, learned from once the waiters are told.
+
+        The waiters are woken whatever happens once the outcome has committed: if the
+        durability barrier fails (the database connection died), it is tried once more on a
+        new connection, and the signal is sent either way (a waiter reads the row, which is
+        the truth). Only the webhook waits for durability (the sweeper sends it otherwise)."""
         self.session.commit()
-        make_durable(self.session)
-        job_finished(job.status, job.error_code)
-        if job.status == states.SUCCESS and job.charge_micros:
-            WALLET_CAPTURES.inc()
-            WALLET_CAPTURED_MICROS.inc(job.charge_micros)
-        log.info(
-            "job %s %s via %s",
-            job.id,
-            job.status,
-            job.provider_name or "-",
-            extra={"status": job.status, "provider": job.provider_name},
-        )
-        pipe = self.redis.pipeline(transaction=False)
-        if served_by is not None:
-            health.queue_outcome(pipe, served_by, True, self.settings.health_window_s)
-            self.breaker.record_success(served_by, pipe)
-        discard_quotes(pipe, str(job.id))
-        queue_signal(pipe, job.id)
-        pipe.execute()
-        webhooks.send(current_celery, job)
+        durable = self._make_durable()
+        try:
+            job_finished(job.status, job.error_code)
+            if job.status == states.SUCCESS and job.charge_micros:
+                WALLET_CAPTURES.inc()
+                WALLET_CAPTURED_MICROS.inc(job.charge_micros)
+            log.info(
+                "job %s %s via %s",
+                job.id,
+                job.status,
+                job.provider_name or "-",
+                extra={"status": job.status, "provider": job.provider_name},
+            )
+        finally:
+            pipe = self.redis.pipeline(transaction=False)
+            # The job's last event, for readers of its stream (one that did not stream keeps it
+            # only a minute: long enough to wake a reader attached to it).
+            name, data = terminal_event(job)
+            ttl_s = None if is_streaming(job) else min(60, self.settings.stream_events_ttl_s)
+            queue_append(pipe, job.id, name, data, self.settings, ttl_s=ttl_s)
+            queue_signal(pipe, job.id)
+            if served_by is not None:
+                health.queue_outcome(pipe, served_by, True, self.settings.health_window_s)
+                self.breaker.record_success(served_by, pipe)
+                board.queue_execution_outcome(pipe, served_by, True)
+            pipe.execute()
+        if durable:
+            webhooks.send(self.celery, job)
+        if sample is not None:
+            self._learn(sample)
         return Outcome(job.id, job.status, job.error_code)
+
+    def _make_durable(self) -> bool:
+        for attempt in range(2):
+            try:
+                failpoint_raise("durability_barrier")
+                make_durable(self.session)
+                return True
+            except SQLAlchemyError:
+                log.exception("durability barrier failed (attempt %d)", attempt + 1)
+                self.session.rollback()
+                self.session.close()  # the next try checks out another connection
+        return False
+
+    def _learn(self, sample: _Sample) -> None:
+        """The execution's speed sample (app/providers/speed.py): its time less the board's
+        round trip to the provider, for its output tokens. Best effort: a lost sample only
+        delays learning."""
+        quote = sample.quote
+        try:
+            speed.record(
+                self.redis,
+                quote.offering_id,
+                sample.output_tokens,
+                sample.elapsed_ms - (quote.rtt_ms or 0),
+                speed.Prior(None, quote.tokens_per_s),
+            )
+        except redis.RedisError:
+            log.warning("speed sample of %s lost", quote.provider, exc_info=True)
+
+
+@dataclass(frozen=True)
+class _Sample:
+    quote: Quote
+    output_tokens: int
+    elapsed_ms: float
+
+
+def _any_answer(attempts: list[dict[str, Any]]) -> bool:
+    return any(a.get("outcome") == "success" for a in attempts)
 
 
 _models: ModelCache | None = None
@@ -386,61 +623,6 @@ def _catalog(settings: Settings) -> ModelCache:
     if _models is None or _models.ttl_s != settings.catalog_cache_s:
         _models = ModelCache(settings.catalog_cache_s)
     return _models
-
-
-def finish_values(job: Job, status: str, now: datetime | None = None) -> dict[str, Any]:
-    now = now or utcnow()
-    created = job.created_at if job.created_at.tzinfo else job.created_at.replace(tzinfo=UTC)
-    return {
-        "status": status,
-        "finished_at": now,
-        "updated_at": now,
-        "latency_ms": int((now - created).total_seconds() * 1000),
-    }
-
-
-def settle(
-    session: Session, job: Job, charge_micros: int, values: dict[str, Any], solo: bool = False
-) -> None:
-    """Capture ``charge_micros`` of the job's hold, release the rest, and write ``values`` to the
-    job with its ``balance_after_micros``: one fenced write, one statement on PostgreSQL
-    (``solo``: see ``wallet.settle``)."""
-    state = wallet.settle(
-        session,
-        job.wallet_id,
-        job.id,
-        job.hold_micros,
-        charge_micros,
-        job=(job.version, rows.columns(values)),
-        solo=solo,
-    )
-    rows.mirror(job, {**values, "balance_after_micros": state.balance_micros})
-
-
-def close_unserved(session: Session, job: Job, status: str, **pending: Any) -> None:
-    """The job ends without a provider's answer: release the whole hold, charge nothing, in
-    one fenced write of the job (caller commits, and counts the job in
-    ``flopex_jobs_finished_total``: RouteAndExecute after its commit, cancel() on commit)."""
-    now = utcnow()
-    values = {"settled_at": now, **pending, **finish_values(job, status, now)}
-    if job.hold_micros:
-        settle(session, job, 0, values)
-    else:
-        rows.write(session, job, **values)
-
-
-def close_failed(
-    session: Session, job: Job, code: str, message: str, param: str | None = None, **pending: Any
-) -> None:
-    close_unserved(
-        session,
-        job,
-        states.FAILED,
-        error_code=code,
-        error_message=message,
-        error_param=param,
-        **pending,
-    )
 
 
 def _no_route_message(decision: Decision, job: Job) -> str:

@@ -72,7 +72,12 @@ def held_by_the_dead(client: redis.Redis, job_ids: list[uuid.UUID]) -> list[uuid
     if int(client.info("server").get("uptime_in_seconds", 0)) < RESTART_GRACE_S:
         return []
     holders = client.mget([_holder_key(j) for j in job_ids])
-    named = [(j, h) for j, h in zip(job_ids, holders, strict=True) if h]
+    # A client without decode_responses answers bytes.
+    named = [
+        (j, h.decode() if isinstance(h, bytes) else str(h))
+        for j, h in zip(job_ids, holders, strict=True)
+        if h
+    ]
     if not named:
         return []
     pipe = client.pipeline(transaction=False)

@@ -39,4 +39,6 @@ def wait_done(client: redis.Redis, job_id: uuid.UUID | str, timeout_s: float) ->
     so every waiter wakes, in one round trip each.
     """
     key = _key(job_id)
-    return client.blmove(key, key, max(timeout_s, 0.01), "RIGHT", "LEFT") is not None
+    # redis-py annotates the timeout as int; BLMOVE takes seconds as a double.
+    timeout = max(timeout_s, 0.01)
+    return client.blmove(key, key, timeout, "RIGHT", "LEFT") is not None  # type: ignore[arg-type]

@@ -1,151 +1,117 @@
-"""One quote: ping the provider live, attach its price, and hand it to the join. Quotes travel
-through a Redis hash per job; the last quote to arrive triggers routing, which reads every
-quoted provider's recent reliability along with the quotes, in the same round trip. A
-ping never outlives the quote deadline, so every quote task finishes by then; one lost with a
-crashed worker is covered by the sweeper, which quotes the job again."""
+"""A job's quotes, from the live quote board (app/providers/board.py) and the learned speeds
+(app/providers/speed.py): no provider is pinged for the job unless its board entry is older
+than the profile's freshness bound, and then only under single flight.
+
+A quote's estimated latency is this job's: the provider's round trip, plus its time to first
+token, plus the job's ``max_output_tokens`` at its generation speed (docs/routing.md).
+"""
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import redis
-from redis.client import Pipeline
 
-from app.metrics import QUOTE_LATENCY
-from app.providers import health
+from app.providers import board, health, speed
 from app.providers.breaker import Breaker
-from app.providers.openai_compat import ProviderFailure, ping, resolve_api_key
 from app.routing import Quote
+from config.settings import ProfilePolicy
 
-_TTL_S = 900
-
-
-def _key(job_id: str) -> str:
-    return f"flopex:quotes:{job_id}"
+NOT_CHECKED = "not_checked"
 
 
-def make_quote(option: dict[str, Any], deadline_at: float, breaker: Breaker) -> Quote:
-    remaining = deadline_at - time.time()
-    live, latency, error = False, None, None
-    started = time.perf_counter()
-    circuit_open = not breaker.allow(option["provider"])
-    if circuit_open:
-        error = "circuit_open"
-    elif remaining <= 0.005:
-        error = "deadline_passed"
-    else:
-        try:
-            latency = ping(option["base_url"], resolve_api_key(option["api_key_env"]), remaining)
-            live = True
-        except ProviderFailure as exc:
-            error = exc.kind
-    QUOTE_LATENCY.labels(option["provider"], "live" if live else error).observe(
-        time.perf_counter() - started
-    )
-    return _quote(
-        option,
-        live=live,
-        estimated_latency_ms=latency,
-        error=error,
-        circuit_open=circuit_open,
-    )
+def _target(option: dict[str, Any]) -> board.Target:
+    return board.Target(option["provider"], option["base_url"], option.get("api_key_env"))
 
 
-def _quote(option: dict[str, Any], **observed: Any) -> Quote:
-    """An option's catalog facts (price, estimate) with what was observed about it now."""
-    return Quote(
-        provider=option["provider"],
-        offering_id=option["offering_id"],
-        provider_model_id=option["provider_model_id"],
-        input_price_micros_per_m=option["input_price_micros_per_m"],
-        output_price_micros_per_m=option["output_price_micros_per_m"],
-        estimated_charge_micros=option["estimated_charge_micros"],
-        **observed,
-    )
+def _prior(option: dict[str, Any]) -> speed.Prior:
+    return speed.Prior(option.get("expected_ttft_ms"), option.get("expected_tokens_per_s"))
 
 
-def store_quote(client: redis.Redis, job_id: str, quote: Quote) -> int:
-    """Adds the quote to the job's set and returns how many quotes the job has now."""
-    pipe = client.pipeline(transaction=True)
-    pipe.hset(_key(job_id), quote.provider, json.dumps(quote.to_dict()))
-    pipe.hlen(_key(job_id))
-    pipe.expire(_key(job_id), _TTL_S)
-    return int(pipe.execute()[1])
-
-
-def collect_quotes(
-    client: redis.Redis, job_id: str, options: list[dict[str, Any]], health_window_s: int
+def quote_job(
+    client: redis.Redis,
+    breaker: Breaker,
+    options: Sequence[dict[str, Any]],
+    policy: ProfilePolicy,
+    max_output_tokens: int,
+    health_window_s: int,
+    now: float | None = None,
 ) -> list[Quote]:
-    """Every option gets a quote: the one its task stored, or a not-live one when its task did
-    not report by the deadline (it stays rankable by price, as `lowest_cost` promises); each
-    with its provider's success rate over the health window."""
+    """One quote per option (each option as stored on the job: provider, endpoint, prices,
+    estimate, speed priors). One Redis round trip reads the board, the speeds, the breakers and
+    the success rates; stale entries are refreshed before the quotes are made."""
+    providers = [o["provider"] for o in options]
+    offerings = [(int(o["offering_id"]), _prior(o)) for o in options]
     pipe = client.pipeline(transaction=False)
-    pipe.hgetall(_key(job_id))
-    read_rates = health.queue_success_rates(pipe, [o["provider"] for o in options], health_window_s)
+    read_board = board.queue_read(pipe, providers)
+    read_speeds = speed.queue_read(pipe, offerings)
+    read_breakers = breaker.queue_states(pipe, providers)
+    read_rates = health.queue_success_rates(pipe, providers, health_window_s)
     results = pipe.execute()
-    stored, rates = results[0], read_rates(results)
+    n, m = len(providers), len(offerings)
+    entries = read_board(results[:n])
+    speeds = read_speeds(results[n : n + m])
+    rates = read_rates(results)
+    now = now or time.time()
+    breakers = read_breakers(results[n + m : n + m + n], now)
+
+    stale = [
+        _target(o)
+        for o in options
+        if (e := entries.get(o["provider"])) is None or e.age_s(now) > policy.freshness_s
+    ]
+    if stale:
+        seen = {name: e.measured_at for name, e in entries.items()}
+        entries.update(board.refresh(client, breaker, stale, policy.quote_deadline_ms / 1000, seen))
+        now = time.time()
+
     quotes = []
     for option in options:
-        raw = stored.get(option["provider"])
-        rate = rates[option["provider"]]
-        observed = {"success_rate": None if rate is None else str(rate)}
-        if raw is not None:
-            quotes.append(Quote.from_dict({**json.loads(raw), **observed}))
+        name = option["provider"]
+        entry = entries.get(name)
+        state = breakers[name]
+        # A half-open breaker lets one trial through: this job takes it, or the provider stays
+        # closed to it.
+        circuit_open = state == "open" or (state == "half_open" and not breaker.allow(name, now))
+        fresh = entry is not None and entry.age_s(now) <= policy.freshness_s
+        live = bool(fresh and entry is not None and entry.live and not circuit_open)
+        learned = speeds[int(option["offering_id"])]
+        rtt = entry.rtt_ms if entry is not None else None
+        latency = None
+        if live and rtt is not None:
+            latency = rtt + learned.ttft_ms + learned.generation_ms(max_output_tokens)
+        error: str | None
+        if circuit_open:
+            error = "circuit_open"
+        elif entry is None:
+            error = NOT_CHECKED
+        elif not fresh:
+            error = "stale"
         else:
-            quotes.append(
-                _quote(
-                    option,
-                    live=False,
-                    estimated_latency_ms=None,
-                    error="no_quote_by_deadline",
-                    **observed,
-                )
-            )
-    return quotes
-
-
-def discard_quotes(client: redis.Redis | Pipeline, job_id: str) -> None:
-    client.delete(_key(job_id))
-
-
-def quotes_from_probes(
-    client: redis.Redis,
-    options: list[dict[str, Any]],
-    breaker: Breaker,
-    *,
-    max_age_s: float,
-    now: float | None = None,
-) -> list[Quote] | None:
-    """Quotes from the beat probe's latest results instead of a live ping per request
-    (FLOPEX_QUOTE_SOURCE=probe): no quote tasks, no wait on provider round trips. None when any
-    option lacks a probe younger than ``max_age_s``: the caller then quotes live. Success rates
-    are added by the route step (collect_quotes), as for live quotes."""
-    now = now or time.time()
-    raws = client.mget([f"flopex:probe:{o['provider']}" for o in options])
-    quotes = []
-    for option, raw in zip(options, raws, strict=True):
-        probe = json.loads(raw) if raw else None
-        if probe is None or now - probe["checked_at"] > max_age_s:
-            return None
-        circuit_open = not breaker.allow(option["provider"], now)
+            error = entry.error
         quotes.append(
-            _quote(
-                option,
-                live=probe["live"] and not circuit_open,
-                estimated_latency_ms=probe["latency_ms"] if probe["live"] else None,
-                error="circuit_open"
-                if circuit_open
-                else (None if probe["live"] else probe["error"]),
+            Quote(
+                provider=name,
+                offering_id=option["offering_id"],
+                provider_model_id=option["provider_model_id"],
+                input_price_micros_per_m=option["input_price_micros_per_m"],
+                output_price_micros_per_m=option["output_price_micros_per_m"],
+                estimated_charge_micros=option["estimated_charge_micros"],
+                live=live,
+                estimated_latency_ms=latency,
+                success_rate=None if rates[name] is None else str(rates[name]),
+                error=None if live else error,
                 circuit_open=circuit_open,
+                rtt_ms=rtt,
+                ttft_ms=learned.ttft_ms,
+                tokens_per_s=learned.tokens_per_s,
+                output_tokens=max_output_tokens,
+                speed_source=learned.source,
+                samples=learned.samples,
+                checked_at=None if entry is None else round(entry.measured_at, 3),
+                age_ms=None if entry is None else int(entry.age_s(now) * 1000),
             )
         )
     return quotes
-
-
-def store_quotes(client: redis.Redis, job_id: str, quotes: list[Quote]) -> None:
-    pipe = client.pipeline(transaction=True)
-    pipe.hset(_key(job_id), mapping={q.provider: json.dumps(q.to_dict()) for q in quotes})
-    pipe.expire(_key(job_id), _TTL_S)
-    pipe.execute()

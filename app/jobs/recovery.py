@@ -26,7 +26,6 @@ at its next write and stops: one job ends once, charged once.
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -36,10 +35,9 @@ from celery import Celery
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from app import webhooks
+from app import task_names, webhooks
 from app.jobs import liveness, states
-from app.jobs.dispatch import send_quotes
-from app.jobs.quoting import discard_quotes
+from app.jobs.dispatch import send_route
 from app.logs import task_headers
 from app.models import Job
 from config.settings import Settings
@@ -222,16 +220,15 @@ def sweep(
         except redis.RedisError as exc:
             log.warning("sweeper: holders not cleared: %s", exc)
     for job in to_quote:
-        discard_quotes(client, str(job.id))
-        policy = settings.profiles[job.performance_profile]
-        send_quotes(celery, job, time.time() + policy.quote_deadline_ms / 1000, policy.queue)
+        # Routed again from the quote board, as any job is (its one task, re-sent).
+        send_route(celery, job, settings.profiles[job.performance_profile].queue)
         report.requoted.append(str(job.id))
     for job in to_resume:
         queue = settings.profiles[job.performance_profile].queue
         # The version travels as a header, not an argument: a worker still on the previous
         # code (a rolling deploy) ignores it instead of failing on an unexpected argument.
         celery.send_task(
-            "flopex.resume",
+            task_names.RESUME,
             args=[str(job.id)],
             queue=queue,
             headers={

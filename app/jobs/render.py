@@ -3,6 +3,7 @@ are the extra keys the contract allows."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -12,32 +13,38 @@ from app.models import Job, iso_utc
 from app.money import blended_rate_usd_per_million, display_usd, micros_to_usd
 
 
-def render_success(job: Job) -> dict[str, Any]:
+def _usage(job: Job) -> dict[str, Any]:
     input_tokens = job.input_tokens or 0
     output_tokens = job.output_tokens or 0
-    total = input_tokens + output_tokens
+    return {
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "total_tokens": input_tokens + output_tokens,
+    }
+
+
+def _billing(job: Job) -> dict[str, Any]:
+    usage = _usage(job)
     charge = job.charge_micros or 0
+    return {
+        "cost_usd": micros_to_usd(charge),
+        "cost_display": display_usd(charge),
+        **usage,
+        "cost_per_million_tokens_usd": blended_rate_usd_per_million(charge, usage["total_tokens"]),
+        "balance_remaining_usd": micros_to_usd(job.balance_after_micros or 0),
+    }
+
+
+def render_success(job: Job) -> dict[str, Any]:
     return {
         "id": str(job.id),
         "object": "inference",
         "model": job.model,
         "output_text": job.output_text,
         "status": states.PUBLIC[job.status],
-        "usage": {
-            "input_tokens": input_tokens,
-            "output_tokens": output_tokens,
-            "total_tokens": total,
-        },
+        "usage": _usage(job),
         "performance": {"latency_ms": job.latency_ms},
-        "billing": {
-            "cost_usd": micros_to_usd(charge),
-            "cost_display": display_usd(charge),
-            "input_tokens": input_tokens,
-            "output_tokens": output_tokens,
-            "total_tokens": total,
-            "cost_per_million_tokens_usd": blended_rate_usd_per_million(charge, total),
-            "balance_remaining_usd": micros_to_usd(job.balance_after_micros or 0),
-        },
+        "billing": _billing(job),
         "customer_ref": job.customer_ref,
         "metadata": job.metadata_,
         "created_at": iso_utc(job.created_at),
@@ -45,6 +52,8 @@ def render_success(job: Job) -> dict[str, Any]:
         "finished_at": iso_utc(job.finished_at),
         "provider": job.provider_name,
         "routing": routing_summary(job),
+        # A chat completion answered with tool calls: what a poll of its job must show too.
+        **({"tool_calls": job.tool_calls} if job.tool_calls else {}),
     }
 
 
@@ -94,21 +103,38 @@ def _story(
     return f"{decision}; " + "; ".join(steps)
 
 
+def _quote(q: dict[str, Any]) -> dict[str, Any]:
+    """One quote as the trace shows it: with the estimate's components and the age of the
+    board entry it came from (rows routed before the quote board have neither)."""
+    shown: dict[str, Any] = {
+        "provider": q.get("provider"),
+        "live": q.get("live"),
+        "estimated_latency_ms": q.get("estimated_latency_ms"),
+        "estimated_charge_usd": micros_to_usd(q["estimated_charge_micros"]),
+        # A number, as in GET /v1/providers (the job stores the decimal as a string).
+        "success_rate": _decimal(q.get("success_rate")),
+    }
+    if q.get("speed_source") is not None:
+        shown["estimated_latency"] = {
+            "rtt_ms": q.get("rtt_ms"),
+            "ttft_ms": q.get("ttft_ms"),
+            "tokens_per_s": q.get("tokens_per_s"),
+            "output_tokens": q.get("output_tokens"),
+            "speed_source": q.get("speed_source"),
+            "samples": q.get("samples"),
+        }
+    if q.get("checked_at") is not None:
+        shown["checked_at"] = iso_utc(datetime.fromtimestamp(q["checked_at"], UTC))
+        shown["age_ms"] = q.get("age_ms")
+    if not q.get("live") and q.get("error"):
+        shown["not_live_reason"] = q["error"]
+    return shown
+
+
 def routing_summary(job: Job) -> dict[str, Any]:
     """Why this route: the ranking, every quote considered and dropped, and what each attempt
     did; enough to replay the decision (docs/routing.md)."""
-    quotes = [
-        {
-            "provider": q.get("provider"),
-            "live": q.get("live"),
-            "estimated_latency_ms": q.get("estimated_latency_ms"),
-            "estimated_charge_usd": micros_to_usd(q["estimated_charge_micros"]),
-            # A number, as in GET /v1/providers (the job stores the decimal as a string).
-            "success_rate": _decimal(q.get("success_rate")),
-        }
-        for q in (job.quotes or [])
-        if "live" in q
-    ]
+    quotes = [_quote(q) for q in (job.quotes or []) if "live" in q]
     routing = job.routing or {}
     order = [
         {"provider": r.get("provider"), **({"score": _decimal(r["score"])} if "score" in r else {})}
@@ -135,7 +161,9 @@ def routing_summary(job: Job) -> dict[str, Any]:
 
 def _error(job: Job) -> dict[str, Any]:
     if job.status == states.CANCELLED:
-        code, message = "job_cancelled", "The job was cancelled before it ran."
+        # A stream stopped because its client left says so (app/jobs/streaming.py).
+        code = "job_cancelled"
+        message = job.error_message or "The job was cancelled before it ran."
     else:
         code, message = job.error_code or "internal_error", job.error_message or ""
     body = error_body(code, message or code, job.error_param)
@@ -184,4 +212,30 @@ def _job_body(job: Job) -> dict[str, Any]:
         body["finished_at"] = iso_utc(job.finished_at)
         if job.quotes and "live" in job.quotes[0]:
             body["routing"] = routing_summary(job)
+        body.update(_cut_stream(job))
     return body
+
+
+def _cut_stream(job: Job) -> dict[str, Any]:
+    """A stream cut after its first token (the provider failed, or the client left) was charged
+    for what was generated (docs/billing.md): its failed or cancelled job shows that text, the
+    usage and the billing."""
+    if job.charge_micros is None:
+        return {}
+    return {
+        "output_text": job.output_text,
+        "usage": _usage(job),
+        "billing": _billing(job),
+        "provider": job.provider_name,
+    }
+
+
+def terminal_event(job: Job) -> tuple[str, dict[str, Any]]:
+    """A finished job as its stream's last event (app/jobs/events.py): ``completed`` with the
+    response object and the provider's ``finish_reason``, or ``failed`` with the error object
+    (and, for a cut stream, what it was charged)."""
+    if job.status == states.SUCCESS:
+        return "completed", {**render_success(job), "finish_reason": job.finish_reason}
+    body: dict[str, Any] = {"error": _error(job), "status": states.PUBLIC[job.status]}
+    body.update(_cut_stream(job))
+    return "failed", body

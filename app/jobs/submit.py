@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from app import wallet
 from app.accounts import Principal
 from app.catalog import ModelCache, RouteOption, find_model
+from app.db import Commit
 from app.exceptions import FlopexError
 from app.jobs import states
 from app.models import Job, utcnow
@@ -24,11 +25,16 @@ from config.settings import Settings
 
 @dataclass(frozen=True)
 class InferenceRequest:
-    """The canonical request: ``input`` and legacy ``prompt`` already merged into ``prompt``."""
+    """The canonical request: ``input`` and legacy ``prompt`` already merged into ``prompt``.
+
+    A chat completion also carries its ``messages`` and the ``provider_params`` that go to the
+    provider unchanged (``prompt`` is then their text, for the estimates); its
+    ``max_output_tokens`` may be None: the model's default_max_tokens, as far as the context
+    leaves room for (docs/api.md)."""
 
     model: str
     prompt: str
-    max_output_tokens: int
+    max_output_tokens: int | None
     performance_profile: str = "balanced"
     routing_strategy: str = "lowest_cost"
     customer_ref: str | None = None
@@ -36,10 +42,15 @@ class InferenceRequest:
     max_latency_ms: int | None = None
     metadata: dict[str, Any] | None = None
     callback_url: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    provider_params: dict[str, Any] | None = None
+    user: str | None = None
+    stream: bool = False
 
     def canonical(self) -> dict[str, Any]:
         """JSON-safe form stored on the job (and, later, fingerprinted for idempotency)."""
-        return {
+        # `stream` only when set: the worker streams the provider's answer into the job's events.
+        return ({"stream": True} if self.stream else {}) | {
             "model": self.model,
             "input": self.prompt,
             "max_output_tokens": self.max_output_tokens,
@@ -50,7 +61,25 @@ class InferenceRequest:
             "max_latency_ms": self.max_latency_ms,
             "metadata": self.metadata,
             "callback_url": self.callback_url,
+            **({"api": "chat.completions", "user": self.user} if self.messages else {}),
         }
+
+
+# The exchange's own controls of a request, under the same names in every front door's body.
+CONTROLS = (
+    "performance_profile",
+    "routing_strategy",
+    "customer_ref",
+    "max_price_usd",
+    "max_latency_ms",
+    "metadata",
+    "callback_url",
+)
+
+
+def exchange_controls(args: dict[str, Any]) -> dict[str, Any]:
+    """The controls of a validated body (the profile and strategy carry their defaults)."""
+    return {name: args.get(name) for name in CONTROLS}
 
 
 @dataclass(frozen=True)
@@ -76,8 +105,11 @@ class SubmitInference:
         request_id: str | None = None,
         models: ModelCache | None = None,
         defer: bool = False,
+        job_id: uuid.UUID | None = None,
     ) -> None:
         self.models = models
+        # Chosen by the caller when it must be able to name the job after a fault.
+        self.job_id = job_id or uuid.uuid4()
         # The hold's commit may skip waiting for its WAL flush (a synchronous submit: the
         # worker makes it durable before the outcome is announced; docs/billing.md).
         self.defer = defer
@@ -91,6 +123,7 @@ class SubmitInference:
         self._estimated_input = 0
         self._max_price_micros: int | None = None
         self._hold_choices: list[int] = []
+        self._max_output_tokens = request.max_output_tokens or 0
 
     def validate(self) -> None:
         req = self.request
@@ -103,21 +136,27 @@ class SubmitInference:
             raise FlopexError(
                 "model_not_found", f"The model '{req.model}' does not exist.", "model"
             )
-        if req.max_output_tokens > model.max_output_tokens:
+        limit_param = "max_tokens" if req.messages is not None else "max_output_tokens"
+        input_param = "messages" if req.messages is not None else "input"
+        if req.max_output_tokens is not None and req.max_output_tokens > model.max_output_tokens:
             raise FlopexError(
                 "max_output_tokens_exceeds_model_cap",
-                f"max_output_tokens is {req.max_output_tokens}; {model.alias} allows at most "
+                f"{limit_param} is {req.max_output_tokens}; {model.alias} allows at most "
                 f"{model.max_output_tokens}.",
-                "max_output_tokens",
+                limit_param,
             )
         self._estimated_input = estimate_input_tokens(req.prompt)
-        if self._estimated_input + req.max_output_tokens > model.context_length:
+        if req.max_output_tokens is None:
+            # The default shrinks to what the context leaves, as an OpenAI model's does.
+            room = model.context_length - self._estimated_input
+            self._max_output_tokens = min(model.default_max_tokens, max(room, 1))
+        if self._estimated_input + self._max_output_tokens > model.context_length:
             raise FlopexError(
                 "context_length_exceeded",
-                f"The input (about {self._estimated_input} tokens) plus max_output_tokens "
-                f"({req.max_output_tokens}) exceeds {model.alias}'s context of "
+                f"The input (about {self._estimated_input} tokens) plus {limit_param} "
+                f"({self._max_output_tokens}) exceeds {model.alias}'s context of "
                 f"{model.context_length} tokens.",
-                "input",
+                input_param,
             )
         if not model.options:
             raise FlopexError(
@@ -127,7 +166,7 @@ class SubmitInference:
         self._estimates = {
             o.offering_id: estimated_charge(
                 self._estimated_input,
-                req.max_output_tokens,
+                self._max_output_tokens,
                 o.input_price_micros_per_m,
                 o.output_price_micros_per_m,
                 self.settings.markup,
@@ -168,8 +207,7 @@ class SubmitInference:
             job["id"],
             self._hold_choices,
             new_job=job,
-            solo=True,
-            defer=self.defer,
+            commit=Commit.ALONE_DEFERRED if self.defer else Commit.ALONE,
         )
         if placed is not None:
             return placed[0]
@@ -187,17 +225,17 @@ class SubmitInference:
         policy = self.settings.profiles[req.performance_profile]
         now = utcnow()
         values: dict[str, Any] = {
-            "id": uuid.uuid4(),
+            "id": self.job_id,
             "account_id": self.principal.account_id,
             "api_key_id": self.principal.api_key_id,
             "wallet_id": self.principal.wallet_id,
             "status": states.QUOTING,
             "version": 1,
             "model": req.model,
-            "request": req.canonical(),
+            "request": {**req.canonical(), "max_output_tokens": self._max_output_tokens},
             "performance_profile": req.performance_profile,
             "routing_strategy": req.routing_strategy,
-            "max_output_tokens": req.max_output_tokens,
+            "max_output_tokens": self._max_output_tokens,
             "max_price_micros": self._max_price_micros,
             "max_latency_ms": req.max_latency_ms,
             "customer_ref": req.customer_ref,
@@ -216,6 +254,12 @@ class SubmitInference:
             # Owed from the start: the sweeper delivers it if the worker that finishes the job
             # dies before queueing it (app/jobs/recovery.py).
             "webhook_status": "pending" if req.callback_url else None,
+            # A chat completion's request, as its provider gets it (absent: a native job).
+            **(
+                {"messages": req.messages, "provider_params": req.provider_params}
+                if req.messages is not None
+                else {}
+            ),
             "created_at": now,
             "updated_at": now,
         }

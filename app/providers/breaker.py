@@ -13,11 +13,15 @@ which keeps the logic testable and the callers' clocks are the only clocks invol
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from redis.client import Pipeline
 from redis.commands.core import Script
+
+from config.settings import Settings
 
 _FAIL = """
 local now, window, threshold, cooldown = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -58,6 +62,12 @@ class BreakerConfig:
     window_s: float
     cooldown_s: float
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BreakerConfig:
+        return cls(
+            settings.breaker_threshold, settings.breaker_window_s, settings.breaker_cooldown_s
+        )
+
 
 def _key(provider: str) -> str:
     return f"flopex:breaker:{provider}"
@@ -81,6 +91,10 @@ class Breaker:
         self.config = config
         self._fail, self._allow = _scripts(client)
 
+    @classmethod
+    def from_settings(cls, client: redis.Redis, settings: Settings) -> Breaker:
+        return cls(client, BreakerConfig.from_settings(settings))
+
     def record_failure(self, provider: str, now: float | None = None) -> None:
         c = self.config
         self._fail(
@@ -97,8 +111,25 @@ class Breaker:
             self._allow(keys=[_key(provider)], args=[now or time.time(), self.config.cooldown_s])
         )
 
+    def queue_states(
+        self, pipe: Pipeline, providers: Sequence[str]
+    ) -> Callable[[list[Any], float], dict[str, str]]:
+        """``state`` of several providers in the caller's pipeline: the returned function takes
+        exactly these reads' results (and the time) and gives each provider's state."""
+        for provider in providers:
+            pipe.hget(_key(provider), "open_until")
+
+        def read(results: list[Any], now: float) -> dict[str, str]:
+            return {p: _state(float(r or 0), now) for p, r in zip(providers, results, strict=True)}
+
+        return read
+
     def state(self, provider: str, now: float | None = None) -> str:
         open_until = float(self.client.hget(_key(provider), "open_until") or 0)
-        if open_until == 0:
-            return "closed"
-        return "open" if (now or time.time()) < open_until else "half_open"
+        return _state(open_until, now or time.time())
+
+
+def _state(open_until: float, now: float) -> str:
+    if open_until == 0:
+        return "closed"
+    return "open" if now < open_until else "half_open"

@@ -1,15 +1,11 @@
-"""The health probe run by celery beat: ping every enabled provider, record what it saw.
-
-Each probe result (live, latency, when) is kept in Redis for ``GET /v1/providers``; a failed
-ping counts toward the provider's circuit breaker and its success rate, and a successful ping
-of a half-open provider closes its breaker (the provider is back).
-"""
+"""Checking every enabled provider at once, as the board's refresh does one by one (the
+operators' and the tests' way to fill the board now), and the last check as GET /v1/providers
+shows it."""
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -17,11 +13,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.models import Provider
-from app.providers import health
+from app.providers import board
 from app.providers.breaker import Breaker
-from app.providers.openai_compat import ProviderFailure, ping, resolve_api_key
-
-_KEY = "flopex:probe:{}"
 
 
 @dataclass(frozen=True)
@@ -33,36 +26,42 @@ class ProbeResult:
     checked_at: float
 
 
+def enabled_targets(session: Session) -> list[board.Target]:
+    providers = session.execute(
+        select(Provider.name, Provider.base_url, Provider.api_key_env)
+        .where(Provider.enabled)
+        .order_by(Provider.name)
+    ).all()
+    return [board.Target(name, url, key_env) for name, url, key_env in providers]
+
+
 def probe_all(
     session: Session,
     client: redis.Redis,
     breaker: Breaker,
     *,
     timeout_s: float,
-    health_window_s: int,
     now: float | None = None,
 ) -> list[ProbeResult]:
-    providers = session.execute(
-        select(Provider.name, Provider.base_url, Provider.api_key_env).where(Provider.enabled)
-    ).all()
+    """Checks every enabled provider now (a board check each, not under single flight)."""
+    targets = enabled_targets(session)
     session.rollback()  # no transaction held while pinging
     results = []
-    for name, base_url, api_key_env in providers:
-        checked = now or time.time()
-        try:
-            latency = ping(base_url, resolve_api_key(api_key_env), timeout_s)
-            result = ProbeResult(name, True, latency, None, checked)
-            if breaker.state(name, checked) == "half_open":
-                breaker.record_success(name)
-        except ProviderFailure as exc:
-            result = ProbeResult(name, False, None, exc.kind, checked)
-            breaker.record_failure(name, checked)
-        health.record_outcome(client, name, result.live, health_window_s)
-        client.set(_KEY.format(name), json.dumps(asdict(result)), ex=max(60, health_window_s))
-        results.append(result)
+    for target in targets:
+        entry = board.check(client, breaker, target, timeout_s, now or time.time())
+        results.append(
+            ProbeResult(entry.provider, entry.live, entry.rtt_ms, entry.error, entry.measured_at)
+        )
     return results
 
 
 def last_probe(client: redis.Redis, provider: str) -> dict[str, Any] | None:
-    raw = client.get(_KEY.format(provider))
-    return json.loads(raw) if raw else None
+    """The provider's board entry: live, the last good check's round trip, when measured."""
+    entry = board.read(client, [provider]).get(provider)
+    if entry is None:
+        return None
+    return {
+        "live": entry.live,
+        "latency_ms": entry.rtt_ms if entry.live else None,
+        "checked_at": entry.measured_at,
+    }

@@ -19,8 +19,9 @@ from app.api.prefer import parse_prefer
 from app.db import session_scope
 from app.exceptions import InvalidRequest
 from app.models import Job
-from tests.api.test_validation import VALID, footprint
 from tests.conftest import decimal_json
+from tests.factories import MINIMAL_REQUEST as VALID
+from tests.factories import footprint, make_probe_results
 
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
 ECONOMY = {**VALID, "performance_profile": "economy"}
@@ -155,9 +156,12 @@ def test_a_successful_job_carries_finished_at(client, pipeline, account):
 
 
 def test_success_rates_are_numbers_and_probe_times_rfc3339(client, pipeline, account, redis_client):
-    from tests.api.test_catalog_api import probe
+    from app.providers import health
+    from config.settings import get_settings
 
-    probe(redis_client)  # every provider has a probe result, and so a success rate
+    make_probe_results(redis_client)  # every provider has a board check
+    for name in pipeline:  # and an execution, so a success rate (checks do not count)
+        health.record_outcome(redis_client, name, True, get_settings().health_window_s)
     body = decimal_json(post(client, account, VALID).data)
     rates = [q["success_rate"] for q in body["routing"]["quotes"]]
     assert rates and all(isinstance(r, Decimal) for r in rates), rates

@@ -304,14 +304,14 @@ def test_a_job_accepted_while_the_broker_is_down_completes_via_the_sweeper(
 ):
     from kombu import exceptions
 
-    from app.api import inference
+    from app.jobs import command
 
     account = make_account()
 
     def broker_down(*_args, **_kwargs):
         raise getattr(exceptions, failure)("connection refused")
 
-    monkeypatch.setattr(inference, "dispatch_quotes", broker_down)
+    monkeypatch.setattr(command, "dispatch", broker_down)
     resp = submit(client, account, **{"Idempotency-Key": "broker-down"})
     assert resp.status_code == 202  # durable: accepted, not lost
     job = resp.get_json()
@@ -330,17 +330,17 @@ def test_a_job_accepted_while_the_broker_is_down_completes_via_the_sweeper(
 def test_an_async_job_is_published_once_its_answer_is_sent(
     client, pipeline, make_account, monkeypatch
 ):
-    from app.api import inference
+    from app.jobs import command
 
     account = make_account()
     published = []
-    dispatch = inference.dispatch_quotes
+    dispatch = command.dispatch
 
     def recording(celery, accepted, settings):
         published.append(str(accepted.job.id))
         dispatch(celery, accepted, settings)
 
-    monkeypatch.setattr(inference, "dispatch_quotes", recording)
+    monkeypatch.setattr(command, "dispatch", recording)
     resp = client.post(
         "/v1/inference", json=BODY, headers={**account.headers, **ASYNC}, buffered=False
     )
@@ -358,14 +358,14 @@ def test_an_async_job_whose_publish_fails_after_its_202_completes_via_the_sweepe
 ):
     from kombu.exceptions import OperationalError
 
-    from app.api import inference
+    from app.jobs import command
 
     account = make_account()
 
     def broker_down(*_args, **_kwargs):
         raise OperationalError("connection refused")
 
-    monkeypatch.setattr(inference, "dispatch_quotes", broker_down)
+    monkeypatch.setattr(command, "dispatch", broker_down)
     resp = submit(client, account, **ASYNC)
     assert resp.status_code == 202
     job = resp.get_json()

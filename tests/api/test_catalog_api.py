@@ -6,23 +6,9 @@ import time
 from decimal import Decimal
 
 from app.db import session_scope
-from app.providers.breaker import Breaker
-from app.providers.probe import probe_all
 from config.settings import get_settings
 from tests.conftest import decimal_json
-
-
-def probe(redis_client, now=None):
-    settings = get_settings()
-    with session_scope() as session:
-        return probe_all(
-            session,
-            redis_client,
-            Breaker(redis_client, settings.breaker),
-            timeout_s=0.5,
-            health_window_s=settings.health_window_s,
-            now=now,
-        )
+from tests.factories import make_probe_results
 
 
 def test_models_lists_caps_and_price_ranges(client, catalog, make_account):
@@ -46,7 +32,7 @@ def test_models_lists_caps_and_price_ranges(client, catalog, make_account):
 
 def test_providers_show_probe_state_and_breaker(client, pipeline, make_account, redis_client):
     account = make_account()
-    probe(redis_client)
+    make_probe_results(redis_client)
     data = {
         p["id"]: p for p in client.get("/v1/providers", headers=account.headers).get_json()["data"]
     }
@@ -74,7 +60,7 @@ def test_a_killed_provider_is_marked_down_avoided_and_recovers(
     alpha.stop()
     try:
         for _ in range(settings.breaker_threshold):
-            results = {r.provider: r for r in probe(redis_client)}
+            results = {r.provider: r for r in make_probe_results(redis_client)}
             assert results["alpha"].live is False
         providers = {
             p["id"]: p
@@ -92,7 +78,9 @@ def test_a_killed_provider_is_marked_down_avoided_and_recovers(
 
     # After the cool-down the breaker is half-open; the next successful probe closes it.
     later = time.time() + settings.breaker_cooldown_s + 1
-    assert {r.provider: r.live for r in probe(redis_client, now=later)}["alpha"] is True
+    assert {r.provider: r.live for r in make_probe_results(redis_client, now=later)}[
+        "alpha"
+    ] is True
     providers = {
         p["id"]: p for p in client.get("/v1/providers", headers=account.headers).get_json()["data"]
     }

@@ -15,7 +15,7 @@ def test_no_server_errors_and_responses_match_the_spec(flask_app, pipeline, make
     account = make_account("1000.00")
     schema = schemathesis.openapi.from_wsgi("/openapi.json", flask_app)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 12
+    assert len(operations) == 15
     for operation in operations:
 
         @given(case=operation.as_strategy())

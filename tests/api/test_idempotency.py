@@ -92,18 +92,6 @@ def _rewrite_key(key: str, **values: Any) -> None:
         session.execute(update(IdempotencyKey).where(IdempotencyKey.key == key).values(**values))
 
 
-def test_a_key_stored_with_the_legacy_fingerprint_still_replays(client, pipeline, make_account):
-    from app import idempotency
-
-    account = make_account()
-    first = post(client, account, BODY, "key-legacy")
-    _rewrite_key(
-        "key-legacy", fingerprint=idempotency.legacy_fingerprint("POST /v1/inference", BODY)
-    )
-    again = post(client, account, BODY, "key-legacy")
-    assert again.data == first.data and again.headers["Idempotent-Replayed"] == "true"
-
-
 def test_same_key_different_body_is_422_and_keeps_the_original(client, pipeline, make_account):
     account = make_account()
     first = post(client, account, BODY, "key-2")
@@ -231,6 +219,7 @@ def test_retries_of_a_key_whose_job_runs_or_finished_never_wait_for_nothing(
     client, pipeline, make_account, redis_client, monkeypatch
 ):
     from app.api import inference
+    from app.jobs import command
 
     waits: list[str] = []
     real_wait = inference.wait_done
@@ -240,6 +229,7 @@ def test_retries_of_a_key_whose_job_runs_or_finished_never_wait_for_nothing(
         return real_wait(client_, job_id, timeout_s)
 
     monkeypatch.setattr(inference, "wait_done", spy)
+    monkeypatch.setattr(command, "wait_done", spy)
     account = make_account()
     for provider in pipeline.values():
         provider.configure(latency_ms=1500)  # the job is still running during the retries

@@ -248,7 +248,7 @@ def test_executions_reach_each_providers_health_and_breaker(
     window = settings.health_window_s
     assert health.success_rate(redis_client, "alpha", window) == 0
     assert health.success_rate(redis_client, "charlie", window) == 1
-    assert Breaker(redis_client, settings.breaker).state("charlie") == "closed"
+    assert Breaker.from_settings(redis_client, settings).state("charlie") == "closed"
 
 
 def test_a_provider_whose_executions_keep_failing_is_cut_off_by_its_breaker(
@@ -263,7 +263,7 @@ def test_a_provider_whose_executions_keep_failing_is_cut_off_by_its_breaker(
     body = {**DOC_REQUEST, "performance_profile": "economy", "max_latency_ms": None}
     for _ in range(settings.breaker_threshold):
         assert post(client, account, body).get_json()["provider"] == "charlie"
-    assert Breaker(redis_client, settings.breaker).state("alpha") == "open"
+    assert Breaker.from_settings(redis_client, settings).state("alpha") == "open"
     calls = pipeline["alpha"].chat_calls
     data = post(client, account, body).get_json()
     assert {"provider": "alpha", "reason": "circuit_open"} in data["routing"]["dropped"]

@@ -13,7 +13,8 @@ from app.api.parser import JsonNumber, load_json
 from app.api.prefer import parse_prefer
 from app.api.schemas import InferenceRequestSchema
 from app.exceptions import InvalidRequest
-from tests.api.test_validation import VALID, footprint
+from tests.factories import MINIMAL_REQUEST as VALID
+from tests.factories import footprint
 
 
 @pytest.fixture

@@ -43,14 +43,14 @@ def test_a_fault_reading_the_wallet_is_a_503(
 def test_a_fault_after_the_job_was_accepted_names_it(
     client: Any, pipeline: Any, make_account: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app.api import inference
+    from app.jobs import command
 
     account = make_account("1.00")
 
     def lost(*_: Any, **__: Any) -> bool:
         raise redis.exceptions.ConnectionError("Connection closed by server.")
 
-    monkeypatch.setattr(inference, "wait_done", lost)
+    monkeypatch.setattr(command, "wait_done", lost)
     resp = client.post(
         "/v1/inference",
         json={"model": "llama-3.1-8b", "input": "hi", "max_output_tokens": 8},

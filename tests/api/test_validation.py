@@ -6,30 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
 
 from app.db import session_scope
-from app.models import Job, LedgerEntry
-
-VALID = {"model": "llama-3.1-8b", "input": "Hello there.", "max_output_tokens": 16}
+from tests.factories import MINIMAL_REQUEST as VALID
+from tests.factories import footprint
 
 
 @pytest.fixture
 def account(catalog, make_account):
     return make_account("10.00")
-
-
-def footprint(account: Any) -> tuple[int, int]:
-    with session_scope() as session:
-        jobs = session.scalar(
-            select(func.count()).select_from(Job).where(Job.account_id == account.account_id)
-        )
-        entries = session.scalar(
-            select(func.count())
-            .select_from(LedgerEntry)
-            .where(LedgerEntry.wallet_id == account.wallet_id)
-        )
-    return jobs, entries
 
 
 def reject(

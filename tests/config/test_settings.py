@@ -41,7 +41,12 @@ SETTINGS_VARS = (
     "FLOPEX_BREAKER_THRESHOLD",
     "FLOPEX_BREAKER_WINDOW_S",
     "FLOPEX_BREAKER_COOLDOWN_S",
-    "FLOPEX_PROBE_INTERVAL_S",
+    "FLOPEX_QUOTE_REFRESH_S",
+    "FLOPEX_JOB_DEADLINE_S",
+    "FLOPEX_EXPLORE_RATE",
+    "FLOPEX_FRESHNESS_S_FAST",
+    "FLOPEX_FRESHNESS_S_BALANCED",
+    "FLOPEX_FRESHNESS_S_ECONOMY",
     "FLOPEX_CATALOG_CACHE_S",
     "FLOPEX_AUTH_CACHE_S",
     "FLOPEX_AUTH_FAILURES_PER_MIN",
@@ -49,7 +54,6 @@ SETTINGS_VARS = (
     "FLOPEX_WEBHOOK_SECRET",
     "FLOPEX_WEBHOOK_ALLOW_PRIVATE",
     "FLOPEX_WEBHOOK_BACKOFF_S",
-    "FLOPEX_QUOTE_SOURCE",
     "FLOPEX_QUOTE_DEADLINE_MS_FAST",
     "FLOPEX_QUOTE_DEADLINE_MS_BALANCED",
     "FLOPEX_QUOTE_DEADLINE_MS_ECONOMY",
@@ -98,7 +102,11 @@ BAD_VALUES = [
     ("FLOPEX_SWEEP_INTERVAL_S", "0"),
     ("FLOPEX_SWEEP_GRACE_S", "0"),
     ("FLOPEX_SWEEP_QUOTING_GRACE_S", "-1"),
-    ("FLOPEX_PROBE_INTERVAL_S", "0"),
+    ("FLOPEX_QUOTE_REFRESH_S", "0"),
+    ("FLOPEX_JOB_DEADLINE_S", "-1"),
+    ("FLOPEX_EXPLORE_RATE", "1.5"),
+    ("FLOPEX_EXPLORE_RATE", "nan"),
+    ("FLOPEX_FRESHNESS_S_FAST", "0"),
     ("FLOPEX_BREAKER_WINDOW_S", "0"),
     ("FLOPEX_BREAKER_COOLDOWN_S", "0"),
     ("FLOPEX_BREAKER_THRESHOLD", "0"),
@@ -118,7 +126,6 @@ BAD_VALUES = [
     ("FLOPEX_RATE_LIMIT_BURST", "0"),
     ("FLOPEX_TRUSTED_PROXY_HOPS", "-1"),
     ("FLOPEX_TRUSTED_PROXY_HOPS", "one"),
-    ("FLOPEX_QUOTE_SOURCE", "cached"),
     ("FLOPEX_QUOTE_DEADLINE_MS_FAST", "0"),
     ("FLOPEX_QUOTE_DEADLINE_MS_BALANCED", "0.8"),
     ("FLOPEX_QUOTE_DEADLINE_MS_ECONOMY", "-2000"),
@@ -164,19 +171,24 @@ def test_every_default_loads_when_nothing_is_set(monkeypatch: pytest.MonkeyPatch
     assert (settings.rate_limit_per_min, settings.rate_limit_burst) == (6000, 200)
     assert (settings.breaker_threshold, settings.breaker_window_s) == (5, 60.0)
     assert settings.breaker_cooldown_s == 30.0
-    assert settings.probe_interval_s == 10.0
+    assert (settings.quote_refresh_s, settings.job_deadline_s) == (1.0, 50.0)
+    assert settings.explore_rate == 0.05
     assert (settings.catalog_cache_s, settings.auth_cache_s) == (5.0, 2.0)
     assert settings.auth_failures_per_min == 30
     assert settings.trusted_proxy_hops == 0
     assert settings.webhook_secret == DEV_WEBHOOK_SECRET
     assert settings.webhook_allow_private is False
     assert settings.webhook_backoff_s == 1.0
-    assert settings.quote_source == "live"
     assert settings.log_level == "INFO"
     assert {name: p.quote_deadline_ms for name, p in settings.profiles.items()} == {
         "fast": 300,
         "balanced": 800,
         "economy": 2000,
+    }
+    assert {name: p.freshness_s for name, p in settings.profiles.items()} == {
+        "fast": 2.0,
+        "balanced": 5.0,
+        "economy": 15.0,
     }
 
 
@@ -204,7 +216,7 @@ def test_values_at_the_edges_of_their_ranges_load(monkeypatch: pytest.MonkeyPatc
         FLOPEX_DB_POOL_SIZE="1",
         FLOPEX_MAX_CUSTOMER_REF_LEN="1",
         FLOPEX_TRUSTED_PROXY_HOPS="1",
-        FLOPEX_QUOTE_SOURCE="probe",
+        FLOPEX_EXPLORE_RATE="0",
         FLOPEX_QUOTE_DEADLINE_MS_FAST="1",
         LOG_LEVEL="warning",
     )
@@ -215,7 +227,7 @@ def test_values_at_the_edges_of_their_ranges_load(monkeypatch: pytest.MonkeyPatc
     assert settings.db_pool_size == 1
     assert settings.max_customer_ref_len == 1
     assert settings.trusted_proxy_hops == 1
-    assert settings.quote_source == "probe"
+    assert settings.explore_rate == 0
     assert settings.profiles["fast"].quote_deadline_ms == 1
     assert settings.log_level == "WARNING"
 

@@ -13,16 +13,16 @@ from app.db import session_factory, session_scope
 from app.exceptions import FlopexError
 from app.jobs import states
 from app.jobs.cancel import cancel
-from app.jobs.execution import close_failed
+from app.jobs.settlement import close_failed
 from app.models import Job
-from tests.jobs.test_submit import _books, _submit, models  # noqa: F401  (fixture)
+from tests.factories import books, make_submitted_job
 
 
 def _cancel_after_a_move(account: Any, cache: Any, moved_to: str) -> str:
     """Submits a job, reads it, lets another writer (the router's claim, the sweeper) move it
     and its version, then cancels from the stale read: the job's status, or the error code."""
     with session_scope() as session:
-        job_id = _submit(session, account, cache).job.id
+        job_id = make_submitted_job(session, account, cache).job.id
     session = session_factory()()
     try:
         job = session.get(Job, job_id)
@@ -43,12 +43,12 @@ def _cancel_after_a_move(account: Any, cache: Any, moved_to: str) -> str:
 
 
 def test_a_job_that_started_executing_between_read_and_cancel_is_not_cancellable(
-    models,  # noqa: F811
+    models,
     make_account,
 ):
     account = make_account(balance_usd="1")
     assert _cancel_after_a_move(account, models, states.EXECUTING) == "job_not_cancellable"
-    jobs, ledger, state = _books(account)
+    jobs, ledger, state = books(account)
     assert [kind for kind, _ in ledger] == ["topup", "hold"]  # the running job keeps its hold
     assert state.held_micros > 0
     with session_scope() as session:  # end it, so that no later sweep finds it executing
@@ -57,7 +57,7 @@ def test_a_job_that_started_executing_between_read_and_cancel_is_not_cancellable
 
 @pytest.mark.parametrize("moved_to", [states.QUOTING, states.ROUTING], ids=["requoted", "claimed"])
 def test_a_job_moved_but_not_yet_executing_is_cancelled(
-    models,  # noqa: F811
+    models,
     make_account,
     moved_to,
 ):
@@ -65,7 +65,7 @@ def test_a_job_moved_but_not_yet_executing_is_cancelled(
     the cancellation's version bump, before any provider call."""
     account = make_account(balance_usd="1")
     assert _cancel_after_a_move(account, models, moved_to) == states.CANCELLED
-    _, ledger, state = _books(account)
+    _, ledger, state = books(account)
     assert [kind for kind, _ in ledger] == ["topup", "hold", "release"]
     assert state == wallet.WalletState(state.balance_micros, 0)
 
@@ -84,12 +84,14 @@ def _cancelled_count() -> float:
 
 
 def test_a_cancellation_is_counted_once_when_committed_never_when_rolled_back(
-    models,  # noqa: F811
+    models,
     make_account,
 ):
     account = make_account(balance_usd="1")
     with session_scope() as session:
-        rolled_back, committed = (_submit(session, account, models).job.id for _ in range(2))
+        rolled_back, committed = (
+            make_submitted_job(session, account, models).job.id for _ in range(2)
+        )
     start = _cancelled_count()
     session = session_factory()()
     try:

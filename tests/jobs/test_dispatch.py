@@ -1,10 +1,9 @@
-"""app/jobs/dispatch.py and app/broker.py: the quote messages as they land in the real broker."""
+"""app/jobs/dispatch.py and app/broker.py: the job's message as it lands in the real broker."""
 
 from __future__ import annotations
 
 import base64
 import json
-import time
 import uuid
 from types import SimpleNamespace
 from typing import Any
@@ -12,41 +11,35 @@ from typing import Any
 import pytest
 
 from app.broker import PUBLISH_ERRORS, Channel
-from app.jobs.dispatch import send_quotes
+from app.jobs.dispatch import send_route
 from app.logs import HEADER_JOB_ID
-from tests.jobs.test_quoting import _option as quoting_option
+from tests.factories import route_option
 
 
 def _option(provider: str) -> dict[str, Any]:
-    # A job's stored option carries more than the quote message needs.
-    return {**quoting_option(provider), "ignored": "not sent"}
+    # A job's stored option carries more than the message needs.
+    return {**route_option(provider), "ignored": "not sent"}
 
 
-def test_one_quote_message_per_provider_with_a_short_argsrepr(celery_app, redis_client):
+def test_one_message_per_job_with_a_short_argsrepr(celery_app, redis_client):
+    """The one hop: the job's id, one message, whatever the number of providers."""
     # A queue of its own, so that no worker of the test session consumes the messages.
     queue = f"dispatch-test-{uuid.uuid4().hex}"
     job = SimpleNamespace(id=uuid.uuid4(), quotes=[_option("p1"), _option("p2"), _option("p3")])
-    deadline = time.time() + 5
     try:
-        send_quotes(celery_app, job, deadline, queue)
+        send_route(celery_app, job, queue)
         raw = redis_client.lrange(queue, 0, -1)
     finally:
         redis_client.delete(queue)
 
-    assert len(raw) == 3
-    messages = [json.loads(m) for m in raw]
-    providers = []
-    for message in messages:
-        headers = message["headers"]
-        assert headers["task"] == "flopex.quote"
-        args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
-        job_id, option, deadline_at, expected = args
-        assert job_id == str(job.id) and expected == 3 and deadline_at == deadline and not kwargs
-        assert "ignored" not in option and option["base_url"].startswith("http://")
-        assert headers["argsrepr"] == f"[{str(job.id)!r}, {option['provider']!r}]"
-        assert headers[HEADER_JOB_ID] == str(job.id)
-        providers.append(option["provider"])
-    assert sorted(providers) == ["p1", "p2", "p3"]
+    assert len(raw) == 1
+    message = json.loads(raw[0])
+    headers = message["headers"]
+    assert headers["task"] == "flopex.route"
+    args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+    assert args == [str(job.id)] and not kwargs
+    assert headers["argsrepr"] == f"[{str(job.id)!r}]"
+    assert headers[HEADER_JOB_ID] == str(job.id)
 
 
 def test_a_dead_broker_raises_a_publish_error(celery_app):
@@ -60,7 +53,7 @@ def test_a_dead_broker_raises_a_publish_error(celery_app):
     }
     job = SimpleNamespace(id=uuid.uuid4(), quotes=[_option("p1")])
     with pytest.raises(PUBLISH_ERRORS):
-        send_quotes(dead, job, time.time() + 5, "balanced")
+        send_route(dead, job, "balanced")
 
 
 def test_the_channel_keeps_one_client_for_its_commands(celery_app):

@@ -33,7 +33,7 @@ def _switch_alpha(enabled: bool) -> None:
 
 
 def test_a_provider_disabled_after_acceptance_gets_no_more_work(
-    pipeline, make_account, redis_client
+    pipeline, make_account, redis_client, celery_app
 ):
     settings = dataclasses.replace(get_settings(), catalog_cache_s=0)
     job_id = _accept(make_account(), settings)
@@ -41,7 +41,7 @@ def test_a_provider_disabled_after_acceptance_gets_no_more_work(
     try:
         _switch_alpha(False)  # a catalog load switched the cheapest provider off
         with session_scope() as session:
-            outcome = RouteAndExecute(session, redis_client, settings).run(job_id)
+            outcome = RouteAndExecute(session, redis_client, settings, celery_app).run(job_id)
         assert outcome is not None and outcome.status == "success"
     finally:
         _switch_alpha(True)
@@ -54,7 +54,7 @@ def test_a_provider_disabled_after_acceptance_gets_no_more_work(
 
 
 def test_an_offering_newer_than_the_workers_catalog_memory_is_not_withdrawn(
-    pipeline, make_account, redis_client
+    pipeline, make_account, redis_client, celery_app
 ):
     """The web may accept a job with an offering the worker's cached catalog does not know yet
     (a load a moment ago): the worker reads the catalog again before withdrawing anything."""
@@ -69,7 +69,7 @@ def test_an_offering_newer_than_the_workers_catalog_memory_is_not_withdrawn(
         _switch_alpha(True)  # alpha is added back; the web sees it at once
     job_id = _accept(make_account(), settings)
     with session_scope() as session:
-        outcome = RouteAndExecute(session, redis_client, settings).run(job_id)
+        outcome = RouteAndExecute(session, redis_client, settings, celery_app).run(job_id)
     assert outcome is not None and outcome.status == "success"
     with session_scope() as session:
         job = session.get(Job, job_id)

@@ -11,15 +11,17 @@ from typing import Any
 
 import pytest
 import redis
+from sqlalchemy import select
 
 from app import accounts, wallet
 from app.celery_app import make_celery
 from app.db import session_scope
+from app.jobs import events
 from app.jobs.dispatch import dispatch_quotes
 from app.jobs.notify import wait_done
 from app.jobs.recovery import sweep
 from app.jobs.submit import InferenceRequest, SubmitInference
-from app.models import Job
+from app.models import Job, LedgerEntry
 from config.settings import get_settings
 from tests.conftest import (
     TEST_REDIS_URL,
@@ -30,6 +32,8 @@ from tests.conftest import (
 )
 
 CRASH_REDIS_URL = TEST_REDIS_URL.rsplit("/", 1)[0] + "/14"
+
+pytestmark = pytest.mark.usefixtures("no_stuck_jobs_from_other_tests")
 
 
 @pytest.fixture
@@ -42,8 +46,8 @@ def crash_env(pipeline, tmp_path, monkeypatch):
     celery = make_celery(settings)
     workers: list[Any] = []
 
-    def worker(failpoints: str | None = None) -> Any:
-        env = {"REDIS_URL": CRASH_REDIS_URL, "CELERY_BROKER_URL": CRASH_REDIS_URL}
+    def worker(failpoints: str | None = None, extra: dict[str, str] | None = None) -> Any:
+        env = {"REDIS_URL": CRASH_REDIS_URL, "CELERY_BROKER_URL": CRASH_REDIS_URL, **(extra or {})}
         if failpoints:
             env |= {"FLOPEX_FAILPOINTS": failpoints, "FLOPEX_FAILPOINT_DIR": str(tmp_path)}
         for k, v in env.items():
@@ -158,13 +162,17 @@ def test_a_resume_that_waited_while_the_job_moved_on_does_nothing(
         job.updated_at = datetime.now(UTC)
     assert load(job_id).version == sent_for + 1
     with session_scope() as session:
-        stale = RouteAndExecute(session, crash_env["client"], crash_env["settings"])
+        stale = RouteAndExecute(
+            session, crash_env["client"], crash_env["settings"], crash_env["celery"]
+        )
         assert stale.resume(job_id, version=sent_for) is None
     job = load(job_id)
     assert job.status == "executing" and job.version == sent_for + 1
     assert sum(chat_calls(pipeline).values()) == 0  # no provider was called by the stale one
     with session_scope() as session:
-        current = RouteAndExecute(session, crash_env["client"], crash_env["settings"])
+        current = RouteAndExecute(
+            session, crash_env["client"], crash_env["settings"], crash_env["celery"]
+        )
         assert current.resume(job_id, version=sent_for + 1).status == "success"
     assert chat_calls(pipeline) == {"alpha": 0, "bravo": 0, "charlie": 1}
     assert_books_balance(account)
@@ -307,4 +315,63 @@ def test_a_job_claimed_by_a_router_that_died_is_quoted_again(
     job = load(job_id)
     assert job.status == "success" and sum(chat_calls(pipeline).values()) == 1
     assert ledger_kinds(account).count("capture") == 1
+    assert_books_balance(account)
+
+
+def test_a_stream_whose_worker_died_after_a_delta_is_settled_for_it_not_sent_elsewhere(
+    crash_env, make_account, pipeline
+):
+    """The client holds part of the answer: the sweeper's resume settles the job for what its
+    events show was delivered (docs/billing.md, "Cut streams") and asks no other provider."""
+    account = make_account()
+    dying = crash_env["worker"]("after_stream_delta")
+    job_id = submit(account, crash_env["settings"], crash_env["celery"], stream=True)
+    assert dying.proc.wait(timeout=60) == -9
+    delivered = events.delivered(crash_env["client"], job_id)
+    assert delivered is not None and delivered[1] == 1
+
+    crash_env["worker"]()
+    job = recover(crash_env, job_id)
+    assert job.status == "failed" and job.error_code == "provider_error"
+    assert job.output_text == delivered[0] and job.output_tokens == 1
+    assert job.attempts[-1]["failure"] == "interrupted"
+    assert sum(chat_calls(pipeline).values()) == 1  # never sent to another provider
+    assert ledger_kinds(account) == ["topup", "hold", "capture", "release"]
+    with session_scope() as session:
+        captured = -sum(
+            e.amount_micros
+            for e in session.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id))
+            if e.kind == "capture"
+        )
+    assert captured == job.charge_micros > 0
+
+
+def test_a_settled_job_signals_its_waiters_even_when_the_durability_barrier_fails(
+    crash_env, make_account, pipeline
+):
+    """The settlement commits, then the barrier that makes it durable raises (the connection
+    died): the waiters must still be woken, to read the row (issue 19: they waited the whole
+    sync timeout). The failpoint makes every barrier of this worker fail."""
+    crash_env["worker"](extra={"FLOPEX_FAILPOINTS": "durability_barrier"})
+    account = make_account()
+    job_id = submit(account, crash_env["settings"], crash_env["celery"])
+    assert wait_done(crash_env["client"], job_id, 20)
+    assert load(job_id).status == "success"
+    assert_books_balance(account)
+
+
+def test_every_attempt_shares_one_job_deadline(crash_env, make_account, pipeline):
+    """Every provider hangs: without a shared deadline the job takes providers x read timeout.
+    With a 3 s deadline and a 2 s read timeout, the second attempt is cut short by the deadline
+    and the third provider is never called."""
+    for provider in pipeline.values():
+        provider.configure(fault="hang")
+    crash_env["worker"](extra={"FLOPEX_JOB_DEADLINE_S": "3"})
+    account = make_account()
+    job_id = submit(account, crash_env["settings"], crash_env["celery"])
+    assert wait_done(crash_env["client"], job_id, 20)
+    job = load(job_id)
+    assert job.status == "failed" and job.error_code == "timeout"
+    assert [a["failure"] for a in job.attempts] == ["timeout", "timeout"]
+    assert sum(1 for calls in chat_calls(pipeline).values() if calls) == 2
     assert_books_balance(account)

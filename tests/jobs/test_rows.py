@@ -7,9 +7,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
+from app.db import Commit
 from app.jobs import rows, states
 from app.models import Job
-from tests.test_wallet import make_job, make_wallet
+from tests.factories import USD, Owner, make_held_job, make_job, make_wallet
 
 
 def _job(session: Session, status: str = states.EXECUTING) -> Job:
@@ -70,16 +71,25 @@ def test_a_no_flush_write_in_autocommit_commits_by_itself_and_keeps_its_fence(ma
     from sqlalchemy import text
     from sqlalchemy.orm.attributes import set_committed_value
 
-    from app.db import autocommit, session_factory
-    from tests.test_wallet import _held_job
+    from app.db import autocommit, session_factory, session_scope
 
-    _account, job_id, version = _held_job(make_account)
+    account = make_account("10.00")
+    with session_scope() as setup:
+        job_id, version = make_held_job(
+            setup, Owner(account.account_id, account.wallet_id), 3 * USD
+        )
     session = session_factory()()
     try:
         job = session.get(Job, job_id)
         session.rollback()
         assert autocommit(session)
-        rows.write(session, job, no_flush=True, status=states.SETTLING, provider_name="alpha")
+        rows.write(
+            session,
+            job,
+            commit=Commit.ALONE_DEFERRED,
+            status=states.SETTLING,
+            provider_name="alpha",
+        )
         session.rollback()  # nothing to undo: the server committed the statement
         with session_factory()() as other:
             assert _row(other, job) == (states.SETTLING, version + 1, "alpha")
@@ -89,7 +99,13 @@ def test_a_no_flush_write_in_autocommit_commits_by_itself_and_keeps_its_fence(ma
         set_committed_value(job, "version", version)  # a worker that lost its claim
         assert autocommit(session)
         with pytest.raises(StaleDataError):
-            rows.write(session, job, no_flush=True, status=states.SUCCESS, provider_name="late")
+            rows.write(
+                session,
+                job,
+                commit=Commit.ALONE_DEFERRED,
+                status=states.SUCCESS,
+                provider_name="late",
+            )
         with session_factory()() as other:
             assert _row(other, job) == (states.SETTLING, version + 1, "alpha")
     finally:

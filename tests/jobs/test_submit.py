@@ -5,47 +5,26 @@ transaction."""
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from decimal import Decimal
 from typing import Any
 
 import pytest
 from sqlalchemy import select, text
 
-from app import accounts, wallet
+from app import accounts
 from app.catalog import ModelCache
 from app.db import session_factory, session_scope
 from app.exceptions import FlopexError
-from app.jobs.submit import InferenceRequest, SubmitInference
-from app.models import Job, LedgerEntry
+from app.jobs.submit import SubmitInference
+from app.models import Job
 from config.settings import get_settings
-
-REQUEST = InferenceRequest(
-    model="llama-3.1-8b",
-    prompt="Hold me.",
-    max_output_tokens=64,
-    performance_profile="economy",
-)
+from tests.factories import SUBMISSION as REQUEST
+from tests.factories import books, make_submitted_job
 
 
 def _principal(account: Any) -> Any:
     with session_scope() as session:
         return accounts.authenticate(session, account.api_key)
-
-
-@pytest.fixture
-def models(pipeline: Any) -> ModelCache:
-    """A warm model cache, as the web's: the submission then reads nothing before its hold."""
-    cache = ModelCache(ttl_s=60)
-    with session_scope() as session:
-        assert cache.get(session, REQUEST.model) is not None
-    return cache
-
-
-def _submit(session: Any, account: Any, models: ModelCache, defer: bool = True) -> Any:
-    return SubmitInference(
-        session, _principal(account), REQUEST, get_settings(), models=models, defer=defer
-    ).run()
 
 
 def _estimates(account: Any, models: ModelCache) -> list[int]:
@@ -58,22 +37,6 @@ def _estimates(account: Any, models: ModelCache) -> list[int]:
         return list(submit._hold_choices)
 
 
-def _books(account: Any) -> tuple[list[uuid.UUID], list[tuple[str, int]], wallet.WalletState]:
-    with session_scope() as session:
-        jobs = list(session.scalars(select(Job.id).where(Job.account_id == account.account_id)))
-        ledger = [
-            (e.kind, e.held_delta_micros)
-            for e in session.scalars(
-                select(LedgerEntry)
-                .where(LedgerEntry.wallet_id == account.wallet_id)
-                .order_by(LedgerEntry.id)
-            )
-        ]
-        state = wallet.get_state(session, account.wallet_id)
-        assert wallet.ledger_sums(session, account.wallet_id) == state
-    return jobs, ledger, state
-
-
 @pytest.mark.parametrize("defer", [False, True], ids=["durable", "deferred"])
 def test_a_submission_without_a_transaction_open_commits_job_and_hold_by_itself(
     models, make_account, defer
@@ -81,12 +44,12 @@ def test_a_submission_without_a_transaction_open_commits_job_and_hold_by_itself(
     account = make_account("10.00")
     session = session_factory()()
     try:
-        accepted = _submit(session, account, models, defer)
+        accepted = make_submitted_job(session, account, models, defer=defer)
         # Committed by the server as the statement ended: nothing for the session to roll back.
         session.rollback()
     finally:
         session.close()
-    jobs, ledger, state = _books(account)
+    jobs, ledger, state = books(account)
     assert jobs == [accepted.job.id]
     assert ledger == [("topup", 0), ("hold", accepted.job.hold_micros)]
     assert state.held_micros == accepted.job.hold_micros > 0
@@ -96,7 +59,7 @@ def _submit_with(available: int, models: ModelCache, make_account: Any) -> tuple
     account = make_account(f"{available / 1_000_000:.6f}")
     session = session_factory()()
     try:
-        return account, _submit(session, account, models)
+        return account, make_submitted_job(session, account, models)
     finally:
         session.close()
 
@@ -123,7 +86,7 @@ def test_the_hold_is_the_largest_worst_case_the_wallet_covers(
     # The test catalog's three providers serve REQUEST's model at three different prices.
     assert len(choices) == 3 and choices == sorted(set(choices), reverse=True)
     account, accepted = _submit_with(available(choices), models, make_account)
-    jobs, ledger, state = _books(account)
+    jobs, ledger, state = books(account)
     # One hold, of the chosen amount, with its job; nothing else was written.
     assert jobs == [accepted.job.id] and accepted.job.hold_micros == held(choices)
     assert ledger == [("topup", 0), ("hold", held(choices))]
@@ -148,28 +111,28 @@ def test_the_price_limit_bounds_the_hold_choices(models, make_account):
 def test_a_refused_submission_writes_no_job_and_no_hold(models, make_account):
     cheapest = _estimates(make_account("10.00"), models)[-1]
     account = make_account(f"{(cheapest - 1) / 1_000_000:.6f}")
-    before = _books(account)
+    before = books(account)
     session = session_factory()()
     try:
         with pytest.raises(FlopexError) as refused:
-            _submit(session, account, models)
+            make_submitted_job(session, account, models)
         session.rollback()
     finally:
         session.close()
     assert refused.value.code == "insufficient_balance"
-    assert _books(account) == before
+    assert books(account) == before
     assert before[0] == []
 
 
 def test_with_a_transaction_open_the_job_and_hold_join_it(models, make_account):
     account = make_account("10.00")
-    before = _books(account)
+    before = books(account)
     session = session_factory()()
     try:
         session.execute(text("SELECT 1"))  # as an Idempotency-Key's claim does
-        _submit(session, account, models)
-        assert _books(account) == before  # not committed yet
+        make_submitted_job(session, account, models)
+        assert books(account) == before  # not committed yet
         session.rollback()
     finally:
         session.close()
-    assert _books(account) == before
+    assert books(account) == before

@@ -120,25 +120,54 @@ def test_ping_returns_the_measured_latency(sandbox):
 # -- retried failures -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fault", ["error", "rate_limit"])
-def test_one_transient_failure_is_retried_then_succeeds(sandbox, fault):
-    sandbox.configure(fault=fault, fault_count=1)
-    result = call(sandbox.base_url, retries=1)
+def test_one_transient_failure_is_retried_then_succeeds(sandbox):
+    sandbox.configure(fault="error", fault_count=1)
+    failed: list[ProviderFailure] = []
+    result = call(sandbox.base_url, retries=1, on_failed_try=failed.append)
     assert result.output_tokens == 24
     assert sandbox.chat_calls == 2
+    # The failed try is reported, so the provider's success rate counts it.
+    assert [(f.kind, f.status) for f in failed] == [("http", 500)]
 
 
-@pytest.mark.parametrize(("fault", "status"), [("error", 500), ("rate_limit", 429)])
 @pytest.mark.parametrize("retries", [0, 2])
-def test_persistent_failure_gives_up_after_retries_plus_one_attempts(
-    sandbox, fault, status, retries
-):
-    sandbox.configure(fault=fault)
+def test_persistent_failure_gives_up_after_retries_plus_one_attempts(sandbox, retries):
+    sandbox.configure(fault="error")
     with pytest.raises(ProviderFailure) as info:
         call(sandbox.base_url, retries=retries)
     assert info.value.kind == "http"
-    assert info.value.status == status
+    assert info.value.status == 500
     assert sandbox.chat_calls == retries + 1
+
+
+def test_a_429_is_not_retried_and_carries_its_retry_after(sandbox):
+    """The provider asked us to wait (Retry-After: 1): retrying within the backoff's fraction of
+    a second would ignore it, so the failure goes back to the job at once, which falls through
+    to its next provider."""
+    sandbox.configure(fault="rate_limit")
+    with pytest.raises(ProviderFailure) as info:
+        call(sandbox.base_url, retries=2)
+    assert (info.value.kind, info.value.status, info.value.retry_after_s) == ("http", 429, 1.0)
+    assert sandbox.chat_calls == 1
+
+
+def test_retry_after_reads_seconds_and_http_dates():
+    assert openai_compat.retry_after_seconds("3") == 3.0
+    assert openai_compat.retry_after_seconds(None) is None
+    assert openai_compat.retry_after_seconds("soon") is None
+    assert openai_compat.retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+
+
+def test_no_try_outlasts_the_jobs_budget(sandbox):
+    """A hanging provider with a 2 s read timeout and 0.5 s of the job's deadline left: the
+    try is cut at the deadline, and nothing is retried past it."""
+    sandbox.configure(fault="hang")
+    with pytest.raises(ProviderFailure) as info:
+        call(sandbox.base_url, retries=2, budget_s=0.5)
+    assert info.value.kind == "timeout" and sandbox.chat_calls == 1
+    with pytest.raises(ProviderFailure) as info:
+        call(sandbox.base_url, retries=2, budget_s=0)
+    assert info.value.kind == "timeout" and sandbox.chat_calls == 1  # not even sent
 
 
 def test_connection_refused_is_retried_then_kind_connect(closed_port_url, monkeypatch):

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import requests
 
 from sandbox import SandboxConfig, SandboxProvider, count_tokens
 from sandbox.server import FAULTS, VOCABULARY
+from tests.sandbox.support import wait_until as _wait_until
 
 LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
 QWEN = "Qwen/Qwen2-7B-Instruct"
@@ -42,27 +43,10 @@ def _chat_body(content: str = "Hello, world!", **extra: Any) -> dict[str, Any]:
     return body
 
 
-def _wait_until(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
-    # Polls an observable condition; this is synchronisation, not a guessed delay.
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
-
-
 @pytest.fixture
 def provider() -> Iterator[SandboxProvider]:
     with SandboxProvider(_config()) as running:
         yield running
-
-
-@pytest.fixture
-def session() -> Iterator[requests.Session]:
-    with requests.Session() as s:
-        # Ambient HTTP(S)_PROXY settings must never reroute loopback test traffic.
-        s.trust_env = False
-        yield s
 
 
 def _chat(
