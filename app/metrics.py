@@ -27,6 +27,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     start_http_server,
@@ -62,6 +63,12 @@ PROVIDER_ERRORS = Counter(
 JOBS_FINISHED = Counter("flopex_jobs_finished_total", "Jobs by final status", ["status", "code"])
 WALLET_CAPTURES = Counter("flopex_wallet_captures_total", "Wallet captures")
 WALLET_CAPTURED_MICROS = Counter("flopex_wallet_captured_micros_total", "Micro-USD captured")
+# Streams the web is relaying now (summed over its live processes), and how relays ended:
+# `ended` (the terminal event was sent), `client_left`, `error` (a fault of ours).
+STREAMS_OPEN = Gauge(
+    "flopex_streams_open", "SSE streams being relayed", multiprocess_mode="livesum"
+)
+STREAMS_CLOSED = Counter("flopex_streams_closed_total", "SSE relays that ended", ["how"])
 
 QUEUES = ("fast", "balanced", "economy")
 

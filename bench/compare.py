@@ -34,7 +34,9 @@ def _git(*args: str) -> str:
     ).stdout.strip()
 
 
-def _run(tree: Path, out: Path, duration: float, wallet: bool) -> dict[str, Any]:
+def _run(
+    tree: Path, out: Path, duration: float, wallet: bool, extra: list[str] | None = None
+) -> dict[str, Any]:
     skip = "fanout,async,census" + ("" if wallet else ",wallet")
     before = set(out.glob("*.json"))
     argv = [
@@ -45,6 +47,7 @@ def _run(tree: Path, out: Path, duration: float, wallet: bool) -> dict[str, Any]
         "--latencies", "0",
         "--skip", skip,
         "--output", str(out),
+        *(extra or []),
     ]  # fmt: skip
     subprocess.run(argv, cwd=tree, check=True, stdout=subprocess.DEVNULL)
     (new,) = set(out.glob("*.json")) - before
@@ -72,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=3, help="how many A/B pairs (3)")
     p.add_argument("--duration", type=float, default=6.0, help="seconds per scenario (6)")
     p.add_argument("--wallet", action="store_true", help="also run the hot-wallet benchmark")
+    p.add_argument("--db-name", default=None, help="bench/run.py's --db-name (a machine shared")
+    p.add_argument("--redis-url", default=None, help="with other benchmarks needs its own)")
+    p.add_argument(
+        "--wait-idle",
+        default=None,
+        help="bench/run.py's --wait-idle (60: how long to wait for quiet)",
+    )
     args = p.parse_args(argv)
 
     commit = _git("rev-parse", "--short", args.ref)
@@ -88,7 +98,13 @@ def main(argv: list[str] | None = None) -> int:
                 order = ((commit, other), ("this tree", ROOT))
                 for name, tree in order if i % 2 == 0 else order[::-1]:
                     print(f"compare: pair {i + 1}/{args.pairs}, {name}", flush=True)
-                    rows.append((name, _row(_run(tree, out, args.duration, args.wallet))))
+                    extra = [
+                        *(["--db-name", args.db_name] if args.db_name else []),
+                        *(["--redis-url", args.redis_url] if args.redis_url else []),
+                        *(["--wait-idle", args.wait_idle] if args.wait_idle else []),
+                    ]
+                    result = _run(tree, out, args.duration, args.wallet, extra)
+                    rows.append((name, _row(result)))
         finally:
             _git("worktree", "remove", "--force", str(other))
 

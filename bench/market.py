@@ -99,11 +99,17 @@ def url_variable(name: str) -> str:
 
 
 def catalog_toml(
-    market: Market, at: float | None = None, base_urls: dict[str, str] | None = None
+    market: Market,
+    at: float | None = None,
+    base_urls: dict[str, str] | None = None,
+    priors: bool = False,
 ) -> str:
     """The exchange's catalog for the market: one alias on every provider, priced as the
     providers are at unix time `at` (the base prices if None). Base URLs are the sandboxes'
-    (``base_urls``) or ``${SANDBOX_<NAME>_URL}`` references, as in config/catalog.market.toml."""
+    (``base_urls``) or ``${SANDBOX_<NAME>_URL}`` references, as in config/catalog.market.toml.
+    With `priors`, each offering advertises its provider's base speed (``expected_ttft_ms``,
+    ``expected_tokens_per_s``), as a provider's data sheet would: true at the start, not after
+    the drift."""
     configs = market.at(at) if at is not None else {c.name: c for c in market.configs}
     lines = [
         "# The simulated market of `make bench-routing` (bench/market.toml; written by",
@@ -132,8 +138,14 @@ def catalog_toml(
             f'provider_model_id = "{PROVIDER_MODEL_ID}"',
             f'input_price_usd_per_million = "{config.price_input_per_million_usd}"',
             f'output_price_usd_per_million = "{config.price_output_per_million_usd}"',
-            "",
         ]
+        if priors:
+            base = market.configs[market.names.index(name)]
+            lines += [
+                f"expected_ttft_ms = {base.ttft_ms}",
+                f'expected_tokens_per_s = "{base.tokens_per_s:g}"',
+            ]
+        lines.append("")
     return "\n".join(lines)
 
 

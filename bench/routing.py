@@ -96,6 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="market and request seed (market's)")
     p.add_argument("--market", type=Path, default=MARKET_FILE, help="the market table")
     p.add_argument("--market-procs", type=int, default=2, help="processes hosting sandboxes (2)")
+    p.add_argument(
+        "--priors",
+        action="store_true",
+        help="the catalog advertises each provider's base ttft and tokens/s (speed priors)",
+    )
     p.add_argument("--web-workers", type=int, default=2)
     p.add_argument("--web-threads", type=int, default=16)
     p.add_argument("--worker-procs", type=int, default=1)
@@ -184,7 +189,7 @@ def start_stack(args: argparse.Namespace, stack: Stack, market: Market) -> str:
     flush_redis(args.redis_url)
     say(f"bench-routing: {len(market.configs)} providers in {args.market_procs} processes")
     stack.sandboxes = start_market(market, args.market_procs, stack.tmp)
-    write_catalog(stack, market, None)
+    write_catalog(stack, market, None, args.priors)
     [account] = bootstrap_database(stack.tmp / "catalog.toml", BALANCE_USD, "routing bench")
     # Beat runs in the first worker: the board's refresh clock, the sweeper, the probe.
     for i in range(args.worker_procs):
@@ -201,16 +206,16 @@ def start_stack(args: argparse.Namespace, stack: Stack, market: Market) -> str:
     return account.api_key
 
 
-def write_catalog(stack: Stack, market: Market, at: float | None) -> None:
+def write_catalog(stack: Stack, market: Market, at: float | None, priors: bool) -> None:
     urls = {n.name: n.base_url for n in stack.sandboxes}
-    (stack.tmp / "catalog.toml").write_text(catalog_toml(market, at, urls))
+    (stack.tmp / "catalog.toml").write_text(catalog_toml(market, at, urls, priors))
 
 
-def reload_catalog(stack: Stack, market: Market, at: float) -> None:
+def reload_catalog(stack: Stack, market: Market, at: float, priors: bool) -> None:
     from app.catalog import load_catalog
     from app.db import session_scope
 
-    write_catalog(stack, market, at)
+    write_catalog(stack, market, at, priors)
     with session_scope() as session:
         load_catalog(session, stack.tmp / "catalog.toml")
 
@@ -328,7 +333,9 @@ def run_load(
     return sorted(done, key=lambda s: s.index)
 
 
-def catalog_follower(stack: Stack, market: Market, stop: threading.Event) -> threading.Thread:
+def catalog_follower(
+    stack: Stack, market: Market, stop: threading.Event, priors: bool
+) -> threading.Thread:
     """Reloads the catalog at each price change of the market, as an operator would."""
 
     def follow() -> None:
@@ -336,7 +343,7 @@ def catalog_follower(stack: Stack, market: Market, stop: threading.Event) -> thr
             if stop.wait(max(0.0, at - time.time())):
                 return
             try:
-                reload_catalog(stack, market, at + 0.001)
+                reload_catalog(stack, market, at + 0.001, priors)
                 say(
                     f"bench-routing: catalog reloaded at a price change ({time.time() - at:.2f} s late)"
                 )
@@ -470,6 +477,14 @@ def analyse_one(
         int(usage.get("output_tokens") or sent.max_output_tokens),
     )
     row["best"] = look.best
+    # What the exchange quoted for the served and the best, against their true latencies.
+    quoted = {q.get("provider"): q.get("estimated_latency_ms") for q in quotes}
+    row["quoted_ms"] = {n: quoted.get(n) for n in {served, look.best} if n}
+    row["true_ms"] = {
+        n: round(expected_latency_ms(configs[n], sent.max_output_tokens), 1)
+        for n in {served, look.best}
+        if n in configs
+    }
     row["regret"] = look.regret(served)
     row["best_picked"] = served == look.best
     row["outside_limits"] = look.best is not None and served not in look.allowed
@@ -644,7 +659,7 @@ def run(args: argparse.Namespace, stack: Stack, results: dict[str, Any]) -> None
         control(node, "reset")
         control(node, "config", {"drift_epoch": epoch})
     stop = threading.Event()
-    follower = catalog_follower(stack, market, stop)
+    follower = catalog_follower(stack, market, stop, args.priors)
     say(f"bench-routing: measured run, {args.duration:.0f} s, {args.concurrency} clients")
     try:
         sent = run_load(

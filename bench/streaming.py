@@ -189,6 +189,51 @@ def exchange_stream(base_url: str, api_key: str, max_tokens: int, timeout_s: flo
         conn.close()
 
 
+def timed_post(base_url: str, path: str, body: dict[str, Any], headers: dict[str, str]) -> float:
+    """A whole non-streaming answer, in ms (-1 when it was not a 200)."""
+    host, port = _host_port(base_url)
+    conn = http.client.HTTPConnection(host, port, timeout=120)
+    try:
+        started = time.perf_counter()
+        conn.request("POST", path, body=json.dumps(body), headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+        return (time.perf_counter() - started) * 1000 if resp.status == 200 else -1.0
+    finally:
+        conn.close()
+
+
+def non_streaming_added(stack: Stack, api_key: str, total: int, tokens: int) -> dict[str, Any]:
+    """For comparison: what the exchange adds to the same completion, not streamed (c1)."""
+    say(f"bench-streaming: the same completion not streamed, c1, {total} each way")
+    provider = stack.sandboxes[0].base_url
+    json_headers = {"Content-Type": "application/json"}
+    direct_body = {
+        "model": SANDBOX_MODEL_ID,
+        "messages": [{"role": "user", "content": "Stream me a story."}],
+        "max_tokens": tokens,
+    }
+    ours_body = {
+        "model": "llama-3.1-8b",
+        "input": "Stream me a story.",
+        "max_output_tokens": tokens,
+    }
+    auth = {**json_headers, "Authorization": f"Bearer {api_key}"}
+    path = urlsplit(provider).path.rstrip("/") + "/chat/completions"
+    direct = [timed_post(provider, path, direct_body, json_headers) for _ in range(total)]
+    ours = [timed_post(stack.base_url, "/v1/inference", ours_body, auth) for _ in range(total)]
+    d, o = [v for v in direct if v >= 0], [v for v in ours if v >= 0]
+    p50d, p50o, p99d, p99o = pct(d, 50), pct(o, 50), pct(d, 99), pct(o, 99)
+    return {
+        "requests": total,
+        "ok": {"direct": len(d), "exchange": len(o)},
+        "provider_p50_ms": p50d,
+        "exchange_p50_ms": p50o,
+        "added_p50_ms": None if p50d is None or p50o is None else round(p50o - p50d, 2),
+        "added_p99_ms": None if p99d is None or p99o is None else round(p99o - p99d, 2),
+    }
+
+
 def pct(values: list[float], p: float) -> float | None:
     if not values:
         return None
@@ -432,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         many(lambda: exchange_stream(stack.base_url, key, args.tokens), 8, 4)  # warm-up
         total1, total16 = (10, 48) if args.quick else (40, 160)
+        results["non_streaming_c1"] = non_streaming_added(stack, key, total1, args.tokens)
         results["ttft_pacing"] = [
             ttft_and_pacing(stack, key, 1, total1, args.tokens, args.tokens_per_s),
             ttft_and_pacing(stack, key, 16, total16, args.tokens, args.tokens_per_s),
@@ -465,9 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output / f"{stamp}-streaming.json"
     with contextlib.suppress(OSError):
         report.write_json(out, results)
-    print(
-        json.dumps({k: results.get(k) for k in ("ttft_pacing", "capacity")}, indent=1, default=str)
-    )
+    shown = ("non_streaming_c1", "ttft_pacing", "capacity")
+    print(json.dumps({k: results.get(k) for k in shown}, indent=1, default=str))
     say(f"bench-streaming: results in {out}")
     if code == 0:
         shutil.rmtree(tmp, ignore_errors=True)

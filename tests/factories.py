@@ -224,8 +224,8 @@ def footprint(owner: Owner | TestAccount) -> tuple[int, int]:
 
 
 def make_probe_results(redis_client: Any, now: float | None = None) -> Any:
-    """Every catalog provider checked once (as the quote board's refresh does): each gets a
-    board entry (checks do not count in the success rate: executions do)."""
+    """Every catalog provider probed once (the beat's health probe): each gets a probe result,
+    and so a success rate."""
     settings = get_settings()
     with session_scope() as session:
         return probe_all(

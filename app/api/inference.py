@@ -109,6 +109,17 @@ def document_streaming(spec: Any) -> None:
         ". With `stream: true`: Server-Sent Events (`routing`, `delta`, then `completed` or "
         "`failed`; docs/api.md, Streaming) and the `X-Flopex-Job-Id` header."
     )
+    chat = spec._paths.get("/v1/chat/completions", {}).get("post", {}).get("responses", {})
+    if "200" in chat:
+        chat["200"].setdefault("content", {})["text/event-stream"] = {
+            "schema": {
+                "type": "string",
+                "description": "With `stream: true`: `data: {chat.completion.chunk}` lines "
+                "(role, content and tool_calls deltas, finish_reason; a usage chunk with "
+                "`stream_options.include_usage`), then `data: [DONE]` (docs/api.md, Chat "
+                "Completions streaming).",
+            }
+        }
 
 
 # Authentication and the rate limit come before validation, as with Stripe: an unauthenticated
@@ -317,6 +328,7 @@ class InferenceCollection(MethodView):
             principal.account_id,
             JobFilter(
                 status=query.get("status"),
+                model=query.get("model"),
                 customer_ref=query.get("customer_ref"),
                 created_after=query.get("created_after"),
                 created_before=query.get("created_before"),
@@ -379,7 +391,7 @@ _LAST_EVENT_ID_DOC = {
     "name": "Last-Event-ID",
     "in": "header",
     "required": False,
-    "schema": {"type": "string", "pattern": "^[0-9]+-[0-9]+$"},
+    "schema": {"type": "string", "pattern": "^[0-9]+(-[0-9]+)?$"},
     "description": "The `id` of the last event received: the stream resumes after it, nothing "
     "missing or repeated. Absent: from the first event.",
 }
@@ -409,7 +421,7 @@ class InferenceEvents(MethodView):
         after = request.headers.get("Last-Event-ID")
         if after is not None and not events.EVENT_ID.fullmatch(after.strip()):
             raise InvalidRequest(
-                "Last-Event-ID must be an event id (digits-digits).", "Last-Event-ID"
+                "Last-Event-ID must be an event id (digits-digits, or digits).", "Last-Event-ID"
             )
         found = job.id
         db().rollback()  # hold no connection while streaming

@@ -20,6 +20,7 @@ from app.exceptions import status_for
 from app.jobs import events, states
 from app.jobs.events import COMPLETED, DELTA, FAILED, ROUTING, Event
 from app.json import dumps_exact
+from app.metrics import STREAMS_CLOSED, STREAMS_OPEN
 from config.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,8 @@ def relay(
 
     def body() -> Iterator[bytes]:
         ended = False
+        how = "error"
+        STREAMS_OPEN.inc()
         try:
             if not ready:
                 yield KEEPALIVE  # the headers go out now, before the first event
@@ -214,13 +217,18 @@ def relay(
                 # A batch is written at once: one write for all the events Redis had.
                 yield b"".join(frame for event in batch for frame in frames(event))
                 ended = ended or batch[-1].terminal
+            how = "ended"
         except GeneratorExit:
+            how = "client_left"
             # The server closes the body when the client has gone (a write failed). A fault of
             # ours (Redis, PostgreSQL) ends the body too, but is not the client leaving: the
             # job carries on and the client can resume it.
             if not ended and stop_on_disconnect:
                 _stop(job_id, celery)
             raise
+        finally:
+            STREAMS_OPEN.dec()
+            STREAMS_CLOSED.labels(how).inc()
 
     response = Response(body(), mimetype="text/event-stream")
     response.headers.update({**_HEADERS, **(headers or {})})

@@ -202,7 +202,11 @@ def scatter_chart(
                 f'<path d="M{x - 6:.1f},{y - 6:.1f}L{x + 6:.1f},{y + 6:.1f}M{x + 6:.1f},'
                 f'{y - 6:.1f}L{x - 6:.1f},{y + 6:.1f}" stroke="{RED}" stroke-width="2"/>'
             )
-        parts.append(_text(x + 14, y - 10, p.label, "start", "label"))
+        # Labels right of their point, or left of it near the right edge (never clipped).
+        if x > _LEFT + plot_w * 0.7:
+            parts.append(_text(x - 14, y - 10, p.label, "end", "label"))
+        else:
+            parts.append(_text(x + 14, y - 10, p.label, "start", "label"))
     return _svg(title, desc, "".join(parts))
 
 
@@ -274,7 +278,16 @@ def sparkline(title: str, values: Sequence[int | None], live: Sequence[bool]) ->
             )
     line = (
         f'<polyline points="{" ".join(points)}" fill="none" stroke="{BLUE}" stroke-width="1.5"/>'
-        if points
+        if len(points) > 1
+        else ""
+    )
+    # A single point has no line: a dot (a provider checked within the last minute only).
+    dots = (
+        "".join(
+            f'<circle cx="{p.split(",")[0]}" cy="{p.split(",")[1]}" r="2.5" fill="{BLUE}"/>'
+            for p in points
+        )
+        if len(points) == 1
         else ""
     )
     down = sum(1 for up in live if not up)
@@ -283,4 +296,4 @@ def sparkline(title: str, values: Sequence[int | None], live: Sequence[bool]) ->
         if known
         else f"{n} points, none answered"
     )
-    return _svg(title, desc, line + "".join(marks), width, height)
+    return _svg(title, desc, line + dots + "".join(marks), width, height)

@@ -415,7 +415,8 @@ def route_pictures(job: Job) -> dict[str, Any]:
         )
         points.append(
             charts.Point(
-                name,
+                # The success rate beside the name: the one quote dimension not on an axis.
+                name if rate is None else f"{name} · {rate * 100:.0f}%",
                 q["estimated_latency_ms"],
                 float(q["estimated_charge_usd"]),
                 bool(q["live"]),
@@ -425,7 +426,7 @@ def route_pictures(job: Job) -> dict[str, Any]:
             )
         )
     quotes_chart = charts.scatter_chart(
-        "Quotes: estimated latency against estimated charge",
+        "Quotes: estimated latency against estimated charge, with success rates",
         "; ".join(f"{p.label}: {p.note}" for p in points) or "no quotes",
         points,
         "ms",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC
 from typing import Any
 
 from app.exceptions import InvalidRequest
@@ -151,6 +152,10 @@ def check_messages(messages: Any, max_chars: int) -> tuple[list[dict[str, Any]],
         if role not in ROLES:
             raise InvalidRequest(f"{where}.role must be one of {', '.join(ROLES)}.", where)
         assert isinstance(message, dict)
+        # An optional field sent as null means its absence: an SDK's model_dump() of a reply
+        # writes "refusal", "audio", "annotations"... as null. Providers get only what says
+        # something.
+        message = {k: v for k, v in message.items() if v is not None or k == "content"}
         unknown = sorted(set(message) - _MESSAGE_KEYS[role])
         if unknown:
             raise InvalidRequest(
@@ -168,7 +173,7 @@ def check_messages(messages: Any, max_chars: int) -> tuple[list[dict[str, Any]],
         for key in ("name", "refusal"):
             if key in message and not isinstance(message[key], str | None):
                 raise InvalidRequest(f"{where}.{key} must be a string.", f"{where}.{key}")
-        sent.append({**message, "role": "system"} if role == "developer" else dict(message))
+        sent.append({**message, "role": "system"} if role == "developer" else message)
     text = "\n".join(texts)
     if len(text) > max_chars:
         raise InvalidRequest(f"The messages are longer than {max_chars} characters.", "messages")
@@ -308,7 +313,8 @@ def render_chat_completion(job: Job) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-{job.id.hex}",
         "object": "chat.completion",
-        "created": int(job.created_at.timestamp()),
+        # SQLite (the embedded default) hands back times without a zone; all are UTC.
+        "created": int(job.created_at.replace(tzinfo=job.created_at.tzinfo or UTC).timestamp()),
         "model": job.model,
         "choices": [
             {

@@ -111,10 +111,8 @@ def validate_idempotency_key(key: str | None) -> str | None:
     if key is not None and (
         not 1 <= len(key) <= idempotency.MAX_KEY_LENGTH or not (key.isascii() and key.isprintable())
     ):
-        # Printable ASCII, as the OpenAPI document's pattern says (issue 19).
         raise InvalidRequest(
-            f"Idempotency-Key must be 1 to {idempotency.MAX_KEY_LENGTH} printable ASCII "
-            "characters.",
+            f"Idempotency-Key must be 1 to {idempotency.MAX_KEY_LENGTH} printable ASCII characters.",
             "Idempotency-Key",
         )
     return key

@@ -32,7 +32,8 @@ TERMINAL = frozenset({COMPLETED, FAILED})
 
 # A Redis Stream entry id, as sent to clients in SSE `id:` lines and read back from
 # Last-Event-ID.
-EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+# An event id, or its millisecond part alone (Redis reads "5" as "5-0").
+EVENT_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
 _START = "0-0"
 
 

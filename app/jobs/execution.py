@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from app import webhooks
 from app.catalog import ModelCache, ModelEntry
-from app.db import Commit, defer_durability, make_durable
+from app.db import Commit, autocommit, defer_durability, make_durable
 from app.failpoints import failpoint, failpoint_raise
 from app.jobs import events, rows, states
 from app.jobs.events import EventWriter, queue_append
@@ -101,24 +101,19 @@ class RouteAndExecute:
     # -- entry points ---------------------------------------------------------------------
 
     def run(self, job_id: uuid.UUID) -> Outcome | None:
-        """Route a quoted job. None when another task already claimed it."""
-        now = utcnow()
-        # The claim is one statement and its own transaction, not waiting for its WAL flush:
-        # no row lock is held while the job is routed, and a claim lost with a crash leaves the
-        # job `routing`, which the sweeper sends back to quoting (no provider was called yet).
-        # The attempt's durable commit, before any provider call, flushes it too.
-        job = rows.claim(
-            self.session,
-            job_id,
-            states.QUOTING,
-            commit=Commit.ALONE_DEFERRED,
-            status=states.ROUTING,
-            updated_at=now,
-            started_at=now,
-        )
-        self.session.commit()  # hands the connection back: what follows opens its own
-        if job is None:
+        """Route a quoted job. None when it is no longer quoting (another delivery routed it)."""
+        # No claim of its own: the job is read (one statement, no transaction), routed, and
+        # its first write (the attempt, durable; or the failure) is fenced on the version read
+        # here. Two deliveries of one job may both route it; only one of their writes matches
+        # and the other stops (StaleDataError) before calling anyone. A worker that dies before
+        # that write leaves the job `quoting`, which the sweeper sends again: no provider was
+        # called. (docs/architecture.md: the commits of a request.)
+        autocommit(self.session)
+        job = self.session.get(Job, job_id)
+        if job is None or job.status != states.QUOTING:
+            self.session.rollback()
             return None
+        self.session.commit()  # hands the connection back: what follows opens its own
         failpoint("after_claim")
         offered, withdrawn = self._still_offered(job, job.quotes or [])
         options = {o["provider"]: o for o in offered}
@@ -143,6 +138,7 @@ class RouteAndExecute:
                 for q in quotes
             ],
             "routing": decision.to_dict(),
+            "started_at": utcnow(),
         }
         if decision.error_code:
             return self._fail(

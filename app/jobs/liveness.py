@@ -72,12 +72,8 @@ def held_by_the_dead(client: redis.Redis, job_ids: list[uuid.UUID]) -> list[uuid
     if int(client.info("server").get("uptime_in_seconds", 0)) < RESTART_GRACE_S:
         return []
     holders = client.mget([_holder_key(j) for j in job_ids])
-    # A client without decode_responses answers bytes.
-    named = [
-        (j, h.decode() if isinstance(h, bytes) else str(h))
-        for j, h in zip(job_ids, holders, strict=True)
-        if h
-    ]
+    # The client decodes responses (app/redis_client.py): holders are str.
+    named = [(j, str(h)) for j, h in zip(job_ids, holders, strict=True) if h]
     if not named:
         return []
     pipe = client.pipeline(transaction=False)

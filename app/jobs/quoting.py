@@ -63,8 +63,15 @@ def quote_job(
         if (e := entries.get(o["provider"])) is None or e.age_s(now) > policy.freshness_s
     ]
     if stale:
-        seen = {name: e.measured_at for name, e in entries.items()}
-        entries.update(board.refresh(client, breaker, stale, policy.quote_deadline_ms / 1000, seen))
+        entries.update(
+            board.refresh(
+                client,
+                breaker,
+                stale,
+                policy.quote_deadline_ms / 1000,
+                fresh_after=now - policy.freshness_s,
+            )
+        )
         now = time.time()
 
     quotes = []

@@ -10,17 +10,16 @@ transaction): the ORM's flush cost more CPU than the rest of the route step toge
 from __future__ import annotations
 
 import functools
-import uuid
 from typing import Any, cast
 
-from sqlalchemy import Update, bindparam, select, update
+from sqlalchemy import Update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
 
 from app.db import Commit, begin, without_flush_wait
-from app.fencing import fenced_update, param, params
+from app.fencing import fenced_update, params
 from app.models import Job, utcnow
 
 _JOBS = Job.__table__
@@ -35,20 +34,6 @@ _COLUMN_OF = {attr.key: attr.columns[0].key for attr in Job.__mapper__.column_at
 def _write_statement(job_columns: tuple[str, ...], no_flush: bool) -> Update:
     stmt = fenced_update(job_columns)
     return without_flush_wait(stmt) if no_flush else stmt
-
-
-@functools.lru_cache(maxsize=8)
-def _claim_statement(job_columns: tuple[str, ...], no_flush: bool) -> Any:
-    j = _JOBS.c
-    stmt = (
-        update(_JOBS)
-        .where(j.id == param("id"), j.status == bindparam("p_from_status", type_=j.status.type))
-        .values({**{k: param(k) for k in job_columns}, "version": j.version + 1})
-    )
-    if no_flush:
-        stmt = without_flush_wait(stmt)
-    stmt = stmt.returning(*_JOBS.c)
-    return select(Job).from_statement(stmt).execution_options(populate_existing=True)
 
 
 def columns(values: dict[str, Any]) -> dict[str, Any]:
@@ -82,22 +67,3 @@ def write(session: Session, job: Job, *, commit: Commit = Commit.JOINED, **value
     if result.rowcount != 1:
         raise StaleDataError(f"job {job.id}: version {version} is no longer current")
     mirror(job, values)
-
-
-def claim(
-    session: Session,
-    job_id: uuid.UUID,
-    from_status: str,
-    *,
-    commit: Commit = Commit.JOINED,
-    **values: Any,
-) -> Job | None:
-    """Move a job out of ``from_status`` with one conditional UPDATE and return it (None when
-    another task got there first). Only one claimant's UPDATE matches, under any concurrency.
-    ``commit`` as for :func:`write`."""
-    no_flush = begin(session, commit)
-    column_values = columns(values)
-    return session.scalars(
-        _claim_statement(tuple(sorted(column_values)), no_flush),
-        {**params(job_id, None, column_values), "p_from_status": from_status},
-    ).one_or_none()

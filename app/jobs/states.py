@@ -1,7 +1,8 @@
 """Job states. A job only moves forward, and every write checks and bumps the job's ``version``
 (a fencing token), so a worker that lost its claim can never write again.
 
-    quoting --(route claims)--> routing --(attempt recorded)--> executing
+    quoting --(decision and attempt recorded)--> executing
+    (routing: the claim of workers older than the quote board; still handled, no longer written)
     executing --(provider answered, result recorded)--> settling --(wallet settled)--> success
     any live state --(no route; every attempt failed)--> failed   (the hold is released)
     quoting | routing --(POST /v1/inference/{id}/cancel)--> cancelled (the hold is released)

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 from redis.client import Pipeline
-from redis.typing import EncodableT, FieldT
+from redis.typing import EncodableT
 
 from app.metrics import QUOTE_LATENCY
 from app.providers import history
@@ -82,7 +82,7 @@ class Entry:
     def age_s(self, now: float) -> float:
         return max(0.0, now - self.measured_at)
 
-    def mapping(self) -> dict[FieldT, EncodableT]:
+    def mapping(self) -> dict[EncodableT, EncodableT]:
         return {
             "live": 1 if self.live else 0,
             "rtt_ms": "" if self.rtt_ms is None else self.rtt_ms,
@@ -210,14 +210,14 @@ def _lead(
     timeout_s: float,
     token: str,
     release: Any,
-    seen_at: float | None = None,
+    fresh_after: float | None = None,
 ) -> Entry:
     try:
-        if seen_at is not None:
-            # Between the caller's read of the board and taking the flight, another flight may
-            # have landed (and freed the flight): its entry is as fresh as ours would be.
+        if fresh_after is not None:
+            # A flight that landed between the caller's read and this lock already did the
+            # work: one ping per provider per staleness, not one per waiter that came late.
             landed = read(client, [target.provider]).get(target.provider)
-            if landed is not None and landed.measured_at > seen_at:
+            if landed is not None and landed.measured_at >= fresh_after:
                 return landed
         return check(client, breaker, target, timeout_s)
     finally:
@@ -235,21 +235,20 @@ def refresh_one(
     breaker: Breaker,
     target: Target,
     timeout_s: float,
-    seen_at: float = 0.0,
+    fresh_after: float | None = None,
 ) -> Entry | None:
     """The provider's entry after a fresh check: ours if no check of it was in flight, else the
-    one in flight, waited for (at most ``timeout_s`` and a little); or one that landed since the
-    caller read the entry measured at ``seen_at`` (0: none). None when a flight we waited for
-    never landed (its process died): the caller keeps what it had."""
+    one in flight, waited for (at most ``timeout_s`` and a little). None when a flight we waited
+    for never landed (its process died): the caller keeps what it had. An entry measured since
+    ``fresh_after`` (a flight that landed after the caller's read) is returned without a ping."""
     acquire, release = _scripts(client)
     token = uuid.uuid4().hex
     held = acquire(keys=[_lock_key(target.provider)], args=[token, _lock_ms(timeout_s)])
     if held is None:
-        return _lead(client, breaker, target, timeout_s, token, release, seen_at)
+        return _lead(client, breaker, target, timeout_s, token, release, fresh_after)
     done = _done_key(str(held))
-    # redis-py's stub says int, the command takes fractional seconds (Redis >= 6).
-    waited = client.blmove(done, done, timeout_s + 0.5, "RIGHT", "LEFT")  # type: ignore[arg-type]
-    if waited is None:
+    # redis-py types the timeout as int; the server takes seconds with decimals.
+    if client.blmove(done, done, timeout_s + 0.5, "RIGHT", "LEFT") is None:  # type: ignore[arg-type]
         return None
     return read(client, [target.provider]).get(target.provider)
 
@@ -269,21 +268,17 @@ def refresh(
     breaker: Breaker,
     targets: Sequence[Target],
     timeout_s: float,
-    seen: Mapping[str, float] | None = None,
+    fresh_after: float | None = None,
 ) -> dict[str, Entry]:
     """Refreshes every target (in parallel when there are several) under single flight and
-    returns the entries that landed. ``seen``: the ``measured_at`` of the entry the caller read
-    for each provider (none: 0); a newer one landed since is used as is."""
-    seen = seen or {}
+    returns the entries that landed."""
     if not targets:
         return {}
     if len(targets) == 1:
-        t = targets[0]
-        found = refresh_one(client, breaker, t, timeout_s, seen.get(t.provider, 0.0))
+        found = refresh_one(client, breaker, targets[0], timeout_s, fresh_after)
         return {found.provider: found} if found else {}
     futures = [
-        _executor().submit(refresh_one, client, breaker, t, timeout_s, seen.get(t.provider, 0.0))
-        for t in targets
+        _executor().submit(refresh_one, client, breaker, t, timeout_s, fresh_after) for t in targets
     ]
     entries = [f.result() for f in futures]
     return {e.provider: e for e in entries if e is not None}
@@ -302,7 +297,7 @@ def queue_execution_outcome(
     The hash's other fields (the round trip) stay as the last check left them. Written with a
     pipeline's other commands (one round trip)."""
     measured = now or time.time()
-    fields: dict[FieldT, EncodableT] = {
+    fields: dict[EncodableT, EncodableT] = {
         "live": 1 if ok else 0,
         "measured_at": repr(measured),
         "error": "" if ok else (error or "execution_failed"),

@@ -178,7 +178,7 @@ def test_tools_round_trip(sdk, pipeline, client):
     assert sent["tools"] == [WEATHER] and sent["tool_choice"] == "auto"
 
     messages += [
-        choice.message.model_dump(exclude_none=True),
+        choice.message.model_dump(),  # "refusal": null and all: not sent on
         {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'},
     ]
     second = api.chat.completions.create(
@@ -188,6 +188,7 @@ def test_tools_round_trip(sdk, pipeline, client):
     assert second.choices[0].message.content and not second.choices[0].message.tool_calls
     sent = _last_request(pipeline, second.model_extra["flopex"]["provider"])
     assert sent["messages"][-1] == messages[-1]
+    assert sent["messages"][1] == choice.message.model_dump(exclude_none=True) | {"content": None}
     assert sent["messages"][1]["tool_calls"][0]["id"] == call.id
     # tool_choice "none": no call, whatever the tools.
     none = api.chat.completions.create(

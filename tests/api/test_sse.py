@@ -93,3 +93,18 @@ def test_a_chat_failure_is_an_error_object_then_the_end():
     error = {"type": "api_error", "code": "provider_error", "message": "cut", "job_id": JOB}
     got = encode(frames, [Event("1-0", "failed", {"error": error, "status": "failed"})])
     assert got == [{"error": error}]
+
+
+def test_the_openapi_document_describes_the_streams(client):
+    spec = client.get("/openapi.json").get_json()
+    paths = spec["paths"]
+    submit = paths["/v1/inference"]["post"]["responses"]["200"]["content"]
+    assert set(submit) == {"application/json", "text/event-stream"}
+    assert submit["text/event-stream"]["schema"] == {"$ref": "#/components/schemas/StreamEvent"}
+    events = paths["/v1/inference/{job_id}/events"]["get"]
+    assert "text/event-stream" in events["responses"]["200"]["content"]
+    assert [p["name"] for p in events["parameters"] if p["in"] == "header"] == ["Last-Event-ID"]
+    event = spec["components"]["schemas"]["StreamEvent"]["properties"]
+    assert event["event"]["enum"] == ["routing", "delta", "completed", "failed"]
+    chat = paths["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    assert "text/event-stream" in chat

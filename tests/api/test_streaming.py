@@ -394,3 +394,22 @@ def test_stream_events_are_bounded_and_expire(redis_client):
     for i in range(40):
         small.append("delta", {"text": str(i)})
     assert redis_client.xlen(events._key(job_id)) == 16
+
+
+def test_streams_are_counted_in_the_metrics(web, providers, make_account):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def closed(how: str) -> float:
+        stream = open_stream(web, "GET", "/metrics", {})
+        body = stream.response.read().decode()
+        stream.conn.close()
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                if sample.name == "flopex_streams_closed_total" and sample.labels == {"how": how}:
+                    return sample.value
+        return 0.0
+
+    account = make_account("10.00")
+    before = closed("ended")
+    read_all(open_stream(web, "POST", "/v1/inference", account.headers, {**BODY, "stream": True}))
+    assert eventually(lambda: True if closed("ended") == before + 1 else None)

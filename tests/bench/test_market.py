@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import requests
 
-from app.catalog import _check_shape, _expand
+from app.catalog import _check_shape, _expand, _speed_priors
 from bench.market import (
     MARKET_FILE,
     Market,
@@ -25,7 +25,7 @@ from bench.market import (
     hindsight,
     load_market,
 )
-from bench.routing import Sent, analyse_one, spearman
+from bench.routing import LIMITS, Sent, analyse, analyse_one, print_report, spearman, targets
 from sandbox import SandboxConfig, SandboxProvider
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,6 +70,10 @@ def test_the_checked_in_catalog_is_the_generated_one() -> None:
     market = load_market(150.0, 0.0, MARKET_FILE)
     assert shipped == catalog_toml(market)
     _check_shape(_expand(tomllib.loads(shipped)))
+    with_priors = tomllib.loads(catalog_toml(market, priors=True))
+    _check_shape(_expand(with_priors))
+    first = with_priors["offerings"][0]
+    assert _speed_priors(first, "m01") == (300, Decimal("40.00"))
 
 
 def test_catalog_follows_scheduled_prices() -> None:
@@ -183,3 +187,37 @@ def test_market_node_serves_several_providers(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
         process.communicate(timeout=10)
+
+
+def test_report_of_a_small_run(capsys: pytest.CaptureFixture[str]) -> None:
+    market = _two()
+    ok = {
+        "status": "success",
+        "provider": "quick",
+        "usage": {"input_tokens": 20, "output_tokens": 100},
+        "routing": {
+            "ranked_first": "quick",
+            "attempts": [{"provider": "quick", "outcome": "success", "latency_ms": 260}],
+            "quotes": [{"provider": "quick", "estimated_latency_ms": 255, "age_ms": 10}],
+        },
+    }
+    refused = {"error": {"code": "max_latency_exceeded"}}
+    sent = [
+        Sent(i, profile, limit, 0.0, "hi", 100, None, 1000 if limit == "max_latency_ms" else None)
+        for i, (profile, limit) in enumerate(
+            (p, lim) for p in ("fast", "balanced", "economy") for lim in LIMITS
+        )
+    ]
+    for s in sent:
+        s.status, s.body = (422, refused) if s.limit == "max_price_usd" else (200, ok)
+    analysis = analyse(sent, market, MARKUP, WEIGHTS)
+    assert analysis["profiles"]["fast"]["requests"] == 3
+    assert analysis["profiles"]["fast"]["errors"] == {"max_latency_exceeded": 1}
+    # Served by quick: 46 / 9 - 1 without a limit; within 1000 ms only quick is allowed: 0.
+    economy = analysis["profiles"]["economy"]["regret_mean"]
+    assert economy == pytest.approx((46 / 9 - 1) / 2, abs=1e-4)
+    assert analysis["profiles"]["fast"]["stale"] == 0
+    print_report({"analysis": analysis, "targets": targets(analysis)})
+    out = capsys.readouterr().out
+    assert "| **fast** | 3 | 33.3 % |" in out
+    assert "stale decisions 0 (0)" in out

@@ -116,13 +116,16 @@ def test_the_console_end_to_end(
     account: Account = make_account("5.00", name="browser")
     other: Account = make_account("1.00", name="someone else")
 
-    # Two probes, so the market has a history to draw.
     settings = get_settings()
-    for _ in range(2):
+
+    def check_board() -> None:
+        """What beat has the workers do every second (FLOPEX_QUOTE_REFRESH_S)."""
         with session_scope() as session:
             probe_all(
                 session, redis_client, Breaker.from_settings(redis_client, settings), timeout_s=2
             )
+
+    check_board()
 
     # Signing in: the page, a wrong key refused, the right key in.
     driver.get(f"{base}/console/sign-in")
@@ -154,6 +157,8 @@ def test_the_console_end_to_end(
     failed = submit().json()["error"]["job_id"]
     for provider in pipeline.values():
         provider.configure(fault=None)
+    # The board, checked every second in production, sees them answer again.
+    check_board()
 
     # A request through the API appears in Activity with its cost.
     answer = requests.post(
@@ -244,6 +249,21 @@ def test_the_console_end_to_end(
     )
     shot(driver, "wallet")
 
+    # The board is checked every second in production; here, once more now (the failed
+    # executions above marked bravo and charlie down until their next good check).
+    check_board()
+    # And the last 40 minutes as a running exchange would have checked them (the checks above
+    # are all in this minute): a history to draw, with two minutes where charlie was down.
+    from app.providers import history
+
+    base_rtt = {"alpha": 200, "bravo": 4, "charlie": 20}
+    for minutes_ago in range(40, 0, -1):
+        at = time.time() - 60 * minutes_ago
+        for name, rtt in base_rtt.items():
+            down = name == "charlie" and minutes_ago in (12, 13)
+            history.record(
+                redis_client, name, at, not down, None if down else rtt + minutes_ago % 7
+            )
     driver.get(f"{base}/console/market")
     assert {
         r.find_element("css selector", "th").text for r in css(driver, "#providers tbody tr")
@@ -253,6 +273,9 @@ def test_the_console_end_to_end(
         "charlie",
     }
     assert "no history" not in driver.page_source
+    for cell in css(driver, "#providers td.spark"):  # each provider's last hour is drawn
+        assert cell.find_elements("css selector", "svg polyline, svg circle")
+    assert "down" not in by_id(driver, "providers").text
     # alpha's llama input price, 0.05 USD/M, with the 15 % margin the tests run with.
     assert "$0.057500 / $0.092000" in driver.page_source
     shot(driver, "market")

@@ -276,3 +276,26 @@ def test_the_playground_runs_the_apis_command_and_replays_a_resent_form(
     assert refused.status_code == 400 and "max_output_tokens" in refused.get_data(as_text=True)
     refused = client.post("/console/playground", data={**form, "metadata": "[1"})
     assert refused.status_code == 400 and "Not valid JSON" in refused.get_data(as_text=True)
+
+
+def test_a_queued_job_is_cancelled_from_its_page(
+    console: tuple[Any, Account], catalog: Any
+) -> None:
+    from app.catalog import ModelCache
+    from app.db import session_scope
+    from tests.conftest import ledger_kinds
+    from tests.factories import make_submitted_job
+
+    client, account = console
+    with session_scope() as session:
+        job_id = str(make_submitted_job(session, account, ModelCache(ttl_s=60), defer=False).job.id)
+    page = client.get(f"/console/jobs/{job_id}").get_data(as_text=True)
+    assert "Cancel this job" in page and 'http-equiv="refresh"' in page  # live: refreshes itself
+    answer = client.post(f"/console/jobs/{job_id}/cancel", data={"csrf_token": csrf_token(page)})
+    assert answer.status_code == 303
+    page = client.get(f"/console/jobs/{job_id}").get_data(as_text=True)
+    assert 'id="job-status">cancelled' in page and "Cancel this job" not in page
+    assert ledger_kinds(account)[-2:] == ["hold", "release"]
+    # Cancelling again: the API's refusal, as a page.
+    again = client.post(f"/console/jobs/{job_id}/cancel", data={"csrf_token": csrf_token(page)})
+    assert again.status_code == 409 and "job_not_cancellable" in again.get_data(as_text=True)

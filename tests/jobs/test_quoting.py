@@ -22,16 +22,6 @@ WINDOW_S = 300
 POLICY = ProfilePolicy(quote_deadline_ms=2000, queue="balanced", freshness_s=5.0)
 
 
-def _option(provider: str, base_url: str = "", offering_id: int = 1) -> dict[str, Any]:
-    return {
-        **route_option(provider),
-        "offering_id": offering_id,
-        "base_url": base_url or f"http://{provider}.invalid/v1",
-        "expected_ttft_ms": 30,
-        "expected_tokens_per_s": 100.0,
-    }
-
-
 @pytest.fixture
 def fresh(pipeline: dict[str, Any], redis_client: redis.Redis) -> dict[str, Any]:
     """The sandboxes, with an empty board and no speed history (the pipeline fixture)."""
@@ -51,7 +41,7 @@ def test_a_fresh_entry_is_used_without_a_ping_and_its_age_is_shown(fresh, redis_
     (quote,) = quote_job(
         redis_client,
         _breaker(redis_client),
-        [_option("alpha", alpha.base_url)],
+        [route_option("alpha", alpha.base_url)],
         POLICY,
         max_output_tokens=200,
         health_window_s=WINDOW_S,
@@ -74,7 +64,7 @@ def test_a_stale_entry_is_checked_before_the_quote(fresh, redis_client):
     (quote,) = quote_job(
         redis_client,
         _breaker(redis_client),
-        [_option("alpha", alpha.base_url)],
+        [route_option("alpha", alpha.base_url)],
         POLICY,
         max_output_tokens=10,
         health_window_s=WINDOW_S,
@@ -90,7 +80,7 @@ def test_a_stale_live_entry_whose_check_fails_is_not_live(fresh, redis_client):
     (quote,) = quote_job(
         redis_client,
         _breaker(redis_client),
-        [_option("ghost", "http://127.0.0.1:9/v1")],  # nothing listens on the discard port
+        [route_option("ghost", "http://127.0.0.1:9/v1")],  # nothing listens on the discard port
         POLICY,
         max_output_tokens=10,
         health_window_s=WINDOW_S,
@@ -133,7 +123,7 @@ def test_quotes_carry_each_providers_success_rate_counting_every_attempt(fresh, 
     alpha, bravo = quote_job(
         redis_client,
         _breaker(redis_client),
-        [_option("alpha", offering_id=1), _option("bravo", offering_id=2)],
+        [route_option("alpha", offering_id=1), route_option("bravo", offering_id=2)],
         POLICY,
         max_output_tokens=10,
         health_window_s=WINDOW_S,
@@ -177,7 +167,7 @@ def test_learned_speed_replaces_the_prior_once_measured(fresh, redis_client):
     (quote,) = quote_job(
         redis_client,
         _breaker(redis_client),
-        [_option("alpha")],
+        [route_option("alpha")],
         POLICY,
         max_output_tokens=100,
         health_window_s=WINDOW_S,

@@ -178,14 +178,13 @@ def test_a_resume_that_waited_while_the_job_moved_on_does_nothing(
     assert_books_balance(account)
 
 
-def test_killed_after_the_claim_is_quoted_again_and_completes_once(
-    crash_env, make_account, pipeline
-):
+def test_killed_while_routing_is_sent_again_and_completes_once(crash_env, make_account, pipeline):
     account = make_account()
     job_id = crash_at(crash_env, account, "after_claim")
     job = load(job_id)
-    # The claim committed by itself; no attempt was written and no provider called.
-    assert job.status == "routing" and not job.attempts
+    # The router read the job and died: nothing was written (no claim of its own), no attempt,
+    # no provider called; the job is still quoting and the sweeper sends it again.
+    assert job.status == "quoting" and not job.attempts
     assert sum(chat_calls(pipeline).values()) == 0
 
     crash_env["worker"]()
@@ -374,4 +373,32 @@ def test_every_attempt_shares_one_job_deadline(crash_env, make_account, pipeline
     assert job.status == "failed" and job.error_code == "timeout"
     assert [a["failure"] for a in job.attempts] == ["timeout", "timeout"]
     assert sum(1 for calls in chat_calls(pipeline).values() if calls) == 2
+    assert_books_balance(account)
+
+
+def test_two_deliveries_of_one_job_call_one_provider_once(crash_env, make_account, pipeline):
+    """Without a claim of their own, two routers of one job (a duplicate delivery, or the
+    sweeper's copy while the first still routes) may both read it; the first write of each (the
+    attempt, before any provider call) is fenced on the version read, so only one goes on."""
+    from sqlalchemy.orm.exc import StaleDataError
+
+    from app.db import Commit
+    from app.jobs import rows
+    from app.jobs.execution import RouteAndExecute
+
+    account = make_account()
+    job_id = submit(account, crash_env["settings"], crash_env["celery"])  # no worker: queued
+    args = (crash_env["client"], crash_env["settings"], crash_env["celery"])
+    with session_scope() as late:
+        stale = late.get(Job, job_id)  # the second router read the job while it was quoting
+        assert stale is not None and stale.status == "quoting"
+        late.commit()
+        with session_scope() as session:
+            outcome = RouteAndExecute(session, *args).run(job_id)
+        assert outcome is not None and outcome.status == "success"
+        with pytest.raises(StaleDataError):  # its attempt's write: the job moved on
+            rows.write(late, stale, commit=Commit.ALONE, status="executing", attempts=[{}])
+        late.rollback()
+    assert sum(chat_calls(pipeline).values()) == 1
+    assert ledger_kinds(account).count("capture") == 1
     assert_books_balance(account)

@@ -59,14 +59,6 @@ def test_write_maps_attribute_names_to_columns(db_session):
     assert stored == {"k": "v"}
 
 
-def test_only_the_first_claim_of_a_status_wins(db_session):
-    job = _job(db_session, states.QUOTING)
-    won = rows.claim(db_session, job.id, states.QUOTING, status=states.ROUTING)
-    assert won is not None and won.status == states.ROUTING
-    assert rows.claim(db_session, job.id, states.QUOTING, status=states.ROUTING) is None
-    assert _row(db_session, job)[0] == states.ROUTING
-
-
 def test_a_no_flush_write_in_autocommit_commits_by_itself_and_keeps_its_fence(make_account):
     from sqlalchemy import text
     from sqlalchemy.orm.attributes import set_committed_value

@@ -262,3 +262,51 @@ def test_stop_ends_a_slow_stream_promptly() -> None:
         provider.stop()
     wait_until(lambda: len(provider.streams_log()) == 1)
     assert provider.streams_log()[0]["outcome"] == "stopped"
+
+
+def test_response_format_streams_its_json(
+    provider: SandboxProvider, session: requests.Session
+) -> None:
+    body = _body(response_format={"type": "json_object"})
+    plain = session.post(f"{provider.base_url}/chat/completions", json=body, timeout=TIMEOUT)
+    stream = _read_stream(session, provider, {**body, "stream": True})
+    assert stream.text == plain.json()["choices"][0]["message"]["content"]
+    assert json.loads(stream.text).keys() == {"answer"}
+
+
+def test_tool_calls_stream_as_openai_does(
+    provider: SandboxProvider, session: requests.Session
+) -> None:
+    """The call's id, type and name first (empty arguments), then the arguments in fragments,
+    then finish_reason tool_calls; joined they are the unstreamed answer's call."""
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    body = _body(tools=[tool], tool_choice="required")
+    plain = session.post(f"{provider.base_url}/chat/completions", json=body, timeout=TIMEOUT)
+    [expected] = plain.json()["choices"][0]["message"]["tool_calls"]
+    stream = _read_stream(session, provider, {**body, "stream": True})
+    parts = [
+        part
+        for e in stream.events
+        if isinstance(e, dict) and e.get("choices")
+        for part in e["choices"][0]["delta"].get("tool_calls", [])
+    ]
+    assert parts[0] == {
+        "index": 0,
+        "id": expected["id"],
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": ""},
+    }
+    assert len(parts) > 2 and all(set(p) == {"index", "function"} for p in parts[1:])
+    assert "".join(p["function"]["arguments"] for p in parts) == expected["function"]["arguments"]
+    assert stream.events[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    assert stream.events[-1] == "[DONE]"
