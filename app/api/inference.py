@@ -360,8 +360,12 @@ class InferenceItem(MethodView):
         wait_s = min(float(query["wait"]), settings.max_wait_s)
         if wait_s > 0 and job.status not in states.FINAL:
             session = db()
+            # Read before the rollback: it expires the job, and job.id would then be loaded
+            # again, holding a pooled connection for the whole wait (issue 19: 300 long-polls
+            # exhausted the pool and every other request waited for a connection).
+            waited_id = job.id
             session.rollback()  # hold no connection while waiting
-            wait_done(get_redis(), job.id, wait_s)
+            wait_done(get_redis(), waited_id, wait_s)
             session.expire_all()
             job = own_job(session, principal.account_id, job_id)
         return _json_response(job_text(job), 200)

@@ -165,3 +165,47 @@ def test_inference_through_the_web_server(
     answers = run_together([one(i) for i in range(40)])
     assert [a.status_code for a in answers] == [200] * 40, [a.text for a in answers]
     assert {a.json()["status"] for a in answers} == {"success"}
+
+
+def test_open_long_polls_hold_no_database_connection(
+    web_server: Any, catalog: Any, make_account: Any, redis_client: Any
+) -> None:
+    """More long-polls than the web process has database connections (4 + 4 in tests), all
+    waiting at once: an ordinary request is still answered while they wait. (A waiting request
+    used to hold a pooled connection for its whole wait: the 9th one and every other request
+    then waited for a connection.)"""
+    import threading
+
+    account = make_account("5.00")
+    base = web_server.base_url
+    accepted = requests.post(
+        f"{base}/v1/inference",
+        json={"model": "llama-3.1-8b", "input": "x", "max_output_tokens": 8},
+        headers={**account.headers, "Prefer": "respond-async"},
+        timeout=30,
+    )
+    assert accepted.status_code == 202, accepted.text
+    job_id = accepted.json()["id"]  # no worker in this test: it stays queued
+    waiting = 40
+    blocked_before = int(redis_client.info("clients")["blocked_clients"])
+    answers: list[int] = []
+
+    def poll() -> None:
+        resp = requests.get(
+            f"{base}/v1/inference/{job_id}?wait=20", headers=account.headers, timeout=60
+        )
+        answers.append(resp.status_code)
+
+    polls = [threading.Thread(target=poll) for _ in range(waiting)]
+    for t in polls:
+        t.start()
+    deadline = time.monotonic() + 30
+    while int(redis_client.info("clients")["blocked_clients"]) < blocked_before + waiting:
+        assert time.monotonic() < deadline, "the long-polls never all waited"
+        time.sleep(0.05)  # waiting for every poll to block on its completion signal
+    wallet = requests.get(f"{base}/v1/wallet", headers=account.headers, timeout=15)
+    assert wallet.status_code == 200, wallet.text
+    assert answers == []  # answered while every poll was still waiting
+    for t in polls:
+        t.join(timeout=60)
+    assert answers == [200] * waiting
