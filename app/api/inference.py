@@ -386,7 +386,7 @@ _LAST_EVENT_ID_DOC = {
     "name": "Last-Event-ID",
     "in": "header",
     "required": False,
-    "schema": {"type": "string", "pattern": "^[0-9]+-[0-9]+$"},
+    "schema": {"type": "string", "pattern": "^[0-9]{1,19}(-[0-9]{1,19})?$"},
     "description": "The `id` of the last event received: the stream resumes after it, nothing "
     "missing or repeated. Absent: from the first event.",
 }
@@ -416,7 +416,7 @@ class InferenceEvents(MethodView):
         after = request.headers.get("Last-Event-ID")
         if after is not None and not events.EVENT_ID.fullmatch(after.strip()):
             raise InvalidRequest(
-                "Last-Event-ID must be an event id (digits-digits).", "Last-Event-ID"
+                "Last-Event-ID must be an event id (digits-digits, or digits).", "Last-Event-ID"
             )
         found = job.id
         db().rollback()  # hold no connection while streaming

@@ -584,13 +584,17 @@ class StreamEventSchema(Schema):
         validate=validate.OneOf(("routing", "delta", "completed", "failed")),
         metadata={"description": "The event's name."},
     )
-    data = fields.Dict(
+    # On the wire `data` is text: a JSON object, serialized (schemathesis checks the events
+    # against this schema as received).
+    data = fields.String(
         metadata={
-            "description": "routing: `id`, `provider` (about to be asked), `winner`, `order`, "
+            "contentMediaType": "application/json",
+            "description": "A JSON object, as text. "
+            "routing: `id`, `provider` (about to be asked), `winner`, `order`, "
             "`dropped`, `reason`. delta: `text`, and `tool_calls` fragments when the provider "
             "sent them. completed: the job as GET /v1/inference/{id} returns it, plus "
             "`finish_reason`. failed: `error` (the one error shape, with `job_id`), `status` "
             "(failed or cancelled) and, for a stream cut after its first token, `output_text`, "
-            "`usage`, `billing`, `provider`."
+            "`usage`, `billing`, `provider`.",
         }
     )
