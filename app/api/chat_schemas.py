@@ -75,6 +75,7 @@ class ChatCompletionRequestSchema(Schema):
     messages = fields.List(
         fields.Dict(),
         required=True,
+        validate=validate.Length(min=1),
         metadata={
             # Stated for the OpenAPI document; the command refuses an empty list (issue 19).
             "minItems": 1,

@@ -328,6 +328,7 @@ class InferenceCollection(MethodView):
             principal.account_id,
             JobFilter(
                 status=query.get("status"),
+                model=query.get("model"),
                 customer_ref=query.get("customer_ref"),
                 created_after=query.get("created_after"),
                 created_before=query.get("created_before"),

@@ -452,6 +452,13 @@ class JobListQuerySchema(Schema):
         unknown = RAISE
 
     status = fields.String(validate=validate.OneOf(list(states.INTERNAL)))
+    model = fields.String(
+        validate=[
+            validate.Length(min=1, max=128),
+            validate.ContainsNoneOf("\x00", error="Must not contain NUL characters."),
+        ],
+        metadata={"description": "Only jobs for this model alias, as requested"},
+    )
     customer_ref = fields.String(
         # PostgreSQL text cannot hold NUL: without this, a NUL in the filter was a 500.
         # A pattern, not ContainsNoneOf: the OpenAPI document then states the rule.
@@ -584,12 +591,9 @@ class StreamEventSchema(Schema):
         validate=validate.OneOf(("routing", "delta", "completed", "failed")),
         metadata={"description": "The event's name."},
     )
-    # On the wire `data` is text: a JSON object, serialized (schemathesis checks the events
-    # against this schema as received).
     data = fields.String(
         metadata={
-            "contentMediaType": "application/json",
-            "description": "A JSON object, as text. "
+            "description": "A JSON object, as text (SSE data is text). "
             "routing: `id`, `provider` (about to be asked), `winner`, `order`, "
             "`dropped`, `reason`. delta: `text`, and `tool_calls` fragments when the provider "
             "sent them. completed: the job as GET /v1/inference/{id} returns it, plus "

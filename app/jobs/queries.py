@@ -39,7 +39,7 @@ class JobFilter:
 
     status: str | None = None
     customer_ref: str | None = None
-    model: str | None = None  # the console's filter (the API has no such parameter yet)
+    model: str | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
     starting_after: uuid.UUID | None = None

@@ -102,6 +102,12 @@ def test_list_filters_and_paginates(client, pipeline, make_account):
 
     refs = client.get("/v1/inference?customer_ref=a", headers=account.headers).get_json()
     assert [j["id"] for j in refs["data"]] == [ids[2], ids[0]]
+    by_model = client.get("/v1/inference?model=qwen-7b", headers=account.headers).get_json()
+    assert [j["id"] for j in by_model["data"]] == ids[::-1]
+    assert (
+        client.get("/v1/inference?model=llama-3.1-8b", headers=account.headers).get_json()["data"]
+        == []
+    )
     assert (
         len(client.get("/v1/inference?status=success", headers=account.headers).get_json()["data"])
         == 3

@@ -24,8 +24,6 @@ def test_schemathesis_all_checks_pass_against_the_spec(
             str(Path(__file__).with_name("schemathesis.toml")),
             "run",
             f"{web_server.base_url}/openapi.json",
-            "--checks",
-            "all",
             "--header",
             f"Authorization: Bearer {account.api_key}",
             "--max-examples",
