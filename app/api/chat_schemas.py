@@ -77,9 +77,11 @@ class ChatCompletionRequestSchema(Schema):
         required=True,
         validate=validate.Length(min=1),
         metadata={
+            # Stated for the OpenAPI document; the command refuses an empty list (issue 19).
+            "minItems": 1,
             "description": "system, developer (sent as system), user, assistant (with "
             "tool_calls) and tool messages; content a string or an array of text parts. "
-            "Images, audio and files are refused (400 naming the part)."
+            "Images, audio and files are refused (400 naming the part).",
         },
     )
     max_tokens = StrictInteger(

@@ -391,7 +391,7 @@ _LAST_EVENT_ID_DOC = {
     "name": "Last-Event-ID",
     "in": "header",
     "required": False,
-    "schema": {"type": "string", "pattern": "^[0-9]+(-[0-9]+)?$"},
+    "schema": {"type": "string", "pattern": "^[0-9]{1,19}(-[0-9]{1,19})?$"},
     "description": "The `id` of the last event received: the stream resumes after it, nothing "
     "missing or repeated. Absent: from the first event.",
 }

@@ -599,6 +599,6 @@ class StreamEventSchema(Schema):
             "sent them. completed: the job as GET /v1/inference/{id} returns it, plus "
             "`finish_reason`. failed: `error` (the one error shape, with `job_id`), `status` "
             "(failed or cancelled) and, for a stream cut after its first token, `output_text`, "
-            "`usage`, `billing`, `provider`."
+            "`usage`, `billing`, `provider`.",
         }
     )

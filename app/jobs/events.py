@@ -31,9 +31,9 @@ FAILED = "failed"
 TERMINAL = frozenset({COMPLETED, FAILED})
 
 # A Redis Stream entry id, as sent to clients in SSE `id:` lines and read back from
-# Last-Event-ID.
-# An event id, or its millisecond part alone (Redis reads "5" as "5-0").
-EVENT_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
+# Last-Event-ID: `<ms>-<seq>`, or `<ms>` alone (Redis reads it as `<ms>-0`); at most 19 digits
+# each, so that any value fits Redis's 64-bit parts.
+EVENT_ID = re.compile(r"[0-9]{1,19}(-[0-9]{1,19})?")
 _START = "0-0"
 
 

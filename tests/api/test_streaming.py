@@ -413,3 +413,21 @@ def test_streams_are_counted_in_the_metrics(web, providers, make_account):
     before = closed("ended")
     read_all(open_stream(web, "POST", "/v1/inference", account.headers, {**BODY, "stream": True}))
     assert eventually(lambda: True if closed("ended") == before + 1 else None)
+
+
+def test_last_event_id_takes_the_redis_id_forms(web, providers, make_account):
+    """`<ms>-<seq>` or `<ms>` alone (0: from the start); longer than Redis's 64-bit parts is a
+    400, never an error of ours."""
+    account = make_account("10.00")
+    stream = open_stream(web, "POST", "/v1/inference", account.headers, {**BODY, "stream": True})
+    job_id = stream.headers["X-Flopex-Job-Id"]
+    whole = read_all(stream)
+    path = f"/v1/inference/{job_id}/events"
+    from_zero = read_all(open_stream(web, "GET", path, {**account.headers, "Last-Event-ID": "0"}))
+    assert [e.id for e in from_zero] == [e.id for e in whole]
+    ms = whole[3].id.split("-")[0]
+    after_ms = read_all(open_stream(web, "GET", path, {**account.headers, "Last-Event-ID": ms}))
+    assert after_ms and after_ms[-1].event == "completed"
+    assert {e.id for e in after_ms} <= {e.id for e in whole}
+    status, body, _ = request_json(web, "GET", path, {**account.headers, "Last-Event-ID": "9" * 20})
+    assert status == 400 and body["error"]["param"] == "Last-Event-ID"
