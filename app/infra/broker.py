@@ -2,8 +2,8 @@
 
 The stock channel builds a new ``redis.Redis`` object (on its existing connection pool) for every
 publish, every unacked-message bookkeeping write and every acknowledgement. With redis-py 8 that
-object costs ~60 us to build, which is ~20 % of the CPU a worker spends on a message (measured:
-0.74 -> 0.60 ms per no-op task, docs/performance.md). A ``redis.Redis`` object is thread-safe (each
+object is costly to build, a measurable share of a worker's CPU per message (docs/performance.md
+has the figures). A ``redis.Redis`` object is thread-safe (each
 command takes a connection from the pool), so the channel keeps one. Everything else, including
 the asynchronous client that the worker's event loop uses for BRPOP, is the stock transport.
 

@@ -86,9 +86,9 @@ def _reject_closed(dbapi_conn, record, _proxy) -> None:  # type: ignore[no-untyp
     A connection at rest in the pool has nothing to read: the server speaks only when asked. If
     its socket has something (the server's FATAL "terminating connection" message, or the end
     of the stream), the server is gone from it. One non-blocking peek, no round trip: pre-ping's
-    `SELECT 1` cost 10-30 us per checkout on loopback (docs/performance.md), a network round trip
-    elsewhere. The peek is made on the descriptor through the C-level socket module, which gevent
-    does not patch (its socket would wait instead of answering at once)."""
+    `SELECT 1` costs a round trip per checkout (measured in docs/performance.md). The peek is
+    made on the descriptor through the C-level socket module, which gevent does not patch (its
+    socket would wait instead of answering at once)."""
     if not record.info.pop("flopex_idle", False):
         return
     if getattr(dbapi_conn, "closed", 0):
