@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import psycopg2
@@ -149,7 +150,8 @@ def register(app: Flask) -> None:
 def _unknown_route(app: Flask, method: str, path: str) -> str:
     routes = sorted(
         {
-            rule.rule.replace("<", "{").replace(">", "}")
+            # /v1/models/<path:model_id> is shown as /v1/models/{model_id}, as the spec names it.
+            re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
             for rule in app.url_map.iter_rules()
             if rule.rule.startswith("/v1/")
         }

@@ -19,6 +19,8 @@ def test_an_unknown_route_names_the_apis_routes(client: Any) -> None:
     assert "GET /v1/inferences" in error["message"]
     assert "/v1/inference" in error["message"] and "/docs" in error["message"]
     assert "If you entered the URL manually" not in error["message"]
+    # Path parameters as the spec names them, not Werkzeug's converters.
+    assert "/v1/models/{model_id}" in error["message"] and "path:" not in error["message"]
 
 
 def test_a_missing_job_is_still_job_not_found(client: Any, make_account: Any) -> None:
