@@ -142,6 +142,32 @@ def _send(
     )
 
 
+def _post_chat(
+    base_url: str,
+    headers: dict[str, str],
+    timeout: urllib3.Timeout,
+    body: bytes,
+    stream: bool = False,
+) -> urllib3.BaseHTTPResponse:
+    """POST /chat/completions, its transport failures classified: _Retryable only where the
+    provider cannot have received the request."""
+    try:
+        return _send("POST", f"{base_url}/chat/completions", headers, timeout, body, stream)
+    # Never connected, so the provider cannot have run it: safe to send again. (A refused
+    # connection is a NewConnectionError, itself a kind of connect timeout.)
+    except urllib3.exceptions.NewConnectionError as exc:
+        raise _Retryable("connect", "connection refused") from exc
+    except urllib3.exceptions.ConnectTimeoutError as exc:
+        raise _Retryable("connect", "connect timed out") from exc
+    except urllib3.exceptions.TimeoutError as exc:
+        raise ProviderFailure("timeout", "provider did not answer in time") from exc
+    except (urllib3.exceptions.ProtocolError, urllib3.exceptions.SSLError, OSError) as exc:
+        # The request may have reached the provider: do not send it again.
+        raise ProviderFailure("disconnect", "connection lost before an answer") from exc
+    except (urllib3.exceptions.HTTPError, requests.RequestException, ValueError) as exc:
+        raise ProviderFailure("connect", f"request failed: {type(exc).__name__}") from exc
+
+
 def ping(base_url: str, api_key: str | None, timeout_s: float) -> int:
     """Measured round trip of ``GET /models`` in ms; raises ProviderFailure when not live.
 
@@ -322,21 +348,7 @@ def complete(
         timeout = urllib3.Timeout(
             connect=min(connect_timeout_s, remaining), read=min(read_timeout_s, remaining)
         )
-        try:
-            resp = _send("POST", f"{base_url}/chat/completions", headers, timeout, body)
-        # Never connected, so the provider cannot have run it: safe to send again. (A refused
-        # connection is a NewConnectionError, itself a kind of connect timeout.)
-        except urllib3.exceptions.NewConnectionError as exc:
-            raise _Retryable("connect", "connection refused") from exc
-        except urllib3.exceptions.ConnectTimeoutError as exc:
-            raise _Retryable("connect", "connect timed out") from exc
-        except urllib3.exceptions.TimeoutError as exc:
-            raise ProviderFailure("timeout", "provider did not answer in time") from exc
-        except (urllib3.exceptions.ProtocolError, urllib3.exceptions.SSLError, OSError) as exc:
-            # The request may have reached the provider: do not send it again.
-            raise ProviderFailure("disconnect", "connection lost before an answer") from exc
-        except (urllib3.exceptions.HTTPError, requests.RequestException, ValueError) as exc:
-            raise ProviderFailure("connect", f"request failed: {type(exc).__name__}") from exc
+        resp = _post_chat(base_url, headers, timeout, body)
         if resp.status == 429:
             raise ProviderFailure(
                 "http",
@@ -632,20 +644,7 @@ def open_stream(
         reraise=True,
     )
     def call() -> ProviderStream:
-        try:
-            resp = _send(
-                "POST", f"{base_url}/chat/completions", headers, timeout, body, stream=True
-            )
-        except urllib3.exceptions.NewConnectionError as exc:
-            raise _Retryable("connect", "connection refused") from exc
-        except urllib3.exceptions.ConnectTimeoutError as exc:
-            raise _Retryable("connect", "connect timed out") from exc
-        except urllib3.exceptions.TimeoutError as exc:
-            raise ProviderFailure("timeout", "provider did not answer in time") from exc
-        except (urllib3.exceptions.ProtocolError, urllib3.exceptions.SSLError, OSError) as exc:
-            raise ProviderFailure("disconnect", "connection lost before an answer") from exc
-        except (urllib3.exceptions.HTTPError, requests.RequestException, ValueError) as exc:
-            raise ProviderFailure("connect", f"request failed: {type(exc).__name__}") from exc
+        resp = _post_chat(base_url, headers, timeout, body, stream=True)
         if resp.status != 200:
             with contextlib.suppress(Exception):
                 resp.drain_conn()
