@@ -372,7 +372,8 @@ class RouteAndExecute:
         elapsed = time.perf_counter() - started
         attempt.update(outcome="success", latency_ms=int(elapsed * 1000))
         PROVIDER_LATENCY.labels(quote.provider, "success").observe(elapsed)
-        return result, elapsed * 1000
+        # The speed is learned from the answering try alone (retries would read as slowness).
+        return result, result.answered_ms if result.answered_ms is not None else elapsed * 1000
 
     def _record_result(
         self, job: Job, quote: Quote, result: Completion, attempts: list[dict[str, Any]]

@@ -14,6 +14,7 @@ instead.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import email.utils
 import functools
 import json
@@ -96,6 +97,9 @@ class Completion:
     provider_response_id: str | None
     # The assistant's tool calls, as the provider wrote them (a chat completion with tools).
     tool_calls: list[dict[str, Any]] | None = None
+    # The answering try's own time in ms (not the failed tries and back-off before it): what the
+    # learned speed is fitted on, so a retried failure does not read as a slow provider.
+    answered_ms: float | None = None
 
 
 def _auth_headers(api_key: str | None) -> dict[str, str]:
@@ -348,6 +352,7 @@ def complete(
         timeout = urllib3.Timeout(
             connect=min(connect_timeout_s, remaining), read=min(read_timeout_s, remaining)
         )
+        started = time.perf_counter()
         resp = _post_chat(base_url, headers, timeout, body)
         if resp.status == 429:
             raise ProviderFailure(
@@ -364,7 +369,9 @@ def complete(
             answer = json.loads(resp.data)
         except ValueError as exc:  # not JSON, or not UTF-8
             raise ProviderFailure("malformed", "response is not JSON") from exc
-        return _parse(answer)
+        return dataclasses.replace(
+            _parse(answer), answered_ms=(time.perf_counter() - started) * 1000
+        )
 
     return call()
 

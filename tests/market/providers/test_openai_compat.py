@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -128,6 +129,18 @@ def test_one_transient_failure_is_retried_then_succeeds(sandbox):
     assert sandbox.chat_calls == 2
     # The failed try is reported, so the provider's success rate counts it.
     assert [(f.kind, f.status) for f in failed] == [("http", 500)]
+
+
+def test_the_answer_times_its_own_try_not_the_failed_ones_before_it(sandbox):
+    # Each try waits the sandbox's 200 ms first: the answering try took at least that, and the
+    # whole call at least that much more (the failed try), which the answer must not include.
+    sandbox.configure(latency_ms=200, fault="error", fault_count=1)
+    started = time.perf_counter()
+    result = call(sandbox.base_url, retries=1)
+    total_ms = (time.perf_counter() - started) * 1000
+    assert sandbox.chat_calls == 2
+    assert result.answered_ms is not None and result.answered_ms >= 200
+    assert total_ms - result.answered_ms >= 200
 
 
 @pytest.mark.parametrize("retries", [0, 2])
