@@ -19,7 +19,6 @@ from app.billing.money import micros_to_usd
 from app.infra.db import session_scope
 from app.models import Job, LedgerEntry
 from tests.api.streaming_client import WebServer, open_stream, start_web
-from tests.conftest import PROVIDERS
 
 MODEL = "llama-3.1-8b"
 HELLO = [{"role": "user", "content": "Say hello to the exchange."}]
@@ -49,21 +48,6 @@ def web(
     )
     yield server
     server.stop()
-
-
-@pytest.fixture
-def providers(pipeline: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    for provider in pipeline.values():
-        provider.configure(ttft_ms=20, tokens_per_s=200, output_tokens=24)
-    yield pipeline
-    for name, provider in pipeline.items():
-        provider.configure(
-            ttft_ms=0,
-            tokens_per_s=0,
-            output_tokens=24,
-            stream_fault=None,
-            latency_ms=PROVIDERS[name]["latency_ms"],
-        )
 
 
 @pytest.fixture

@@ -46,22 +46,6 @@ def web(
     server.stop()
 
 
-@pytest.fixture
-def providers(pipeline: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """The sandboxes streaming at a steady pace (each token 5 ms apart), put back afterwards."""
-    for provider in pipeline.values():
-        provider.configure(ttft_ms=20, tokens_per_s=200, output_tokens=24)
-    yield pipeline
-    for name, provider in pipeline.items():
-        provider.configure(
-            ttft_ms=0,
-            tokens_per_s=0,
-            output_tokens=24,
-            stream_fault=None,
-            latency_ms=PROVIDERS[name]["latency_ms"],
-        )
-
-
 def eventually(read: Any, timeout_s: float = 10.0) -> Any:
     """What ``read()`` returns once it is not None: the sandbox records a stream when it
     notices its client gone, at its next write."""

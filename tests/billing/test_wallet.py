@@ -25,26 +25,9 @@ from app.infra.db import Commit, session_factory, session_scope
 from app.models import Job, LedgerEntry
 from tests.conftest import run_together
 from tests.factories import Owner, make_held_job, make_job, make_wallet
+from tests.factories import ledger_entries as entries
 
 USD = 1_000_000
-
-
-def entries(session: Session, wallet_id: uuid.UUID) -> list[tuple[Any, ...]]:
-    session.flush()
-    rows = session.scalars(
-        select(LedgerEntry).where(LedgerEntry.wallet_id == wallet_id).order_by(LedgerEntry.id)
-    )
-    return [
-        (
-            e.kind,
-            e.job_id,
-            e.amount_micros,
-            e.held_delta_micros,
-            e.balance_after_micros,
-            e.held_after_micros,
-        )
-        for e in rows
-    ]
 
 
 def assert_invariants(session: Session, wallet_id: uuid.UUID) -> WalletState:
